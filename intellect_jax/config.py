@@ -1,0 +1,417 @@
+"""Typed, frozen configuration: one dataclass per concern, TOML presets, ``--section.key=value`` overrides.
+
+This module must not import jax: the CLI reads the config (e.g. ``run.host_devices``) before jax starts.
+
+Every default lives here and only here. ``load_config(path, overrides)`` is the single entry point; it returns a
+validated :class:`Config` or raises :class:`ConfigError` with one message naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and says how to fix it."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Sections. Field names follow Hugging Face where one exists.
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 128256
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_hidden_layers: int = 42
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: int = 0  # 0: hidden_size // num_attention_heads
+    max_position_embeddings: int = 8192
+    rope_theta: float = 500000.0
+    # Llama-3.1 style RoPE frequency scaling ("none" or "llama3").
+    rope_scaling: str = "none"
+    rope_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position_embeddings: int = 8192
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    # Activations/matmuls run in compute_dtype; parameters are stored in param_dtype (fp32 master weights).
+    compute_dtype: str = "float32"
+    param_dtype: str = "float32"
+    # "xla" (portable), "cudnn" (fused flash attention on NVIDIA GPUs), "auto" (cudnn on GPU when possible).
+    attention_impl: str = "auto"
+    # Rematerialisation of each scanned layer: "none", "full", "dots" (save matmul outputs), "dots_no_batch".
+    remat: str = "full"
+    scan_layers: bool = True
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    def validate(self) -> None:
+        _positive(self, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "num_key_value_heads", "max_position_embeddings")
+        if self.head_dim == 0 and self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"model.num_attention_heads={self.num_attention_heads} does not divide "
+                f"model.hidden_size={self.hidden_size}; choose a head count that divides it or set model.head_dim")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"model.num_key_value_heads={self.num_key_value_heads} must divide "
+                f"model.num_attention_heads={self.num_attention_heads} (grouped-query attention)")
+        if self.resolved_head_dim % 2:
+            raise ConfigError(f"model.head_dim={self.resolved_head_dim} must be even for rotary embeddings")
+        _choice(self, "rope_scaling", ("none", "llama3"))
+        _choice(self, "compute_dtype", ("float32", "bfloat16", "float16"))
+        _choice(self, "param_dtype", ("float32", "bfloat16"))
+        _choice(self, "attention_impl", ("auto", "xla", "cudnn"))
+        _choice(self, "remat", ("none", "full", "dots", "dots_no_batch"))
+        if self.rope_scaling == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            raise ConfigError("model.rope_high_freq_factor must be greater than model.rope_low_freq_factor")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Inner optimizer (AdamW) and its learning-rate schedule, counted in inner steps."""
+
+    learning_rate: float = 7.5e-5
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # global-norm clip; 0 disables
+    # "wsd_sqrt": linear warmup, constant, then lr * (1 - sqrt((t - decay_start) / (total - decay_start))).
+    # "cosine": linear warmup then cosine decay to min_lr_ratio * lr.  "constant": linear warmup then constant.
+    schedule: str = "wsd_sqrt"
+    warmup_steps: int = 1000
+    total_steps: int = 90400
+    decay_start: int = -1  # wsd_sqrt: step where the decay begins; -1 means no decay within total_steps
+    min_lr_ratio: float = 0.0
+    z_loss_weight: float = 0.0  # max-z-loss (Baichuan 2): loss += w * mean(max_logit**2)
+    grad_accum_steps: int = 1  # micro-batches per step (the batch is split and gradients are summed)
+
+    def validate(self) -> None:
+        _choice(self, "schedule", ("wsd_sqrt", "cosine", "constant"))
+        _positive(self, "learning_rate", "total_steps", "grad_accum_steps")
+        _nonnegative(self, "warmup_steps", "weight_decay", "grad_clip", "z_loss_weight", "min_lr_ratio", "eps")
+        if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
+            raise ConfigError("optim.b1 and optim.b2 must be in [0, 1)")
+        if self.warmup_steps > self.total_steps:
+            raise ConfigError(f"optim.warmup_steps={self.warmup_steps} exceeds optim.total_steps={self.total_steps}")
+        if self.decay_start != -1 and not (self.warmup_steps <= self.decay_start <= self.total_steps):
+            raise ConfigError(
+                f"optim.decay_start={self.decay_start} must lie between optim.warmup_steps={self.warmup_steps} "
+                f"and optim.total_steps={self.total_steps} (or be -1 for no decay)")
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One prepared dataset (a directory with manifest.json + token shards) and its mixture weight."""
+
+    name: str = ""
+    path: str = ""
+    weight: float = 1.0
+    # A built-in recipe used to prepare `path` automatically when it is missing ("python-stdlib"), or "".
+    auto_prepare: str = ""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # "synthetic": an in-memory learnable sequence task (tests, smoke runs). "prepared": tokenized shards on disk.
+    kind: str = "synthetic"
+    sources: tuple[SourceConfig, ...] = ()
+    tokenizer: str = ""  # path to a tokenizer.json; "" means "the one recorded in the sources' manifests"
+    seq_len: int = 8192
+    batch_size: int = 128  # sequences per island per inner step (over all of the island's devices)
+    seed: int = 0
+    prefetch: int = 2  # batches prepared ahead in background threads (0: none)
+    eval_batches: int = 0
+
+    def validate(self) -> None:
+        _choice(self, "kind", ("synthetic", "prepared"))
+        _positive(self, "seq_len", "batch_size")
+        _nonnegative(self, "prefetch", "eval_batches")
+        if self.kind == "prepared":
+            if not self.sources:
+                raise ConfigError("data.kind='prepared' needs at least one [[data.sources]] entry with a path")
+            for i, s in enumerate(self.sources):
+                if not s.path:
+                    raise ConfigError(f"data.sources[{i}].path is empty; give the prepared dataset's directory")
+                if s.weight < 0 or not math.isfinite(s.weight):
+                    raise ConfigError(f"data.sources[{i}].weight={s.weight} must be a finite number >= 0")
+            if sum(s.weight for s in self.sources) <= 0:
+                raise ConfigError("data.sources weights sum to 0; give at least one source a positive weight")
+
+
+@dataclass(frozen=True)
+class DilocoConfig:
+    """DiLoCo (arXiv 2311.08455): H inner steps per island, then an outer step on the mean pseudo-gradient."""
+
+    inner_steps: int = 100  # H
+    outer_optimizer: str = "nesterov"  # "nesterov" (SGD + Nesterov momentum) | "sgd" | "adam"
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    compression: str = "int8"  # cross-island payload: "none" (fp32) | "int8"
+    block_size: int = 256  # elements per quantization scale
+    outer_state_on_host: bool = True  # keep global params + outer state in pinned host memory where supported
+
+    def validate(self) -> None:
+        _positive(self, "inner_steps", "outer_lr", "block_size")
+        _choice(self, "outer_optimizer", ("nesterov", "sgd", "adam"))
+        _choice(self, "compression", ("none", "int8"))
+        if not 0 <= self.outer_momentum < 1:
+            raise ConfigError("diloco.outer_momentum must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class ElasticConfig:
+    """Islands as separate programs joined over TCP (see intellect_jax/elastic/). Off when coordinator is ""."""
+
+    coordinator: str = ""  # HOST:PORT of `intellect-jax coordinator`
+    secret_file: str = ""  # shared secret for HMAC-authenticated frames (required when coordinator is set)
+    run_id: str = ""  # "" -> run.name; frames from another run are refused
+    island_name: str = ""  # "" -> hostname-pid
+    listen: str = "0.0.0.0:0"  # where this island accepts ring and state-transfer peers (port 0: any free port)
+    advertise_host: str = ""  # address peers use to reach this island ("" -> the address seen by the coordinator)
+    heartbeat_s: float = 2.0
+    dead_after_s: float = 10.0
+    streams: int = 4  # parallel TCP connections per ring link
+    chunk_bytes: int = 4 << 20  # pipelining unit of the ring all-reduce
+    max_frame_bytes: int = 256 << 20
+    reduce_retries: int = 3
+
+    def validate(self) -> None:
+        _positive(self, "heartbeat_s", "dead_after_s", "streams", "chunk_bytes", "max_frame_bytes")
+        _nonnegative(self, "reduce_retries")
+        if self.coordinator and not self.secret_file:
+            raise ConfigError("elastic.coordinator is set but elastic.secret_file is empty; every island and the "
+                              "coordinator must share a secret file (e.g. `head -c 32 /dev/urandom > secret`)")
+        if self.dead_after_s <= self.heartbeat_s:
+            raise ConfigError(f"elastic.dead_after_s={self.dead_after_s} must exceed "
+                              f"elastic.heartbeat_s={self.heartbeat_s}")
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh: islands x data x fsdp x tensor. One axis may be -1 (filled from the device count)."""
+
+    islands: int = 1
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+    def validate(self) -> None:
+        sizes = dataclasses.asdict(self)
+        if sum(v == -1 for v in sizes.values()) > 1:
+            raise ConfigError("only one of mesh.islands/data/fsdp/tensor may be -1 (filled from the device count)")
+        for k, v in sizes.items():
+            if v == 0 or v < -1:
+                raise ConfigError(f"mesh.{k}={v} must be a positive size or -1")
+
+    def resolve(self, num_devices: int) -> dict[str, int]:
+        """Axis sizes for `num_devices`, or a ConfigError naming the mismatch."""
+        sizes = dataclasses.asdict(self)
+        fixed = math.prod(v for v in sizes.values() if v != -1)
+        free = [k for k, v in sizes.items() if v == -1]
+        if free:
+            if num_devices % fixed:
+                raise ConfigError(
+                    f"mesh {sizes} cannot fill {num_devices} devices: the fixed axes multiply to {fixed}, which does "
+                    f"not divide {num_devices}; change mesh.* so the product divides the device count")
+            sizes[free[0]] = num_devices // fixed
+        elif fixed != num_devices:
+            raise ConfigError(
+                f"mesh {sizes} needs {fixed} devices but {num_devices} are present; set the mesh.* sizes so their "
+                f"product is {num_devices}, or set one of them to -1")
+        return sizes
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_outer_steps: int = 10  # save every K outer steps (single island: every K * diloco.inner_steps steps)
+    max_to_keep: int = 3
+    async_save: bool = True
+    resume_step: int = -1  # -1: the latest checkpoint in the run directory
+
+    def validate(self) -> None:
+        _nonnegative(self, "every_outer_steps")
+        _positive(self, "max_to_keep")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"
+    dir: str = ""  # "" -> ./runs/<name>
+    steps: int = -1  # inner steps to run; -1: optim.total_steps
+    seed: int = 0
+    log_every: int = 10
+    # CPU only: simulate this many XLA devices (sets --xla_force_host_platform_device_count before jax starts).
+    host_devices: int = 0
+    platform: str = ""  # "" (whatever jax finds), "cpu", "gpu", "tpu"
+
+    @property
+    def resolved_dir(self) -> Path:
+        return Path(self.dir) if self.dir else Path("runs") / self.name
+
+    def validate(self) -> None:
+        if self.steps == 0 or self.steps < -1:
+            raise ConfigError(f"run.steps={self.steps} must be positive (or -1 for optim.total_steps)")
+        _positive(self, "log_every")
+        _nonnegative(self, "host_devices")
+        _choice(self, "platform", ("", "cpu", "gpu", "tpu"))
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    diloco: DilocoConfig = field(default_factory=DilocoConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> "Config":
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+        if self.data.batch_size % self.optim.grad_accum_steps:
+            raise ConfigError(
+                f"optim.grad_accum_steps={self.optim.grad_accum_steps} must divide "
+                f"data.batch_size={self.data.batch_size}")
+        if self.data.seq_len > self.model.max_position_embeddings:
+            raise ConfigError(
+                f"data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings="
+                f"{self.model.max_position_embeddings}; shorten the sequence or raise the limit")
+        return self
+
+    @property
+    def total_inner_steps(self) -> int:
+        return self.run.steps if self.run.steps > 0 else self.optim.total_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **sections: Any) -> "Config":
+        return dataclasses.replace(self, **sections).validate()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Building from TOML and overrides.
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Reads a TOML preset (or the defaults), applies ``section.key=value`` overrides, validates."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist; pass one of the presets in configs/")
+        try:
+            raw = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from None
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set_dotted(raw, key, value)
+    return from_dict(raw)
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    return _build(Config, raw, "").validate()
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    text = item[2:] if item.startswith("--") else item
+    if "=" not in text:
+        raise ConfigError(f"override {item!r} has no value; write it as --section.key=value")
+    key, value = text.split("=", 1)
+    if "." not in key:
+        raise ConfigError(f"override {item!r} names no section; write it as --section.key=value (e.g. --run.steps=10)")
+    try:  # TOML literal: numbers, booleans, quoted strings, arrays
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value  # a bare string
+    return key, parsed
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
+    node[leaf] = value
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'} must be a table of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        close = [n for n in sorted(names) if n.startswith(unknown[0][:3])]
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(sorted(names))}"
+        raise ConfigError(f"unknown config key {key!r}{hint}")
+    kwargs = {}
+    for name, value in raw.items():
+        kwargs[name] = _coerce(hints[name], value, f"{where}.{name}" if where else name)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        (elem, _ellipsis) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key!r} must be a list, got {value!r}")
+        return tuple(_coerce(elem, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        raise NotImplementedError(f"union field {key}")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool) or (tp in (int, float) and isinstance(value, bool)):
+        raise ConfigError(f"config key {key!r} must be {tp.__name__}, got {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(
+            f"config key {key!r} must be {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for n in names:
+        if not getattr(obj, n) > 0:
+            raise ConfigError(f"{_section(obj)}.{n}={getattr(obj, n)!r} must be > 0")
+
+
+def _nonnegative(obj: Any, *names: str) -> None:
+    for n in names:
+        if getattr(obj, n) < 0:
+            raise ConfigError(f"{_section(obj)}.{n}={getattr(obj, n)!r} must be >= 0")
+
+
+def _choice(obj: Any, name: str, choices: tuple[str, ...]) -> None:
+    if getattr(obj, name) not in choices:
+        raise ConfigError(f"{_section(obj)}.{name}={getattr(obj, name)!r} is not one of {', '.join(choices)}")
+
+
+def _section(obj: Any) -> str:
+    return {ModelConfig: "model", OptimConfig: "optim", DataConfig: "data", DilocoConfig: "diloco",
+            ElasticConfig: "elastic", MeshConfig: "mesh", CheckpointConfig: "checkpoint", RunConfig: "run"}.get(type(obj), type(obj).__name__)
