@@ -1,0 +1,249 @@
+"""Flax NNX Llama-3 with Hugging Face ``LlamaForCausalLM`` semantics.
+
+Same maths and RoPE layout as transformers' Llama (rotate-half over concatenated halves), so export to Hugging Face
+is a rename + transpose, never a permutation. Knows nothing of islands or meshes: every parameter carries logical
+axis names (metadata ``axes``) that sharding.py maps onto a mesh.
+
+Decoder layers keep their parameters stacked on a leading ``layers`` axis and run under ``jax.lax.scan`` with a
+configurable remat policy (what ``nnx.scan`` does, written out so the per-layer init scale of REFERENCE.md is exact).
+
+Shape legend: B batch, L sequence, D hidden, H query heads, K key/value heads, Dh head dim, F ffn, V vocab,
+N layers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+from intellect_jax.config import ModelConfig
+
+Array = jax.Array
+ActivationConstraint = Callable[[Array, tuple[str | None, ...]], Array]
+
+LAYER_NAMES = ("input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj", "post_attention_layernorm",
+               "gate_proj", "up_proj", "down_proj")
+
+
+def _dtype(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+def _no_constraint(x: Array, axes: tuple[str | None, ...]) -> Array:
+    del axes
+    return x
+
+
+class DecoderLayers(nnx.Module):
+    """All decoder layers, parameters stacked as [N, ...]."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        n, d, f = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
+        h, k, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.resolved_head_dim
+        pdt = _dtype(cfg.param_dtype)
+        std = cfg.initializer_range
+        # Output projections are scaled by depth: std / sqrt(2 (layer + 1)) (REFERENCE.md, as in PRIME).
+        out_scale = std / jnp.sqrt(2.0 * (jnp.arange(n, dtype=jnp.float32) + 1.0))
+
+        def normal(shape, scale=None):
+            w = jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, jnp.float32)
+            # Truncation at 2 sigma shrinks the std by 0.8796; undo it so the std is exactly as asked.
+            w = w / 0.87962566103423978
+            w = w * (std if scale is None else scale.reshape((n,) + (1,) * (len(shape) - 1)))
+            return w.astype(pdt)
+
+        def param(value, axes):
+            return nnx.Param(value, axes=("layers",) + axes)
+
+        self.input_layernorm = param(jnp.ones((n, d), pdt), ("norm",))
+        self.q_proj = param(normal((n, d, h, dh)), ("embed", "heads", "head_dim"))
+        self.k_proj = param(normal((n, d, k, dh)), ("embed", "kv_heads", "head_dim"))
+        self.v_proj = param(normal((n, d, k, dh)), ("embed", "kv_heads", "head_dim"))
+        self.o_proj = param(normal((n, h, dh, d), out_scale), ("heads", "head_dim", "embed"))
+        self.post_attention_layernorm = param(jnp.ones((n, d), pdt), ("norm",))
+        self.gate_proj = param(normal((n, d, f)), ("embed", "mlp"))
+        self.up_proj = param(normal((n, d, f)), ("embed", "mlp"))
+        self.down_proj = param(normal((n, f, d), out_scale), ("mlp", "embed"))
+
+    def __call__(self, x_BLD, cos_BLK, sin_BLK, mask_B1LL, constrain: ActivationConstraint) -> Array:
+        cfg = self.cfg
+        stacked = {name: getattr(self, name)[...] for name in LAYER_NAMES}
+
+        def body(x, layer):
+            return decoder_layer(cfg, layer, x, cos_BLK, sin_BLK, mask_B1LL, constrain), None
+
+        body = _remat(body, cfg.remat)
+        if cfg.scan_layers:
+            x_BLD, _ = jax.lax.scan(body, x_BLD, stacked)
+        else:
+            for i in range(cfg.num_hidden_layers):
+                x_BLD, _ = body(x_BLD, {name: w[i] for name, w in stacked.items()})
+        return x_BLD
+
+
+def _remat(fn, policy: str):
+    if policy == "none":
+        return fn
+    policies = {
+        "full": jax.checkpoint_policies.nothing_saveable,
+        "dots": jax.checkpoint_policies.checkpoint_dots,
+        "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    }
+    return jax.checkpoint(fn, policy=policies[policy], prevent_cse=False)
+
+
+def rms_norm(x: Array, weight: Array, eps: float) -> Array:
+    """HF LlamaRMSNorm: normalise in fp32, cast back, then scale."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * x32.astype(x.dtype)
+
+
+def decoder_layer(cfg: ModelConfig, p: dict[str, Array], x_BLD: Array, cos, sin, mask, constrain) -> Array:
+    cdt = _dtype(cfg.compute_dtype)
+    w = {k: v.astype(cdt) for k, v in p.items()}
+    h_BLD = rms_norm(x_BLD, w["input_layernorm"], cfg.rms_norm_eps)
+    q_BLHD = jnp.einsum("bld,dhk->blhk", h_BLD, w["q_proj"])
+    k_BLKD = jnp.einsum("bld,dhk->blhk", h_BLD, w["k_proj"])
+    v_BLKD = jnp.einsum("bld,dhk->blhk", h_BLD, w["v_proj"])
+    q_BLHD = apply_rope(q_BLHD, cos, sin)
+    k_BLKD = apply_rope(k_BLKD, cos, sin)
+    attn_BLHD = attention(q_BLHD, k_BLKD, v_BLKD, mask, cfg.attention_impl)
+    x_BLD = x_BLD + jnp.einsum("blhk,hkd->bld", attn_BLHD, w["o_proj"])
+    x_BLD = constrain(x_BLD, ("batch", "length", "act_embed"))
+    h_BLD = rms_norm(x_BLD, w["post_attention_layernorm"], cfg.rms_norm_eps)
+    gate_BLF = jnp.einsum("bld,df->blf", h_BLD, w["gate_proj"])
+    up_BLF = jnp.einsum("bld,df->blf", h_BLD, w["up_proj"])
+    act_BLF = constrain(jax.nn.silu(gate_BLF) * up_BLF, ("batch", "length", "act_mlp"))
+    x_BLD = x_BLD + jnp.einsum("blf,fd->bld", act_BLF, w["down_proj"])
+    return constrain(x_BLD, ("batch", "length", "act_embed"))
+
+
+def attention(q_BLHD, k_BLKD, v_BLKD, mask_B1LL, impl: str) -> Array:
+    implementation = {"auto": None, "xla": "xla", "cudnn": "cudnn"}[impl]
+    if implementation is None and jax.default_backend() == "gpu" and q_BLHD.dtype in (jnp.bfloat16, jnp.float16):
+        implementation = "cudnn"
+    return jax.nn.dot_product_attention(q_BLHD, k_BLKD, v_BLKD, mask=mask_B1LL, implementation=implementation)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rotary embeddings (HF layout: the two halves of the head dim are the real/imaginary parts).
+
+
+def rope_inv_freq(cfg: ModelConfig) -> Array:
+    dh = cfg.resolved_head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+    if cfg.rope_scaling == "llama3":
+        # Llama 3.1 frequency-dependent scaling (transformers' _compute_llama3_parameters).
+        old_len = cfg.rope_original_max_position_embeddings
+        low_wavelen = old_len / cfg.rope_low_freq_factor
+        high_wavelen = old_len / cfg.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > low_wavelen, inv_freq / cfg.rope_factor, inv_freq)
+        smooth = (old_len / wavelen - cfg.rope_low_freq_factor) / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+        smoothed = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = jnp.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(cfg: ModelConfig, positions_BL: Array, dtype) -> tuple[Array, Array]:
+    freqs_BLK = positions_BL.astype(jnp.float32)[..., None] * rope_inv_freq(cfg)
+    emb = jnp.concatenate([freqs_BLK, freqs_BLK], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x_BLHD: Array, cos_BLD: Array, sin_BLD: Array) -> Array:
+    half = x_BLHD.shape[-1] // 2
+    rotated = jnp.concatenate([-x_BLHD[..., half:], x_BLHD[..., :half]], axis=-1)
+    return x_BLHD * cos_BLD[:, :, None, :] + rotated * sin_BLD[:, :, None, :]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class Llama(nnx.Module):
+    """Llama-3 causal LM. ``__call__(tokens, positions, segment_ids) -> fp32 logits [B, L, V]``."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pdt = _dtype(cfg.param_dtype)
+        init = jax.nn.initializers.truncated_normal(cfg.initializer_range)
+        self.embed_tokens = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.hidden_size), pdt),
+                                      axes=("vocab", "embed"))
+        self.layers = DecoderLayers(cfg, rngs=rngs)
+        self.norm = nnx.Param(jnp.ones((cfg.hidden_size,), pdt), axes=("norm",))
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nnx.Param(init(rngs.params(), (cfg.hidden_size, cfg.vocab_size), pdt),
+                                     axes=("embed", "vocab"))
+
+    def __call__(self, tokens_BL: Array | None, positions_BL: Array | None = None,
+                 segment_ids_BL: Array | None = None, constrain: ActivationConstraint | None = None,
+                 inputs_embeds_BLD: Array | None = None) -> Array:
+        """Either tokens or (as in transformers) input embeddings; segment_ids mask attention per document."""
+        cfg = self.cfg
+        constrain = constrain or _no_constraint
+        cdt = _dtype(cfg.compute_dtype)
+        if inputs_embeds_BLD is None:
+            inputs_embeds_BLD = jnp.take(self.embed_tokens[...], tokens_BL, axis=0)
+        B, L = inputs_embeds_BLD.shape[:2]
+        if positions_BL is None:
+            positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+        mask_B1LL = causal_document_mask(segment_ids_BL, B, L)
+        cos, sin = rope_cos_sin(cfg, positions_BL, cdt)
+        x_BLD = inputs_embeds_BLD.astype(cdt)
+        x_BLD = constrain(x_BLD, ("batch", "length", "act_embed"))
+        x_BLD = self.layers(x_BLD, cos, sin, mask_B1LL, constrain)
+        x_BLD = rms_norm(x_BLD, self.norm[...], cfg.rms_norm_eps)
+        head_DV = self.embed_tokens[...].T if cfg.tie_word_embeddings else self.lm_head[...]
+        logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, head_DV.astype(cdt), preferred_element_type=jnp.float32)
+        return constrain(logits_BLV, ("batch", "length", "act_vocab"))
+
+
+def causal_document_mask(segment_ids_BL: Array | None, B: int, L: int) -> Array:
+    """[B, 1, L, L] boolean: query i sees key j iff j <= i and both lie in the same document."""
+    causal = jnp.tril(jnp.ones((L, L), dtype=jnp.bool_))
+    if segment_ids_BL is None:
+        return jnp.broadcast_to(causal, (B, 1, L, L))
+    same_doc = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
+    return (same_doc & causal)[:, None, :, :]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Functional view used by the trainer: graphdef + a plain nested dict of parameter arrays.
+
+
+def create(cfg: ModelConfig, seed: int) -> tuple[nnx.GraphDef, dict]:
+    """Builds the model; returns (graphdef, params as a nested dict of arrays). Wrap in eval_shape/jit as needed."""
+    model = Llama(cfg, rngs=nnx.Rngs(params=seed))
+    graphdef, state = nnx.split(model, nnx.Param)
+    return graphdef, nnx.to_pure_dict(state)
+
+
+def abstract_params(cfg: ModelConfig) -> tuple[nnx.GraphDef, dict, dict]:
+    """(graphdef, ShapeDtypeStruct tree, logical-axes tree) without allocating anything.
+
+    The axes tree mirrors the params dict; each leaf is a PartitionSpec of logical axis names.
+    """
+    with nnx.use_eager_sharding(False):
+        abstract_model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(params=0)))
+    graphdef, state = nnx.split(abstract_model, nnx.Param)
+    axes: dict = {}
+    for path, var in nnx.to_flat_state(state):
+        node = axes
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = PartitionSpec(*var.get_metadata()["axes"])
+    return graphdef, nnx.to_pure_dict(state), axes
+
+
+def apply(graphdef: nnx.GraphDef, params: dict, tokens_BL, positions_BL=None, segment_ids_BL=None,
+          constrain: ActivationConstraint | None = None) -> Array:
+    """Pure forward: params (nested dict) -> fp32 logits."""
+    return nnx.merge(graphdef, params)(tokens_BL, positions_BL, segment_ids_BL, constrain)
