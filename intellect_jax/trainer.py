@@ -1,0 +1,237 @@
+"""The training loop: one island (plain data-parallel training) or DiLoCo across the islands of the mesh.
+
+``train(cfg)`` is what ``intellect-jax train`` calls. It builds the mesh and the sharded state, then runs jitted
+inner steps; with more than one island, every ``diloco.inner_steps`` steps it runs the outer synchronisation
+(pseudo-gradients -> int8 cross-island mean -> outer optimizer). Step N+1 is dispatched before step N's metrics are
+pulled to the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from intellect_jax import collective, data, diloco
+from intellect_jax import sharding as sh
+from intellect_jax.config import Config, ConfigError
+from intellect_jax.info import count_params, flops_per_token
+from intellect_jax.metrics import MetricsWriter, device_peak_flops
+from intellect_jax.state import ModelSetup, init_params, init_train_state, train_state_specs
+from intellect_jax.train_step import init_state as inner_init_state
+from intellect_jax.train_step import make_train_step
+
+log = logging.getLogger("intellect_jax")
+
+
+def setup_logging(run_dir) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    root = logging.getLogger("intellect_jax")
+    root.setLevel(logging.INFO)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    for handler in (logging.StreamHandler(), logging.FileHandler(run_dir / "train.log")):
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+    root.propagate = False
+
+
+def local_rows(sharding: NamedSharding, shape: tuple[int, ...]) -> tuple[slice, slice]:
+    """The (island, row) block of a [islands, B, L] batch that this process's devices hold."""
+    idx = list(sharding.addressable_devices_indices_map(shape).values())
+    isl = [i[0].indices(shape[0]) for i in idx]
+    rows = [i[1].indices(shape[1]) for i in idx]
+    return (slice(min(s for s, _, _ in isl), max(e for _, e, _ in isl)),
+            slice(min(s for s, _, _ in rows), max(e for _, e, _ in rows)))
+
+
+class Trainer:
+    """Holds the jitted functions and the live state of one run."""
+
+    def __init__(self, cfg: Config, mesh: Mesh | None = None):
+        self.cfg = cfg
+        self.mesh = mesh or sh.make_mesh(cfg.mesh)
+        self.num_islands = sh.island_count(self.mesh)
+        self.diloco = self.num_islands > 1
+        self.setup = ModelSetup.build(cfg.model, cfg.optim)
+        inner_step = make_train_step(self.setup.graphdef, cfg.model, cfg.optim, self.setup.optimizer,
+                                     sh.activation_constraint(self.mesh))
+        self.batch_sharding = NamedSharding(self.mesh, sh.batch_spec(per_island=True))
+        if self.diloco:
+            self._build_diloco(inner_step)
+        else:
+            self.state, shardings = init_train_state(self.setup, cfg.model, self.mesh, cfg.run.seed)
+            self.state_shardings = shardings
+            squeeze = lambda b: jax.tree.map(lambda x: x[0], b)  # noqa: E731 - the island dim is 1
+            self._inner = jax.jit(lambda s, b: inner_step(s, squeeze(b)),
+                                  in_shardings=(shardings, self.batch_sharding), out_shardings=(shardings, None),
+                                  donate_argnums=0)
+
+    # -- DiLoCo -------------------------------------------------------------------------------------------------------
+
+    def _build_diloco(self, inner_step) -> None:
+        cfg, mesh, n = self.cfg, self.mesh, self.num_islands
+        self.outer = diloco.make_outer_optimizer(cfg.diloco)
+        global_params, gshard = init_params(self.setup, cfg.model, mesh, cfg.run.seed)
+        inner_init = lambda p: inner_init_state(p, self.setup.optimizer)  # noqa: E731
+        abstract_inner = jax.eval_shape(jax.vmap(inner_init, axis_size=n),
+                                        jax.eval_shape(lambda g: diloco.broadcast_islands(g, n), global_params))
+        inner_specs = train_state_specs(self.setup, mesh, abstract_inner, per_island=True)
+        outer_abstract = jax.eval_shape(self.outer.init, global_params)
+        gspecs = sh.param_specs(self.setup.axes, self.setup.shapes, mesh)
+        outer_specs = jax.tree.map(lambda x: PartitionSpec(), outer_abstract)
+        outer_specs = _follow_params(self.outer, outer_abstract, gspecs)
+        specs = diloco.DilocoState(inner_specs, gspecs, outer_specs, PartitionSpec())
+        self.state_shardings = sh.named(mesh, specs)
+        self.state = jax.jit(lambda g: diloco.init_state(g, inner_init, self.outer, n),
+                             out_shardings=self.state_shardings)(global_params)
+        del global_params, gshard
+        reduce_mean = collective.make_island_mean(mesh, inner_specs.params, compression=cfg.diloco.compression,
+                                                  block_size=cfg.diloco.block_size)
+        inner_sh = self.state_shardings.inner
+        self._inner = jax.jit(diloco.island_inner_step(inner_step), in_shardings=(inner_sh, self.batch_sharding),
+                              out_shardings=(inner_sh, None), donate_argnums=0)
+        self._sync = jax.jit(lambda s: diloco.outer_update(s, reduce_mean, self.outer),
+                             in_shardings=(self.state_shardings,), out_shardings=(self.state_shardings, None),
+                             donate_argnums=0)
+        nparams = count_params(cfg.model).total_params
+        self.wire_bytes = collective.wire_bytes_per_island(nparams, n, cfg.diloco.compression, cfg.diloco.block_size)
+        # Data-parallel training all-reduces fp32 gradients every inner step: H of them per outer step.
+        ddp = collective.ring_allreduce_bytes_per_island(nparams, n) * cfg.diloco.inner_steps
+        self.wire_ratio_vs_ddp = ddp / self.wire_bytes if self.wire_bytes else float("inf")
+        if cfg.diloco.outer_state_on_host:
+            log.info("outer state stays in device memory: host offload of the global params and outer optimizer "
+                     "state is not implemented for the in-program mesh mode yet (backend %s)", jax.default_backend())
+
+    # -- steps --------------------------------------------------------------------------------------------------------
+
+    def inner_step(self, batch) -> dict:
+        if self.diloco:
+            inner, metrics = self._inner(self.state.inner, batch)
+            self.state = self.state._replace(inner=inner)
+        else:
+            self.state, metrics = self._inner(self.state, batch)
+        return metrics
+
+    def sync(self) -> dict:
+        self.state, metrics = self._sync(self.state)
+        return metrics
+
+    def global_params(self):
+        return self.state.global_params if self.diloco else self.state.params
+
+    def make_batch(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        shape = (self.num_islands, self.cfg.data.batch_size, self.cfg.data.seq_len)
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v, shape)
+                for k, v in host_batch.items()}
+
+
+def _follow_params(opt, abstract_state, param_specs):
+    """Optimizer-state specs: param-shaped leaves follow their params, everything else is replicated."""
+    return __import__("optax").tree_map_params(
+        opt, lambda _, s: s, abstract_state, param_specs,
+        transform_non_params=lambda x: PartitionSpec(*([None] * x.ndim)),
+        is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def _summarise(metrics: dict, num_islands: int) -> dict[str, Any]:
+    out = {}
+    for k, v in metrics.items():
+        v = np.asarray(v)
+        if v.ndim and v.shape[0] == num_islands and num_islands > 1:
+            out[k] = float(v.sum() if k == "tokens" else v.mean())
+            if k == "loss":
+                out["loss_per_island"] = [float(x) for x in v]
+        else:
+            out[k] = float(v)
+    return out
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Runs `cfg` to completion; returns a summary (first/last loss, steps, tokens/s)."""
+    run_dir = cfg.run.resolved_dir.expanduser()
+    setup_logging(run_dir)
+    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    if cfg.elastic.coordinator:
+        raise ConfigError("elastic.coordinator is set, but island mode over TCP is not wired into the trainer yet; "
+                          "leave elastic.coordinator empty to train the islands of one program")
+    devices = jax.devices()
+    log.info("jax %s on %d %s device(s) (%s); run dir %s", jax.__version__, len(devices), jax.default_backend(),
+             devices[0].device_kind, run_dir)
+    trainer = Trainer(cfg)
+    mesh_txt = ", ".join(f"{k}={v}" for k, v in trainer.mesh.shape.items())
+    n = trainer.num_islands
+    info = count_params(cfg.model)
+    fpt = flops_per_token(cfg.model, cfg.data.seq_len, info.total_params)
+    peak = device_peak_flops(devices[0].device_kind)
+    log.info("model %.2fM params; mesh %s; %s", info.total_params / 1e6, mesh_txt,
+             f"DiLoCo over {n} islands, H={cfg.diloco.inner_steps}, {cfg.diloco.compression} reduce, "
+             f"{trainer.wire_bytes / 1e6:.2f} MB sent per island per outer step "
+             f"({trainer.wire_ratio_vs_ddp:.0f}x less than data-parallel fp32)" if trainer.diloco else "one island")
+
+    data.ensure_prepared(cfg.data)
+    islands, rows = local_rows(trainer.batch_sharding, (n, cfg.data.batch_size, cfg.data.seq_len))
+    loader = data.make_iterator(cfg.data, vocab_size=cfg.model.vocab_size, num_islands=n,
+                                islands=list(range(n))[islands], row_start=rows.start, row_stop=rows.stop)
+    writer = MetricsWriter(run_dir / "metrics.jsonl")
+    total = cfg.total_inner_steps
+    H = cfg.diloco.inner_steps
+    tokens_per_step = n * cfg.data.batch_size * cfg.data.seq_len
+    first_loss = last_loss = None
+    pending: tuple[int, dict, float] | None = None
+    t_start = t_last = time.perf_counter()
+
+    def flush(step: int, metrics: dict, t_dispatch: float) -> None:
+        nonlocal first_loss, last_loss, t_last
+        m = _summarise(jax.device_get(metrics), n)
+        now = time.perf_counter()
+        dt = now - t_last
+        t_last = now
+        m.update(step=step + 1, step_seconds=dt, tokens_per_s=tokens_per_step / dt if dt > 0 else 0.0)
+        if peak:
+            m["mfu"] = fpt * m["tokens_per_s"] / (peak * len(devices))
+        first_loss = m["loss"] if first_loss is None else first_loss
+        last_loss = m["loss"]
+        writer.write({"kind": "inner", **m})
+        if (step + 1) % cfg.run.log_every == 0 or step == 0 or step + 1 == total:
+            log.info("step %d/%d loss %.4f z %.3g gnorm %.3f lr %.3g %.0f tok/s", step + 1, total, m["loss"],
+                     m["z_loss"], m["grad_norm"], m["lr"], m["tokens_per_s"])
+
+    try:
+        for step in range(total):
+            t_dispatch = time.perf_counter()
+            metrics = trainer.inner_step(trainer.make_batch(next(loader)))
+            if pending is not None:
+                flush(*pending)
+            pending = (step, metrics, t_dispatch)
+            if trainer.diloco and (step + 1) % H == 0:
+                flush(*pending)
+                pending = None
+                t0 = time.perf_counter()
+                sync_metrics = jax.device_get(trainer.sync())
+                sync_s = time.perf_counter() - t0
+                t_last += sync_s  # keep the sync out of the next step's time
+                outer = int(trainer.state.outer_step)
+                writer.write({"kind": "outer", "outer_step": outer, "step": step + 1, "sync_seconds": sync_s,
+                              "bytes_sent_per_island": trainer.wire_bytes,
+                              "wire_ratio_vs_ddp": trainer.wire_ratio_vs_ddp, "islands": n,
+                              **_summarise(sync_metrics, n)})
+                log.info("outer step %d: synced %d islands in %.2fs, |delta| %.4g", outer, n, sync_s,
+                         float(np.asarray(sync_metrics["delta_norm"])))
+        if pending is not None:
+            flush(*pending)
+    finally:
+        loader.close()
+        writer.close()
+    elapsed = time.perf_counter() - t_start
+    summary = {"steps": total, "first_loss": first_loss, "last_loss": last_loss, "seconds": elapsed,
+               "tokens_per_s": total * tokens_per_step / elapsed, "run_dir": str(run_dir)}
+    log.info("done: %d steps in %.1fs, loss %.4f -> %.4f", total, elapsed, first_loss, last_loss)
+    return summary
