@@ -125,6 +125,8 @@ class SourceConfig:
     weight: float = 1.0
     # A built-in recipe used to prepare `path` automatically when it is missing ("python-stdlib"), or "".
     auto_prepare: str = ""
+    # Vocabulary size of the byte-level BPE that the auto_prepare recipe trains (part of the recipe's identity).
+    auto_prepare_vocab_size: int = 4096
 
 
 @dataclass(frozen=True)
@@ -138,21 +140,39 @@ class DataConfig:
     seed: int = 0
     prefetch: int = 2  # batches prepared ahead in background threads (0: none)
     eval_batches: int = 0
+    # kind="synthetic": number of distinct generated documents (one epoch), shared by all islands.
+    synthetic_docs: int = 65536
+    # kind="prepared": check every shard's sha256 against its manifest when it is first opened (sizes and document
+    # offsets are always checked). Turn off for very large datasets where hashing at start-up takes too long.
+    verify_checksums: bool = True
 
     def validate(self) -> None:
         _choice(self, "kind", ("synthetic", "prepared"))
-        _positive(self, "seq_len", "batch_size")
+        _positive(self, "seq_len", "batch_size", "synthetic_docs")
         _nonnegative(self, "prefetch", "eval_batches")
         if self.kind == "prepared":
             if not self.sources:
                 raise ConfigError("data.kind='prepared' needs at least one [[data.sources]] entry with a path")
+            names = set()
             for i, s in enumerate(self.sources):
                 if not s.path:
                     raise ConfigError(f"data.sources[{i}].path is empty; give the prepared dataset's directory")
                 if s.weight < 0 or not math.isfinite(s.weight):
                     raise ConfigError(f"data.sources[{i}].weight={s.weight} must be a finite number >= 0")
-            if sum(s.weight for s in self.sources) <= 0:
-                raise ConfigError("data.sources weights sum to 0; give at least one source a positive weight")
+                if s.auto_prepare not in ("", "python-stdlib"):
+                    raise ConfigError(f"data.sources[{i}].auto_prepare={s.auto_prepare!r} is not a known recipe; "
+                                      "use 'python-stdlib' or '' (prepare the data with `intellect-jax prepare-data`)")
+                if s.auto_prepare and not 256 < s.auto_prepare_vocab_size <= 1 << 20:
+                    raise ConfigError(f"data.sources[{i}].auto_prepare_vocab_size={s.auto_prepare_vocab_size} must "
+                                      "be in (256, 1048576]: a byte-level BPE starts from 256 byte tokens")
+                name = s.name or s.path
+                if name in names:
+                    raise ConfigError(f"data.sources[{i}] repeats the source {name!r}; give each source a unique "
+                                      "name (or merge the entries and add their weights)")
+                names.add(name)
+            total = sum(s.weight for s in self.sources)
+            if not total > 0:
+                raise ConfigError(f"data.sources weights sum to {total}; give at least one source a positive weight")
 
 
 @dataclass(frozen=True)
