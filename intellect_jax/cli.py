@@ -61,8 +61,12 @@ def cmd_train(args, overrides) -> int:
     from intellect_jax.trainer import train
 
     summary = train(cfg)
-    print(f"trained {summary['steps']} steps: loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}, "
-          f"{summary['tokens_per_s']:.0f} tokens/s; run dir {summary['run_dir']}")
+    if summary["first_loss"] is None:
+        print(f"nothing to do: the checkpoint in {summary['run_dir']} is already at step {summary['steps']}; "
+              "raise --run.steps to train further")
+    else:
+        print(f"trained to step {summary['steps']}: loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}, "
+              f"{summary['tokens_per_s']:.0f} tokens/s; run dir {summary['run_dir']}")
     return 0
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from intellect_jax import collective, data, diloco
+from intellect_jax.checkpoint import Checkpointer, CheckpointError
 from intellect_jax import sharding as sh
 from intellect_jax.config import Config, ConfigError
 from intellect_jax.info import count_params, flops_per_token
@@ -98,6 +99,10 @@ class Trainer:
         inner_sh = self.state_shardings.inner
         self._inner = jax.jit(diloco.island_inner_step(inner_step), in_shardings=(inner_sh, self.batch_sharding),
                               out_shardings=(inner_sh, None), donate_argnums=0)
+        self._reinit_inner = jax.jit(
+            lambda g, step: jax.vmap(lambda p: inner_init(p)._replace(step=step), axis_size=n)(
+                diloco.broadcast_islands(g, n)),
+            out_shardings=self.state_shardings.inner)
         self._sync = jax.jit(lambda s: diloco.outer_update(s, reduce_mean, self.outer),
                              in_shardings=(self.state_shardings,), out_shardings=(self.state_shardings, None),
                              donate_argnums=0)
@@ -123,6 +128,62 @@ class Trainer:
     def sync(self) -> dict:
         self.state, metrics = self._sync(self.state)
         return metrics
+
+    # -- checkpoints --------------------------------------------------------------------------------------------------
+
+    def checkpoint_arrays(self) -> dict[str, Any]:
+        if not self.diloco:
+            return {"train": self.state}
+        s = self.state
+        return {"inner": s.inner,
+                "outer": {"global_params": s.global_params, "outer_opt_state": s.outer_opt_state,
+                          "outer_step": s.outer_step}}
+
+    def meta(self, step: int) -> dict[str, Any]:
+        return {"step": step, "islands": self.num_islands, "mesh": dict(self.mesh.shape),
+                "outer_step": int(self.state.outer_step) if self.diloco else 0, "mode": self._mode()}
+
+    def _mode(self) -> str:
+        return "diloco" if self.diloco else "single"
+
+    def restore(self, ckpt: Checkpointer, step: int) -> dict[str, Any]:
+        """Loads checkpoint `step` into this trainer's mesh. Returns its JSON items (meta, data, config).
+
+        The same island count restores everything (resharded to the current inner mesh if it changed). Another
+        island count keeps the global params and the outer optimizer state and re-initialises every island's inner
+        state from the global params (logged).
+        """
+        meta = ckpt.read_json(step, "meta")
+        if meta["mode"] != self._mode():
+            raise CheckpointError(
+                f"checkpoint step {step} was written by a {meta['mode']} run ({meta['islands']} island(s)) and this "
+                f"run is {self._mode()} ({self.num_islands} island(s)); resume with mesh.islands "
+                f"{'> 1' if meta['mode'] == 'diloco' else '= 1'} or start a new --run.dir")
+        abstract = jax.tree.map(lambda x, sh_: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh_),
+                                self.checkpoint_arrays(), self._array_shardings())
+        if not self.diloco:
+            out = ckpt.restore(step, abstract)
+            self.state = out["train"]
+            return out
+        if meta["islands"] == self.num_islands:
+            out = ckpt.restore(step, abstract)
+            inner = out["inner"]
+        else:
+            out = ckpt.restore(step, {"outer": abstract["outer"]})
+            log.info("checkpoint step %d has %d islands and this run has %d: restored the global params and outer "
+                     "optimizer state; every island's inner state (AdamW moments) is re-initialised from the global "
+                     "params", step, meta["islands"], self.num_islands)
+            inner = self._reinit_inner(out["outer"]["global_params"], jax.numpy.int32(meta["step"]))
+        o = out["outer"]
+        self.state = diloco.DilocoState(inner, o["global_params"], o["outer_opt_state"], o["outer_step"])
+        return out
+
+    def _array_shardings(self) -> dict[str, Any]:
+        if not self.diloco:
+            return {"train": self.state_shardings}
+        s = self.state_shardings
+        return {"inner": s.inner, "outer": {"global_params": s.global_params, "outer_opt_state": s.outer_opt_state,
+                                            "outer_step": s.outer_step}}
 
     def global_params(self):
         return self.state.global_params if self.diloco else self.state.params
@@ -154,11 +215,21 @@ def _summarise(metrics: dict, num_islands: int) -> dict[str, Any]:
     return out
 
 
+def _check_compatible(saved: dict, cfg: Config, step: int) -> None:
+    """A resumed run must train the same model; mesh, islands, steps and most hyper-parameters may change."""
+    now = dataclasses.asdict(cfg)
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "tie_word_embeddings", "param_dtype"):
+        if saved["model"][key] != now["model"][key]:
+            raise CheckpointError(
+                f"the checkpoint at step {step} has model.{key}={saved['model'][key]!r} but the config says "
+                f"{now['model'][key]!r}; resume with the original model settings or start a new --run.dir")
+
+
 def train(cfg: Config) -> dict[str, Any]:
-    """Runs `cfg` to completion; returns a summary (first/last loss, steps, tokens/s)."""
+    """Runs `cfg` to completion (resuming from the run directory's checkpoint if there is one); returns a summary."""
     run_dir = cfg.run.resolved_dir.expanduser()
     setup_logging(run_dir)
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     if cfg.elastic.coordinator:
         raise ConfigError("elastic.coordinator is set, but island mode over TCP is not wired into the trainer yet; "
                           "leave elastic.coordinator empty to train the islands of one program")
@@ -180,15 +251,38 @@ def train(cfg: Config) -> dict[str, Any]:
     islands, rows = local_rows(trainer.batch_sharding, (n, cfg.data.batch_size, cfg.data.seq_len))
     loader = data.make_iterator(cfg.data, vocab_size=cfg.model.vocab_size, num_islands=n,
                                 islands=list(range(n))[islands], row_start=rows.start, row_stop=rows.stop)
+    H = cfg.diloco.inner_steps
+    save_every = cfg.checkpoint.every_outer_steps * H  # inner steps; single island: K * H steps too
+    ckpt = Checkpointer(run_dir, cfg.checkpoint)
+    start = 0
+    resume = cfg.checkpoint.resume_step if cfg.checkpoint.resume_step >= 0 else ckpt.latest_step()
+    if resume is not None:
+        saved = ckpt.read_json(resume, "config")
+        _check_compatible(saved, cfg, resume)
+        items = trainer.restore(ckpt, resume)
+        start = items["meta"]["step"]
+        if items["meta"]["islands"] == n:
+            loader.set_state(items["data"])
+        else:
+            log.warning("the data streams restart: the checkpoint's data state is laid out for %d islands and this "
+                        "run has %d", items["meta"]["islands"], n)
+        log.info("resumed from checkpoint step %d (outer step %d) in %s", start, items["meta"]["outer_step"],
+                 ckpt.dir)
+    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+
+    def save(step: int) -> None:
+        ckpt.save(step, trainer.checkpoint_arrays(),
+                  {"data": loader.get_state(), "meta": trainer.meta(step), "config": dataclasses.asdict(cfg)})
+        log.info("checkpoint step %d saving (async) to %s", step, ckpt.dir)
+
     writer = MetricsWriter(run_dir / "metrics.jsonl")
     total = cfg.total_inner_steps
-    H = cfg.diloco.inner_steps
     tokens_per_step = n * cfg.data.batch_size * cfg.data.seq_len
     first_loss = last_loss = None
-    pending: tuple[int, dict, float] | None = None
+    pending: tuple[int, dict] | None = None
     t_start = t_last = time.perf_counter()
 
-    def flush(step: int, metrics: dict, t_dispatch: float) -> None:
+    def flush(step: int, metrics: dict) -> None:
         nonlocal first_loss, last_loss, t_last
         m = _summarise(jax.device_get(metrics), n)
         now = time.perf_counter()
@@ -200,18 +294,19 @@ def train(cfg: Config) -> dict[str, Any]:
         first_loss = m["loss"] if first_loss is None else first_loss
         last_loss = m["loss"]
         writer.write({"kind": "inner", **m})
-        if (step + 1) % cfg.run.log_every == 0 or step == 0 or step + 1 == total:
+        if (step + 1) % cfg.run.log_every == 0 or step == start or step + 1 == total:
             log.info("step %d/%d loss %.4f z %.3g gnorm %.3f lr %.3g %.0f tok/s", step + 1, total, m["loss"],
                      m["z_loss"], m["grad_norm"], m["lr"], m["tokens_per_s"])
 
+    last_saved = start
     try:
-        for step in range(total):
-            t_dispatch = time.perf_counter()
+        for step in range(start, total):
             metrics = trainer.inner_step(trainer.make_batch(next(loader)))
             if pending is not None:
                 flush(*pending)
-            pending = (step, metrics, t_dispatch)
-            if trainer.diloco and (step + 1) % H == 0:
+            pending = (step, metrics)
+            boundary = (step + 1) % H == 0
+            if trainer.diloco and boundary:
                 flush(*pending)
                 pending = None
                 t0 = time.perf_counter()
@@ -225,13 +320,21 @@ def train(cfg: Config) -> dict[str, Any]:
                               **_summarise(sync_metrics, n)})
                 log.info("outer step %d: synced %d islands in %.2fs, |delta| %.4g", outer, n, sync_s,
                          float(np.asarray(sync_metrics["delta_norm"])))
+            if save_every and boundary and (step + 1) % save_every == 0:
+                save(step + 1)
+                last_saved = step + 1
         if pending is not None:
             flush(*pending)
+        if total > last_saved and (not trainer.diloco or total % H == 0):
+            save(total)  # the final state (DiLoCo: only on an outer-step boundary)
     finally:
         loader.close()
         writer.close()
+        ckpt.close()
     elapsed = time.perf_counter() - t_start
+    done = max(total - start, 1)
     summary = {"steps": total, "first_loss": first_loss, "last_loss": last_loss, "seconds": elapsed,
-               "tokens_per_s": total * tokens_per_step / elapsed, "run_dir": str(run_dir)}
-    log.info("done: %d steps in %.1fs, loss %.4f -> %.4f", total, elapsed, first_loss, last_loss)
+               "tokens_per_s": done * tokens_per_step / elapsed, "run_dir": str(run_dir),
+               "final_params": trainer.global_params()}
+    log.info("done: steps %d-%d in %.1fs, loss %s -> %s", start, total, elapsed, first_loss, last_loss)
     return summary
