@@ -1,0 +1,269 @@
+"""Block-wise symmetric int8 / int4 packing of flat float32 vectors: a jnp version and a numpy twin, same bytes.
+
+Format (``bits`` = 8 or 4, ``Q`` = 2**(bits-1) - 1 = 127 or 7)::
+
+    x      float32 [n]                    n % block_size == 0 (pad with `padded_size` first)
+    scales float32 [n // block_size]      scale_b = absmax_b * float32(1/Q)    (one IEEE multiply)
+    codes  bits=8: int8  [n]              code_k  = round_half_even(Q * x_k / absmax_b), exactly, in [-Q, Q]
+           bits=4: uint8 [n // 2]         two 4-bit two's-complement codes per byte: element 2j in the low
+                                          nibble, element 2j+1 in the high nibble
+    decode x_k ~= float32(code_k) * scale_b                                  (one IEEE multiply)
+
+Why not ``rint(x / scale)``: the twins must give identical bytes on every backend, and float32 division is not
+portable: XLA:GPU emits the 1-2 ulp ``div.full.f32`` (openxla/xla#37181) and XLA:CPU flushes subnormal results to
+zero (tests/test_quant.py records this), so a code could differ from numpy's at a rounding tie. Instead the code is
+the exactly rounded value of the real number ``Q * x / absmax``: in jnp by uint32 integer division on the IEEE bit
+patterns (no float op touches the inputs, so flush-to-zero cannot change a byte); in numpy by one float64 division,
+which is provably exact for this (see the comment above `pack_np`): two independent routes, checked against each
+other and against rational arithmetic. ``absmax`` is an integer max over the bit patterns (for non-negative floats
+their order is the order of their bits). The only float32 ops are the two multiplies above, which are correctly
+rounded everywhere; their results are kept normal (see flushing below), so FTZ cannot change them either.
+
+Error bound per element (derived in `error_bound`): ``|x - decode(x)| <= scale * (1/2 + 2**-15)``; the extra term
+covers the rounding of ``scale`` itself (two roundings of 2**-24 relative, times ``|code| <= Q``) and of the
+decoding multiply.
+
+Special blocks:
+
+- all-zero block, or absmax < ``FLUSH_BELOW`` (2**-100): scale 0, codes 0, decodes to exact zeros. Never NaN.
+  Keeps every scale normal; the absolute error of a flushed element is < 2**-100.
+- a block holding a NaN or +-Inf: scale NaN, codes 0, so the whole block decodes to NaN. Other blocks are
+  untouched. `pack` cannot raise under jit; callers detect a bad pseudo-gradient with ``~isfinite(scales)``
+  (`has_nonfinite`) and the NaN propagates through any mean instead of being silently clipped to a finite value.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import jax
+
+# jax is imported inside the jnp functions only: the elastic ring uses the numpy twin in processes that never start
+# jax, so importing this module must not import jax.
+
+FLUSH_BELOW = 2.0**-100
+_FLUSH_BITS = 0x0D800000  # float32 bit pattern of 2**-100: exponent field 127 - 100 = 27
+assert np.array([FLUSH_BELOW], np.float32).view(np.uint32)[0] == _FLUSH_BITS
+_EXP_MASK = 0x7F800000
+_ABS_MASK = 0x7FFFFFFF
+_MANT_MASK = 0x007FFFFF
+_HIDDEN_BIT = 0x00800000
+# Q * x / absmax < 2 * Q < 2**8 before the exponent shift d, so for d >= 9 the code rounds to 0: clamping d to 9
+# keeps every shift and mask inside uint32 without changing a result.
+_MAX_SHIFT = 9
+SUPPORTED_BITS = (4, 8)
+
+
+def qmax(bits: int) -> int:
+    """Largest code magnitude: 127 for int8, 7 for int4 (symmetric, -Q-1 unused)."""
+    _check_bits(bits)
+    return 2 ** (bits - 1) - 1
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+
+
+def _inv_q(bits: int) -> np.float32:
+    return np.float32(1.0 / qmax(bits))
+
+
+def padded_size(n: int, block_size: int, multiple: int = 1) -> int:
+    """Smallest size >= n divisible by block_size * multiple (e.g. multiple = n_islands for equal chunks)."""
+    if n < 0 or block_size < 1 or multiple < 1:
+        raise ValueError(f"bad sizes: n={n}, block_size={block_size}, multiple={multiple}")
+    unit = block_size * multiple
+    return -(-n // unit) * unit
+
+
+def payload_bytes(n: int, *, bits: int, block_size: int) -> int:
+    """Bytes on the wire for n elements: codes plus one float32 scale per block (n padded to whole blocks).
+
+    ``bits=32`` means uncompressed float32 (4 bytes per element, no scales), for baselines.
+    """
+    if bits == 32:
+        return 4 * n
+    _check_bits(bits)
+    n_pad = padded_size(n, block_size)
+    return n_pad * bits // 8 + 4 * (n_pad // block_size)
+
+
+def error_bound(scales, *, block_size: int = 256, xp=np):
+    """Per-element bound on |x - unpack(pack(x))| from the stored block scales: scale * (1/2 + 2**-15).
+
+    Derivation (a = absmax, s* = a / Q exact, s = RN(a * RN(1/Q)) stored, code = rint(Q x / a) exactly):
+    |x - code s*| <= s*/2; |s - s*| <= (2**-23 + 2**-48) s*, times |code| <= Q = 127 gives <= 2**-16 s*; the decoding
+    multiply RN(code * s) adds <= Q 2**-24 s <= 2**-17 s; and s* <= s (1 + 2**-22). In total
+    <= s (1/2 + 2**-23 + 2**-16 + 2**-17 + O(2**-38)) < s (1/2 + 2**-15). Flushed blocks (scale 0) are bounded by
+    FLUSH_BELOW; NaN scales give NaN bounds.
+    """
+    scales = xp.asarray(scales, dtype=xp.float32)
+    per_block = xp.where(scales == 0, xp.float32(FLUSH_BELOW), scales * xp.float32(0.5 + 2.0**-15))
+    return xp.repeat(per_block, block_size)
+
+
+def has_nonfinite(scales) -> jax.Array:
+    """True if the packed vector held a NaN or Inf (that block's scale is NaN)."""
+    import jax.numpy as jnp
+
+    return jnp.any(~jnp.isfinite(scales))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# jnp
+
+
+def _check_len(n: int, bits: int, block_size: int) -> None:
+    if n % block_size:
+        raise ValueError(f"length {n} is not a multiple of block_size {block_size}; pad with padded_size()")
+    if bits == 4 and block_size % 2:
+        raise ValueError("bits=4 needs an even block_size (two codes per byte)")
+
+
+def _mant_exp_u32(bits_u32):
+    """IEEE float32 magnitude as integer mantissa (hidden bit included) and biased exponent (subnormals: 1)."""
+    import jax.numpy as jnp
+
+    e = bits_u32 >> 23
+    m = bits_u32 & _MANT_MASK
+    normal = e > 0
+    return jnp.where(normal, m | _HIDDEN_BIT, m), jnp.where(normal, e, 1)
+
+
+def _round_ratio_u32(num, den, d):
+    """round_half_even(num / (den * 2**d)) for uint32 num < 2**31, 2**23 <= den < 2**24, 0 <= d <= 9."""
+    import jax.numpy as jnp
+
+    q = num // den
+    r = num - q * den
+    hi = q >> d
+    low = q & ((jnp.uint32(1) << d) - 1)
+    half = jnp.where(d > 0, jnp.uint32(1) << jnp.maximum(d, 1) - 1, 0)
+    # Compare the fraction (low + r/den) / 2**d with 1/2. d == 0: sign of 2r - den. d > 0: low vs half, r > 0.
+    above = jnp.where(d == 0, 2 * r > den, (low > half) | ((low == half) & (r > 0)))
+    tie = jnp.where(d == 0, 2 * r == den, (low == half) & (r == 0))
+    return hi + (above | (tie & ((hi & 1) == 1))).astype(jnp.uint32)
+
+
+def _codes_and_scales(x, bits: int, block_size: int):
+    import jax
+    import jax.numpy as jnp
+
+    q_max = qmax(bits)
+    xb = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32).reshape(-1, block_size)
+    neg = (xb >> 31) == 1
+    ab = xb & _ABS_MASK
+    amax_b = jnp.max(ab, axis=1)  # uint order == float order for non-negative floats
+    nonfinite = amax_b >= _EXP_MASK  # Inf is 0x7F800000, NaNs lie above it
+    flushed = amax_b < _FLUSH_BITS
+    ma, ea = _mant_exp_u32(amax_b)
+    mx, ex = _mant_exp_u32(ab)
+    ma = jnp.where(flushed | nonfinite, _HIDDEN_BIT, ma)[:, None]  # safe divisor for blocks that get code 0
+    d = jnp.clip(ea[:, None].astype(jnp.int32) - ex.astype(jnp.int32), 0, _MAX_SHIFT).astype(jnp.uint32)
+    mag = _round_ratio_u32(mx * q_max, ma, d)
+    mag = jnp.where((flushed | nonfinite)[:, None], 0, jnp.minimum(mag, q_max)).astype(jnp.int32)
+    codes = jnp.where(neg, -mag, mag).reshape(-1)
+    amax = jax.lax.bitcast_convert_type(amax_b, jnp.float32)
+    scales = jnp.where(nonfinite, jnp.nan, jnp.where(flushed, 0.0, amax * _inv_q(bits))).astype(jnp.float32)
+    return codes, scales
+
+
+def pack(x, *, bits: int = 8, block_size: int = 256) -> tuple[jax.Array, jax.Array]:
+    """Quantize a 1-D float32 vector (len % block_size == 0) to (codes, scales); see the module docstring."""
+    import jax.numpy as jnp
+
+    _check_bits(bits)
+    x = jnp.asarray(x)
+    if x.ndim != 1:
+        raise ValueError(f"pack takes a 1-D vector, got shape {x.shape}")
+    _check_len(x.shape[0], bits, block_size)
+    codes, scales = _codes_and_scales(x, bits, block_size)
+    if bits == 8:
+        return codes.astype(jnp.int8), scales
+    nib = (codes & 0xF).astype(jnp.uint8).reshape(-1, 2)
+    return nib[:, 0] | (nib[:, 1] << 4), scales
+
+
+def _decode_codes(codes, bits: int):
+    import jax.numpy as jnp
+
+    if bits == 8:
+        return codes.astype(jnp.int32)
+    b = codes.astype(jnp.int32)
+    lo, hi = b & 0xF, (b >> 4) & 0xF
+    return (jnp.stack([lo, hi], axis=-1).reshape(-1) ^ 8) - 8  # sign-extend the nibbles
+
+
+def unpack(codes, scales, *, bits: int = 8, block_size: int = 256) -> jax.Array:
+    """Decode (codes, scales) from `pack` back to float32 [n]."""
+    import jax.numpy as jnp
+
+    _check_bits(bits)
+    c = _decode_codes(jnp.asarray(codes), bits).astype(jnp.float32).reshape(-1, block_size)
+    return (c * jnp.asarray(scales, jnp.float32)[:, None]).reshape(-1)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# numpy twin: same bytes, the codes by a second exact route (float64) that cross-checks the integer one.
+#
+# Why float64 is exact: with r = Q x / a the real quotient, Q x is exact in float64 (7 + 24 bits) and one correctly
+# rounded division gives r' = RN64(Q x / a), so (1) a tie r = k + 1/2 is representable and r' == r exactly, and (2)
+# otherwise |r' - r| <= 2**-46 (|r| <= 127), while a non-tie r lies >= 2**-34 from every k + 1/2: |2Qx - (2k+1)a| is
+# a nonzero multiple of ulp(x), and ulp(x) >= a 2**-33 whenever |r| >= 1/4 (x >= a / (4Q)), divided by 2a. Hence
+# rint(r') == round_half_even(r). (A multiply by RN64(Q / a) would not do: it moves exact ties off k + 1/2.)
+
+_NP_CHUNK = 1 << 16  # elements per step: keeps the float64 temporaries in cache
+
+
+def pack_np(x: np.ndarray, *, bits: int = 8, block_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """numpy twin of `pack`: identical codes and scales bytes."""
+    _check_bits(bits)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 1:
+        raise ValueError(f"pack_np takes a 1-D vector, got shape {x.shape}")
+    _check_len(x.shape[0], bits, block_size)
+    q_max = qmax(bits)
+    xr = x.reshape(-1, block_size)
+    amax_b = (xr.view(np.uint32) & np.uint32(_ABS_MASK)).max(axis=1) if xr.size else np.zeros(0, np.uint32)
+    nonfinite = amax_b >= _EXP_MASK  # Inf is 0x7F800000, NaNs lie above it
+    flushed = amax_b < _FLUSH_BITS
+    bad = nonfinite | flushed
+    amax = amax_b.view(np.float32)
+    den = np.where(bad, 1.0, amax.astype(np.float64))[:, None]
+    codes = np.empty(xr.shape, np.int8)
+    rows = max(1, _NP_CHUNK // block_size)
+    for i in range(0, xr.shape[0], rows):
+        r = xr[i:i + rows].astype(np.float64)
+        r *= q_max  # exact
+        r /= den[i:i + rows]  # one correctly rounded division
+        r[bad[i:i + rows]] = 0.0
+        np.rint(r, out=r)
+        codes[i:i + rows] = r
+    codes = codes.reshape(-1)
+    with np.errstate(invalid="ignore", over="ignore"):
+        scales = np.where(nonfinite, np.float32(np.nan),
+                          np.where(flushed, np.float32(0), amax * _inv_q(bits))).astype(np.float32)
+    if bits == 8:
+        return codes, scales
+    nib = (codes & 0xF).astype(np.uint8).reshape(-1, 2)
+    return nib[:, 0] | (nib[:, 1] << 4), scales
+
+
+# Byte -> its two signed 4-bit codes (low nibble first), as float32: one gather decodes int4.
+_INT4_LUT = ((np.stack([np.arange(256) & 0xF, np.arange(256) >> 4], axis=-1) ^ 8) - 8).astype(np.float32)
+
+
+def unpack_np(codes, scales, *, bits: int = 8, block_size: int = 256) -> np.ndarray:
+    """numpy twin of `unpack`: identical float32 bytes (exact int -> float32, then one float32 multiply)."""
+    _check_bits(bits)
+    codes = np.asarray(codes)
+    scales = np.asarray(scales, np.float32)[:, None]
+    c = codes.view(np.int8) if bits == 8 else np.take(_INT4_LUT, codes.view(np.uint8), axis=0)
+    out = np.empty((scales.shape[0], block_size), np.float32)
+    with np.errstate(invalid="ignore"):
+        np.multiply(c.reshape(-1, block_size), scales, out=out, dtype=np.float32)
+    return out.reshape(-1)
