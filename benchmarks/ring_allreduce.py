@@ -1,0 +1,221 @@
+"""Ring all-reduce benchmark: achieved reduce time vs the link-rate bound 2 (N-1)/N x payload / rate.
+
+Each member is its own process (``member`` sub-command) with its own listener; members connect to their ring
+successor with ``--streams`` TCP connections, run a one-block reduce as a barrier, then time the reduce of a float32
+vector (``--sizes-mb``: fp32 megabytes, 1e6 bytes) with int8 and fp32 payloads. All members must end with the same
+bytes (SHA-256 compared). Payload = bytes one member's vector occupies on the wire (int8: codes + scales).
+
+    python benchmarks/ring_allreduce.py --members 3 --sizes-mb 10,50,200            # loopback (127.0.0.1)
+    sudo python benchmarks/ring_allreduce.py --members 3 --wan 100mbit --sizes-mb 10 # netns + tbf links
+
+On loopback the "rate" is a measured single-stream raw TCP rate between two processes (no framing, no HMAC), so the
+bound shows how far framing, HMAC, packing and accumulation are from moving bytes at memory speed; with ``--wan``
+the rate is the tbf rate of each island's access link.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "launch"))
+
+from intellect_jax.elastic import ring, wire  # noqa: E402
+
+RUN = "ring-bench"
+BLOCK = 256
+
+
+def _rate_bytes(rate: str) -> float:
+    units = {"kbit": 1e3 / 8, "mbit": 1e6 / 8, "gbit": 1e9 / 8}
+    for u, f in units.items():
+        if rate.lower().endswith(u):
+            return float(rate[: -len(u)]) * f
+    raise ValueError(f"rate {rate!r}: use e.g. 100mbit")
+
+
+def payload_bytes(n: int, compression: str) -> int:
+    return 4 * n if compression == "none" else n + 4 * (-(-n // BLOCK))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# One ring member (a process).
+
+
+def member(a: argparse.Namespace) -> int:
+    secret = bytes.fromhex(a.secret_hex)
+    addrs = a.addrs.split(",")
+    N, r = len(addrs), a.rank
+    maxf = 64 << 20
+    inbox: list[wire.Conn] = []
+    got = threading.Condition()
+
+    def handler(conn, hello):
+        with got:
+            inbox.append((int(hello["stream"]), conn))
+            got.notify_all()
+        return True
+
+    srv = wire.Server(addrs[r], secret, RUN, maxf, handler, "bench").start()
+    send = []
+    deadline = time.monotonic() + 60
+    for k in range(a.streams):
+        while True:
+            try:
+                send.append(wire.connect(addrs[(r + 1) % N], secret, RUN, maxf, hello={"stream": k}, timeout=10)[0])
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+    with got:
+        got.wait_for(lambda: len(inbox) == a.streams, 60)
+    recv = [c for _, c in sorted(inbox, key=lambda t: t[0])]
+    epoch = 0
+    for mb in [float(s) for s in a.sizes_mb.split(",")]:
+        n = int(mb * 1e6 / 4)
+        vec = np.random.default_rng(r).standard_normal(n).astype(np.float32)
+        for comp in a.compression.split(","):
+            codec = ring.make_codec(comp, BLOCK)
+            for rep in range(a.repeats):
+                epoch += 1
+                ring.ring_mean(np.zeros(BLOCK, np.float32), r, send, recv, N, codec, a.chunk_bytes, BLOCK,
+                               timeout=120, epoch=-epoch)  # barrier
+                out, st = ring.ring_mean(vec, r, send, recv, N, codec, a.chunk_bytes, BLOCK, timeout=120,
+                                         epoch=epoch)
+                print(json.dumps({"rank": r, "mb": mb, "n": n, "compression": comp, "repeat": rep,
+                                  "seconds": st.seconds, "sha": hashlib.sha256(out.tobytes()).hexdigest()}),
+                      flush=True)
+    srv.close()
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Driver.
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def loopback_tcp_rate(nbytes: int = 512 << 20) -> float:
+    """Single-stream raw TCP throughput between two processes on 127.0.0.1 (bytes/s)."""
+    port = _free_port()
+    code = (f"import socket,time\ns=socket.create_server(('127.0.0.1',{port}));c,_=s.accept();n=0;b=bytearray(1<<20)\n"
+            f"while n<{nbytes}:\n k=c.recv_into(b)\n if not k: break\n n+=k\nc.sendall(b'x')")
+    p = subprocess.Popen([sys.executable, "-c", code])
+    time.sleep(0.3)
+    c = socket.create_connection(("127.0.0.1", port))
+    buf = bytes(1 << 20)
+    t0 = time.perf_counter()
+    for _ in range(nbytes >> 20):
+        c.sendall(buf)
+    c.recv(1)
+    dt = time.perf_counter() - t0
+    p.wait(10)
+    return nbytes / dt
+
+
+def run_ring(addrs: list[str], prefixes: list[list[str]], a: argparse.Namespace) -> list[dict]:
+    secret = os.urandom(32).hex()
+    procs = []
+    for r, addr in enumerate(addrs):
+        cmd = prefixes[r] + [sys.executable, str(Path(__file__).resolve()), "member", "--rank", str(r), "--addrs",
+                             ",".join(addrs), "--secret-hex", secret, "--sizes-mb", a.sizes_mb, "--compression",
+                             a.compression, "--streams", str(a.streams), "--chunk-bytes", str(a.chunk_bytes),
+                             "--repeats", str(a.repeats)]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
+    rows = []
+    for p in procs:
+        out, _ = p.communicate(timeout=a.timeout)
+        if p.returncode:
+            raise RuntimeError(f"member exited with {p.returncode}")
+        rows += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return rows
+
+
+def summarize(rows: list[dict], N: int, rate: float, rate_label: str) -> list[dict]:
+    out = []
+    keys = sorted({(r["mb"], r["compression"]) for r in rows})
+    for mb, comp in keys:
+        sel = [r for r in rows if r["mb"] == mb and r["compression"] == comp]
+        reps = sorted({r["repeat"] for r in sel})
+        per_rep = [max(r["seconds"] for r in sel if r["repeat"] == k) for k in reps]
+        shas = {r["sha"] for r in sel if r["repeat"] == reps[-1]}
+        payload = payload_bytes(sel[0]["n"], comp)
+        bound = 2 * (N - 1) / N * payload / rate
+        best = min(per_rep)
+        out.append({"members": N, "fp32_mb": mb, "compression": comp, "payload_mb": payload / 1e6,
+                    "seconds_best": best, "seconds_median": float(np.median(per_rep)), "bound_s": bound,
+                    "fraction_of_link_rate": bound / best, "bit_identical": len(shas) == 1, "rate": rate_label})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "member":
+        mp = argparse.ArgumentParser()
+        mp.add_argument("--rank", type=int, required=True)
+        mp.add_argument("--addrs", required=True)
+        mp.add_argument("--secret-hex", required=True)
+        mp.add_argument("--sizes-mb", required=True)
+        mp.add_argument("--compression", required=True)
+        mp.add_argument("--streams", type=int, required=True)
+        mp.add_argument("--chunk-bytes", type=int, required=True)
+        mp.add_argument("--repeats", type=int, required=True)
+        return member(mp.parse_args(argv[1:]))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--members", type=int, default=3)
+    ap.add_argument("--sizes-mb", default="10,50,200", help="fp32 vector sizes in MB (1e6 bytes)")
+    ap.add_argument("--compression", default="int8,none")
+    ap.add_argument("--streams", type=int, default=4)
+    ap.add_argument("--chunk-bytes", type=int, default=4 << 20)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--wan", default="", help="e.g. 100mbit: run in netns islands with tbf links (root)")
+    ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--json", default="", help="also write the summary rows here")
+    a = ap.parse_args(argv)
+    N = a.members
+    if a.wan:
+        from wan_emulation import Topology
+        with Topology(N, a.wan) as topo:
+            addrs = [f"{ip}:{7000}" for ip in topo.ips]
+            rows = run_ring(addrs, [topo.exec_cmd(i, []) for i in range(N)], a)
+        rate, label = _rate_bytes(a.wan), f"tbf {a.wan}"
+    else:
+        rate = loopback_tcp_rate()
+        label = f"loopback raw TCP {rate / 1e9:.2f} GB/s"
+        addrs = [f"127.0.0.1:{_free_port()}" for _ in range(N)]
+        rows = run_ring(addrs, [[] for _ in range(N)], a)
+    summary = summarize(rows, N, rate, label)
+    print(f"# ring all-reduce, {N} members, {a.streams} streams/link, chunk {a.chunk_bytes >> 20} MiB, rate: {label}")
+    print(f"{'fp32 MB':>8} {'comp':>5} {'payload MB':>10} {'best s':>8} {'median s':>9} {'bound s':>8} "
+          f"{'of rate':>8} {'identical':>9}")
+    for s in summary:
+        print(f"{s['fp32_mb']:8.0f} {s['compression']:>5} {s['payload_mb']:10.1f} {s['seconds_best']:8.3f} "
+              f"{s['seconds_median']:9.3f} {s['bound_s']:8.3f} {s['fraction_of_link_rate']:8.1%} "
+              f"{str(s['bit_identical']):>9}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(summary, indent=1))
+    return 0 if all(s["bit_identical"] for s in summary) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,419 @@
+"""The island side: what the trainer calls. Host-side numpy only (no jax).
+
+Trainer loop (``s`` = completed outer steps)::
+
+    client = IslandClient(cfg.elastic, run_id, state_provider)      # state_provider() -> (arrays, meta)
+    info = client.join(s, params_hash(state))
+    if info.needs_state:
+        state = client.fetch_state()                                 # live, from a peer; sets s
+    while ...:
+        H inner steps; pseudo_grad = global_params - params
+        try:
+            delta = client.all_reduce_mean(s, pseudo_grad)           # bit-identical on every member
+        except StaleStep:                                            # the run moved on without us
+            state = client.fetch_state(); continue
+        global_params, outer_state = outer_update(delta); s += 1
+        if not client.commit(s - 1, params_hash(new state)):
+            state = client.fetch_state()
+    client.close()                                                   # deathrattle
+
+``all_reduce_mean`` returns only after the coordinator decided "commit" for the epoch, i.e. every live member holds
+the same result; on "abort" (a member died or a link broke) it redoes the reduce in a new epoch with the same
+pseudo-gradient, up to ``reduce_retries`` times, then raises :class:`ReduceFailed`. It never falls back to the local
+pseudo-gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any, Callable
+
+import numpy as np
+
+from . import recovery, ring, wire
+from .recovery import State, StateProvider
+
+log = logging.getLogger("intellect_jax.elastic.client")
+
+
+class ElasticError(RuntimeError):
+    pass
+
+
+class StaleStep(ElasticError):
+    """The run completed this outer step without us; fetch the state from a peer (``fetch_state``)."""
+
+
+class ReduceFailed(ElasticError):
+    """The reduce was aborted more than ``reduce_retries`` times in a row."""
+
+
+class CoordinatorUnavailable(ElasticError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class JoinInfo:
+    run_step: int | None  # completed outer steps of the run (None: we are the first island)
+    needs_state: bool  # our state is behind or differs: call fetch_state() before training
+
+
+class IslandClient:
+    """One island's connection to the run: coordinator RPCs, heartbeats, and a listener for ring/state/probe peers.
+
+    `cfg` is an ``ElasticConfig``-like object (coordinator, secret_file, island_name, listen, advertise_host,
+    heartbeat_s, dead_after_s, streams, chunk_bytes, max_frame_bytes, reduce_retries).
+    """
+
+    def __init__(self, cfg: Any, run_id: str, state_provider: StateProvider | None = None, *,
+                 compression: str = "int8", block_size: int = 256, coordinator_timeout_s: float = 120.0,
+                 barrier_timeout_s: float = 3600.0, probe_bytes: int = 1 << 20, serve_bytes_per_s: float = 0.0,
+                 secret: bytes | None = None):
+        self.cfg = cfg
+        self.run_id = run_id or "run"
+        self.name = cfg.island_name or f"{socket.gethostname()}-{os.getpid()}"
+        self.incarnation = uuid.uuid4().hex[:12]
+        self._secret = secret if secret is not None else wire.load_secret(cfg.secret_file)
+        self._provider = state_provider
+        self.codec = ring.make_codec(compression, block_size)
+        self.block_size = block_size
+        self.coordinator_timeout_s = coordinator_timeout_s
+        self.barrier_timeout_s = barrier_timeout_s
+        self.probe_bytes = probe_bytes
+        self.serve_bytes_per_s = serve_bytes_per_s
+        self.on_ring_frame: Callable[[int], None] | None = None  # fault injection / progress (tests, metrics)
+
+        # The status we re-send on every heartbeat: enough for a restarted coordinator to rebuild its view.
+        self._lock = threading.RLock()
+        self.step = -1
+        self.hash: str | None = None
+        self.last_epoch: dict | None = None
+        self.pending: dict | None = None
+        self.last_stats: dict[str, Any] = {}
+        self._probed: frozenset[str] = frozenset()
+        self._rates: dict[str, float] = {}  # our measured outbound bytes/s per peer (re-sent after a restart)
+
+        self._mail = threading.Condition()
+        self._ring_inbox: dict[tuple[int, str, int], wire.Conn] = {}
+        self.listener = wire.Server(cfg.listen, self._secret, self.run_id, cfg.max_frame_bytes, self._serve_peer,
+                                    f"island-{self.name}", log, idle_timeout=3 * cfg.dead_after_s).start()
+        self.port = self.listener.port
+        self._rpc_conn: wire.Conn | None = None
+        self._rpc_lock = threading.Lock()
+        self._closed = threading.Event()
+        self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        log.info("island %s listening on port %d", self.name, self.port)
+
+    # -- public API ------------------------------------------------------------------------------------------------
+
+    def join(self, outer_step: int, params_hash: str | None) -> JoinInfo:
+        """Registers with the coordinator holding a state after `outer_step` completed outer steps (-1: none).
+
+        Admission into a reduce happens at the next outer-step boundary (``all_reduce_mean``). Returns whether our
+        state must first be fetched from a peer.
+        """
+        with self._lock:
+            self.step, self.hash = outer_step, params_hash
+        rep = self._register(wait_recovery=True)
+        if not self._hb_thread.is_alive():
+            self._hb_thread.start()
+        return JoinInfo(rep.get("run_step"), bool(rep.get("needs_state")))
+
+    def all_reduce_mean(self, outer_step: int, vec: np.ndarray) -> np.ndarray:
+        """Mean of every member's `vec` for this outer step; identical bytes on all members."""
+        vec = np.ascontiguousarray(vec, np.float32).reshape(-1)
+        aborts = 0
+        while True:
+            rep = self._wait("sync", step=outer_step)
+            if rep.get("stale"):
+                raise StaleStep(f"outer step {outer_step} was completed without {self.name} "
+                                f"(run at {rep.get('run_step')}); fetch the state from a peer")
+            if "error" in rep:
+                raise ElasticError(rep["error"])
+            ep = rep["epoch"]
+            with self._lock:
+                self.pending = {"id": ep["id"], "step": outer_step, "members": ep["members"], "order": ep["order"],
+                                "status": "running"}
+            result, err = None, None
+            try:
+                result, stats = self._ring(ep, vec)
+            except (ring.RingError, OSError, wire.WireError, wire.RemoteError) as e:
+                err = e
+                log.warning("epoch %d ring failed on %s: %s", ep["id"], self.name, e)
+            with self._lock:
+                self.pending["status"] = "ok" if err is None else "fail"
+            d = self._wait("done", epoch=ep["id"], step=outer_step, ok=err is None)
+            decision = d["decision"]
+            with self._lock:
+                self.pending = None
+                if decision == "commit" and err is None:
+                    self.step, self.hash = outer_step + 1, None
+                    self.last_epoch = {"id": ep["id"], "step": outer_step, "members": ep["members"]}
+                    self.last_stats = dataclasses.asdict(stats) | {"epoch": ep["id"], "members": ep["members"],
+                                                                   "order": ep["order"], "aborts": aborts}
+            if decision == "commit" and err is None:
+                log.info("outer step %d reduced in epoch %d with %s (%.3f s, %.1f MB sent)", outer_step, ep["id"],
+                         ep["order"], stats.seconds, stats.bytes_sent / 1e6)
+                self._maybe_probe(ep)
+                return result
+            if decision == "stale" or decision == "commit":
+                raise StaleStep(f"outer step {outer_step} committed in epoch {ep['id']} without a result on "
+                                f"{self.name}; fetch the state from a peer")
+            aborts += 1
+            log.warning("epoch %d aborted; redoing outer step %d (attempt %d of %d)", ep["id"], outer_step,
+                        aborts + 1, self.cfg.reduce_retries + 1)
+            if aborts > self.cfg.reduce_retries:
+                raise ReduceFailed(f"outer step {outer_step}: reduce aborted {aborts} times")
+
+    def commit(self, outer_step: int, params_hash: str) -> bool:
+        """Reports the hash of the global params after `outer_step`; False: ours differs, call fetch_state()."""
+        with self._lock:
+            self.hash = params_hash
+        rep = self._wait("commit", step=outer_step, hash=params_hash)
+        if not rep["ok"]:
+            log.warning("outer step %d: our params hash %s differs from the run's %s; re-sync needed", outer_step,
+                        params_hash[:16], rep["hash"][:16])
+        return bool(rep["ok"])
+
+    def fetch_state(self) -> State:
+        """Pulls the latest committed state from a live island (resuming from another if the source dies)."""
+        deadline = time.monotonic() + self.barrier_timeout_s
+        while True:
+            rep = self._rpc("members")
+            run_step = rep.get("run_step")
+            peers = [i for i in rep["islands"] if i["name"] != self.name and i["step"] >= 0]
+            peers.sort(key=lambda i: (-(i["step"]), i["hash"] is None, i["name"]))
+            if peers and not rep.get("recovering"):
+                try:
+                    state, report = recovery.fetch_state(
+                        [(i["name"], i["addr"]) for i in peers], self._connect_state, self.cfg.chunk_bytes)
+                    step = int(state.meta["outer_step"])
+                    if run_step is None or step >= run_step:
+                        break
+                    log.info("fetched outer step %d but the run is at %d; fetching again", step, run_step)
+                except recovery.TransferError as e:
+                    log.warning("state fetch failed: %s", e)
+            if time.monotonic() > deadline:
+                raise ElasticError("no live island could provide the state")
+            time.sleep(0.5)
+        with self._lock:
+            self.step, self.hash = step, state.meta.get("params_hash")
+            self.pending = None
+            self.last_stats = {"fetch": report}
+        self._register(wait_recovery=True)
+        return state
+
+    def close(self) -> None:
+        """Leaves the run cleanly (deathrattle), then stops the listener."""
+        if self._closed.is_set():
+            return
+        try:
+            self._rpc("bye", retry=False)
+        except Exception as e:  # noqa: BLE001 - leaving anyway
+            log.info("deathrattle not delivered: %s", e)
+        self._closed.set()
+        with self._rpc_lock:
+            if self._rpc_conn is not None:
+                self._rpc_conn.close()
+        self.listener.close()
+
+    # -- coordinator RPC -------------------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            return {"incarnation": self.incarnation, "step": self.step, "hash": self.hash,
+                    "last_epoch": self.last_epoch, "pending": dict(self.pending) if self.pending else None,
+                    "advertise_host": self.cfg.advertise_host, "port": self.port, "rates": self._rates}
+
+    def _connect_coord(self, kind: str) -> wire.Conn:
+        conn, _ = wire.connect(self.cfg.coordinator, self._secret, self.run_id, self.cfg.max_frame_bytes,
+                               hello={"name": self.name, "kind": kind}, timeout=self.cfg.dead_after_s)
+        conn.settimeout(self.cfg.dead_after_s + 2.0)  # > the coordinator's long-poll (POLL_S = 1 s)
+        return conn
+
+    def _rpc(self, op: str, retry: bool = True, **fields: Any) -> dict[str, Any]:
+        deadline = time.monotonic() + self.coordinator_timeout_s
+        delay = 0.2
+        while True:
+            try:
+                with self._rpc_lock:
+                    if self._rpc_conn is None:
+                        self._rpc_conn = self._connect_coord("rpc")
+                    req = {"op": op, "incarnation": self.incarnation, **fields}
+                    if op == "register":
+                        req["status"] = self.status()
+                    rep, _ = self._rpc_conn.request(req)
+                if rep.get("reregister") and op != "register":
+                    self._rpc("register")
+                    continue
+                return rep
+            except (OSError, wire.WireError) as e:
+                with self._rpc_lock:
+                    if self._rpc_conn is not None:
+                        self._rpc_conn.close()
+                        self._rpc_conn = None
+                if not retry or time.monotonic() > deadline:
+                    raise CoordinatorUnavailable(f"coordinator {self.cfg.coordinator} unreachable: {e}") from e
+                log.warning("coordinator RPC %s failed (%s); reconnecting", op, e)
+                time.sleep(delay)
+                delay = min(2 * delay, 0.5)
+
+    def _register(self, wait_recovery: bool) -> dict[str, Any]:
+        deadline = time.monotonic() + self.coordinator_timeout_s
+        while True:
+            try:
+                rep = self._rpc("register")
+            except wire.RemoteError as e:
+                if "in use" not in str(e) or time.monotonic() > deadline:
+                    raise
+                log.warning("%s; retrying", e)
+                time.sleep(1.0)
+                continue
+            if not (wait_recovery and rep.get("recovering")):
+                return rep
+            if time.monotonic() > deadline:
+                raise CoordinatorUnavailable("coordinator stayed in recovery")
+            time.sleep(0.2)
+
+    def _wait(self, op: str, **fields: Any) -> dict[str, Any]:
+        """A blocking coordinator request: re-polls while the coordinator answers {"wait": true}."""
+        deadline = time.monotonic() + self.barrier_timeout_s
+        while True:
+            rep = self._rpc(op, **fields)
+            if not rep.get("wait"):
+                return rep
+            if time.monotonic() > deadline:
+                raise ElasticError(f"{op} {fields} still waiting after {self.barrier_timeout_s} s")
+
+    def _heartbeat_loop(self) -> None:
+        conn = None
+        while not self._closed.wait(self.cfg.heartbeat_s if conn is not None else 0.5):
+            try:
+                if conn is None:
+                    conn = self._connect_coord("hb")
+                conn.request({"op": "heartbeat", "incarnation": self.incarnation, "status": self.status()})
+            except (OSError, wire.WireError, wire.RemoteError) as e:
+                if conn is not None:
+                    log.warning("heartbeat to the coordinator failed (%s); reconnecting", e)
+                    conn.close()
+                conn = None
+        if conn is not None:
+            conn.close()
+
+    # -- peers: ring, state, probes --------------------------------------------------------------------------------
+
+    def _serve_peer(self, conn: wire.Conn, hello: dict[str, Any]) -> bool:
+        op = hello.get("op")
+        if op == "ring":
+            key = (int(hello["epoch"]), str(hello["from"]), int(hello["stream"]))
+            with self._mail:
+                self._ring_inbox[key] = conn
+                self._mail.notify_all()
+            return True  # adopted by the ring
+        if op == "state":
+            if self._provider is None:
+                conn.send(wire.MsgType.ERROR, {"error": f"island {self.name} serves no state"})
+                return False
+            recovery.serve_state(conn, self._provider, self.serve_bytes_per_s)
+            return False
+        if op == "probe":
+            while True:
+                _, h, data = conn.recv()
+                conn.send(wire.MsgType.REPLY, {"n": len(data)})
+        raise wire.MalformedFrame(f"unknown peer op {op!r}")
+
+    def _connect_peer(self, addr: str, hello: dict[str, Any]) -> wire.Conn:
+        conn, _ = wire.connect(addr, self._secret, self.run_id, self.cfg.max_frame_bytes,
+                               hello=dict(hello, **{"from": self.name}), timeout=self.cfg.dead_after_s)
+        conn.settimeout(self.cfg.dead_after_s)
+        return conn
+
+    def _connect_state(self, addr: str) -> wire.Conn:
+        return self._connect_peer(addr, {"op": "state"})
+
+    def _ring(self, ep: dict[str, Any], vec: np.ndarray) -> tuple[np.ndarray, ring.RingStats]:
+        order = ep["order"]
+        N, r = len(order), order.index(self.name)
+        S = self.cfg.streams
+        send: list[wire.Conn] = []
+        recv: list[wire.Conn] = []
+        try:
+            if N > 1:
+                succ, pred = order[(r + 1) % N], order[(r - 1) % N]
+                for k in range(S):
+                    send.append(self._connect_peer(ep["addrs"][succ], {"op": "ring", "epoch": ep["id"],
+                                                                       "stream": k}))
+                deadline = time.monotonic() + self.cfg.dead_after_s
+                with self._mail:
+                    for k in range(S):
+                        while (ep["id"], pred, k) not in self._ring_inbox:
+                            left = deadline - time.monotonic()
+                            if left <= 0:
+                                raise ring.RingError(f"predecessor {pred} did not connect stream {k} in time")
+                            self._mail.wait(left)
+                        recv.append(self._ring_inbox.pop((ep["id"], pred, k)))
+            if self.on_ring_frame is not None:
+                send = [_Tap(c, self.on_ring_frame) for c in send]
+            return ring.ring_mean(vec, r, send, recv, N, self.codec, self.cfg.chunk_bytes, self.block_size,
+                                  timeout=self.cfg.dead_after_s, epoch=ep["id"])
+        finally:
+            for c in send + recv:
+                c.close()
+            with self._mail:  # connections left over from aborted epochs
+                for key in [k for k in self._ring_inbox if k[0] <= ep["id"]]:
+                    self._ring_inbox.pop(key).close()
+
+    def _maybe_probe(self, ep: dict[str, Any]) -> None:
+        members = frozenset(ep["members"])
+        if len(members) < 3 or members == self._probed or self.probe_bytes <= 0:
+            return  # with 2 members every order is the same ring
+        self._probed = members
+        peers = {m: ep["addrs"][m] for m in members if m != self.name}
+        threading.Thread(target=self._probe, args=(peers,), name="probe", daemon=True).start()
+
+    def _probe(self, peers: dict[str, str]) -> None:
+        """Measures our outbound throughput to each peer (during the inner steps) and reports it."""
+        rates = {}
+        blob = os.urandom(self.probe_bytes)
+        for name, addr in peers.items():
+            try:
+                conn = self._connect_peer(addr, {"op": "probe"})
+                try:
+                    conn.send(wire.MsgType.DATA, {}, blob[:4096])  # warm-up: connection + slow start
+                    conn.recv()
+                    t0 = time.perf_counter()
+                    conn.send(wire.MsgType.DATA, {}, blob)
+                    conn.recv()
+                    rates[name] = self.probe_bytes / max(time.perf_counter() - t0, 1e-9)
+                finally:
+                    conn.close()
+            except (OSError, wire.WireError) as e:
+                log.info("probe to %s failed: %s", name, e)
+        with self._lock:
+            self._rates = dict(rates)
+        if rates and not self._closed.is_set():
+            try:
+                self._rpc("rates", retry=False, rates=rates)
+            except ElasticError as e:
+                log.info("could not report link rates: %s", e)
+
+
+class _Tap:
+    """Wraps a ring connection to call `fn(frames_sent)` after each frame (progress metrics, fault injection)."""
+
+    def __init__(self, conn: wire.Conn, fn: Callable[[int], None]):
+        self._conn, self._fn, self._n = conn, fn, 0
+
+    def send(self, *a, **k):
+        self._conn.send(*a, **k)
+        self._n += 1
+        self._fn(self._n)
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)

@@ -1,0 +1,468 @@
+"""Coordinator: membership, heartbeats, epochs (membership views per outer step), ring order. Restartable.
+
+It holds no state that the islands do not also hold: after a restart it rebuilds its view from the islands'
+re-registrations (each island's heartbeat thread reconnects and re-sends its full status: completed outer steps,
+params hash, last committed epoch, and the epoch it is reducing in, if any, with running / ok / fail).
+
+Outer step protocol (``s`` = completed outer steps = index of the outer step being reduced):
+
+1. ``sync(s)``: an island is ready to reduce step s. The epoch for s forms when every live island at step s
+   (members of the last epoch, and joiners that fetched state at step s) is ready. Joiners are admitted only here.
+2. the members run the ring; each reports ``done(epoch, ok)``.
+3. decision: **commit** once no member failed and every live member reported ok; **abort** as soon as one failed
+   (or all died). Only after "commit" does an island apply the outer update, so no update is half-applied; after
+   "abort" the survivors redo step s in a new epoch from their kept pseudo-gradients.
+4. ``commit(s, hash)``: the hash of the new global params; the canonical hash is the majority over the islands that
+   applied step s (tie: the smallest); an island that differs re-syncs from a peer.
+
+Recovery after a restart: the coordinator waits until every member of the newest epoch mentioned by a registered
+island has re-registered (or ``dead_after_s`` passed), then: run step = the largest completed step reported; an
+undecided epoch for that step is resumed with the reported done-statuses (the same rule as above, so it decides as
+the old coordinator would have); an island holding a result for an older step is told commit if an island that
+advanced names that epoch as its last committed one, else to fetch state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import logging
+import signal
+import threading
+import time
+from typing import Any
+
+from . import ordering, wire
+
+log = logging.getLogger("intellect_jax.elastic.coordinator")
+
+POLL_S = 1.0  # longest a blocking request waits before answering {"wait": true}
+
+
+@dataclasses.dataclass
+class Island:
+    name: str
+    incarnation: str
+    addr: str = ""
+    step: int = -1  # completed outer steps; -1: holds no state yet
+    hash: str | None = None  # params hash after `step` completed steps, once committed
+    alive: bool = True
+    last_seen: float = 0.0
+    hb_conn: int = 0  # id of the heartbeat connection whose close means death
+    last_epoch: dict | None = None  # {"id", "step", "members"} of its last committed epoch
+    pending: dict | None = None  # {"id", "step", "members", "status": running|ok|fail}
+    rates: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Epoch:
+    id: int
+    step: int
+    members: list[str]
+    order: list[str]
+    done: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> "ok" | "fail"
+    decision: str | None = None
+
+    def public(self, islands: dict[str, Island]) -> dict[str, Any]:
+        return {"id": self.id, "step": self.step, "members": self.members, "order": self.order,
+                "addrs": {m: islands[m].addr for m in self.members}}
+
+
+class Coordinator:
+    def __init__(self, bind: str, secret: bytes, run_id: str, *, dead_after_s: float = 10.0,
+                 min_islands: int = 1, max_frame_bytes: int = 1 << 20, recovery_grace_s: float | None = None):
+        self.run_id = run_id
+        self.dead_after_s = dead_after_s
+        self.min_islands = min_islands
+        self.islands: dict[str, Island] = {}
+        self.run_step: int | None = None
+        self.epoch: Epoch | None = None
+        self.decisions: dict[int, tuple[str, int]] = {}  # epoch id -> (decision, step)
+        self.next_epoch_id = 1
+        self.ready: dict[str, int] = {}
+        self.hashes: dict[int, dict[str, str]] = collections.defaultdict(dict)  # step s -> name -> hash after s
+        self.canonical: dict[int, str] = {}
+        self.epochs_formed = 0
+        self.recovering = True
+        self.started = time.monotonic()
+        self.grace_s = dead_after_s if recovery_grace_s is None else recovery_grace_s
+        self.cv = threading.Condition()
+        self._stop = threading.Event()
+        self._conn_ids = 0
+        self.server = wire.Server(bind, secret, run_id, max_frame_bytes, self._handle, "coordinator", log)
+        self.port = self.server.port
+        self._monitor = threading.Thread(target=self._monitor_loop, name="coordinator-monitor", daemon=True)
+
+    def start(self) -> "Coordinator":
+        self.server.start()
+        self._monitor.start()
+        log.info("coordinator for run %r listening on %s:%d", self.run_id, self.server.host, self.port)
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        self.server.close()
+
+    # -- connections -----------------------------------------------------------------------------------------------
+
+    def _handle(self, conn: wire.Conn, hello: dict[str, Any]) -> None:
+        name = hello.get("name")
+        kind = hello.get("kind", "rpc")
+        if not isinstance(name, str) or not name:
+            raise wire.MalformedFrame("HELLO without an island name")
+        with self.cv:
+            self._conn_ids += 1
+            cid = self._conn_ids
+        peer_host = conn.peer.rpartition(":")[0]
+        said_bye = False
+        try:
+            while not self._stop.is_set():
+                mtype, req, _ = conn.recv()
+                if mtype != wire.MsgType.REQUEST:
+                    raise wire.MalformedFrame(f"expected REQUEST, got {mtype.name}")
+                op = req.get("op")
+                try:
+                    rep = self._dispatch(name, op, req, cid if kind == "hb" else 0, peer_host)
+                except (KeyError, TypeError, ValueError) as e:
+                    conn.send(wire.MsgType.ERROR, {"error": f"bad {op!r} request: {e!r}"})
+                    continue
+                said_bye = said_bye or op == "bye"
+                conn.send(wire.MsgType.REPLY, rep)
+        except wire.PeerClosed:
+            pass
+        finally:
+            if kind == "hb" and not said_bye:
+                with self.cv:
+                    isl = self.islands.get(name)
+                    if isl is not None and isl.alive and isl.hb_conn == cid:
+                        self._mark_dead(isl, "heartbeat connection closed (crashed or killed?)")
+                        self.cv.notify_all()
+
+    def _dispatch(self, name: str, op: str, req: dict, hb_cid: int, peer_host: str) -> dict[str, Any]:
+        with self.cv:
+            if op in ("register", "heartbeat"):
+                isl = self._status(name, req, hb_cid, peer_host, explicit=op == "register")
+                self._advance()
+                self.cv.notify_all()
+                rep: dict[str, Any] = {"recovering": self.recovering, "run_step": self.run_step}
+                if not self.recovering:
+                    rep["needs_state"] = self._needs_state(isl)
+                return rep
+            isl = self.islands.get(name)
+            if isl is None or isl.incarnation != req.get("incarnation"):
+                return {"reregister": True}
+            isl.last_seen = time.monotonic()
+            if not isl.alive:  # declared dead (e.g. a partition) but talking again: back as a live island
+                log.info("island %s is back", name)
+                isl.alive = True
+            if op == "bye":
+                self._mark_dead(isl, "left (deathrattle)")
+                self._advance()
+                self.cv.notify_all()
+                return {"ok": True}
+            if op == "members":
+                return {"run_step": self.run_step, "recovering": self.recovering,
+                        "islands": [{"name": i.name, "addr": i.addr, "step": i.step, "hash": i.hash}
+                                    for i in self.islands.values() if i.alive]}
+            if op == "rates":
+                isl.rates = {k: float(v) for k, v in req["rates"].items()}
+                log.info("island %s measured links (MB/s): %s", name,
+                         {k: round(v / 1e6, 1) for k, v in isl.rates.items()})
+                return {"ok": True}
+            waiters = {"sync": self._sync, "done": self._done, "commit": self._commit}
+            if op not in waiters:
+                raise ValueError(f"unknown op {op!r}")
+            deadline = time.monotonic() + POLL_S
+            while True:
+                self._advance()
+                rep = waiters[op](isl, req)
+                if rep is not None:
+                    self.cv.notify_all()
+                    return rep
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return {"wait": True}
+                self.cv.wait(left)
+
+    # -- state updates (all under self.cv) -------------------------------------------------------------------------
+
+    def _status(self, name: str, req: dict, hb_cid: int, peer_host: str, explicit: bool) -> Island:
+        st = req["status"]
+        isl = self.islands.get(name)
+        if (isl is not None and isl.alive and isl.incarnation != st["incarnation"]
+                and time.monotonic() - isl.last_seen < self.dead_after_s):
+            log.warning("refused registration of %s incarnation %s: the name is in use by live incarnation %s",
+                        name, st["incarnation"], isl.incarnation)
+            raise ValueError(f"island name {name!r} is in use by a live island; names must be unique (a restarted "
+                             f"island is accepted once the old one is declared dead)")
+        if isl is None or isl.incarnation != st["incarnation"]:
+            if isl is not None and isl.alive:
+                self._mark_dead(isl, "replaced by a new incarnation")
+            isl = Island(name, st["incarnation"])
+            self.islands[name] = isl
+            log.info("island %s registered (incarnation %s, step %s)", name, st["incarnation"], st["step"])
+            explicit = True
+        elif not isl.alive:
+            log.info("island %s is back", name)
+        isl.alive = True
+        isl.last_seen = time.monotonic()
+        if hb_cid:
+            isl.hb_conn = hb_cid
+        host, port = st["advertise_host"] or peer_host, st["port"]
+        isl.addr = f"{host}:{port}"
+        step = int(st["step"])
+        isl.step = step if explicit else max(isl.step, step)
+        if st.get("hash") is not None and isl.step == step:
+            isl.hash = st["hash"]
+            if step >= 0:  # key step-1: hash after outer step step-1 (-1: the initial params)
+                self.hashes[step - 1].setdefault(name, st["hash"])
+        if st.get("rates"):
+            isl.rates = {k: float(v) for k, v in st["rates"].items()}
+        isl.last_epoch = st.get("last_epoch")
+        isl.pending = st.get("pending")
+        if isl.last_epoch:
+            self.next_epoch_id = max(self.next_epoch_id, int(isl.last_epoch["id"]) + 1)
+        if isl.pending:
+            self.next_epoch_id = max(self.next_epoch_id, int(isl.pending["id"]) + 1)
+            e = self.epoch
+            if e is not None and e.id == isl.pending["id"] and isl.pending["status"] in ("ok", "fail"):
+                e.done.setdefault(name, isl.pending["status"])
+        if self.run_step is not None and not self.recovering and step > self.run_step and isl.pending is None:
+            log.warning("island %s claims %d completed outer steps, the run has %d", name, step, self.run_step)
+        return isl
+
+    def _needs_state(self, isl: Island) -> bool:
+        if isl.step < 0:
+            return self.run_step is not None and self.run_step >= 0
+        if self.run_step is not None and isl.step < self.run_step:
+            return True
+        want = self.canonical.get(isl.step - 1)
+        return want is not None and isl.hash is not None and isl.hash != want
+
+    def _mark_dead(self, isl: Island, why: str) -> None:
+        isl.alive = False
+        self.ready.pop(isl.name, None)
+        log.warning("island %s dead: %s", isl.name, why)
+
+    def _monitor_loop(self) -> None:
+        while not self._stop.wait(0.2):
+            with self.cv:
+                now = time.monotonic()
+                for isl in self.islands.values():
+                    if isl.alive and now - isl.last_seen > self.dead_after_s:
+                        self._mark_dead(isl, f"no heartbeat for {now - isl.last_seen:.1f} s")
+                self._advance()
+                self.cv.notify_all()
+
+    def _advance(self) -> None:
+        if self.recovering:
+            self._maybe_end_recovery()
+            if self.recovering:
+                return
+        e = self.epoch
+        if e is not None and e.decision is None:
+            alive = [m for m in e.members if self.islands[m].alive]
+            if any(v == "fail" for v in e.done.values()) or not alive:
+                self._decide(e, "abort")
+            elif all(e.done.get(m) == "ok" for m in alive):
+                self._decide(e, "commit")
+        if self.epoch is None:
+            self._maybe_form()
+        self._maybe_canonical()
+
+    def _decide(self, e: Epoch, decision: str) -> None:
+        e.decision = decision
+        self.decisions[e.id] = (decision, e.step)
+        self.epoch = None
+        if decision == "commit":
+            self.run_step = e.step + 1
+            for m in e.members:
+                if e.done.get(m) == "ok":
+                    isl = self.islands[m]
+                    isl.step = max(isl.step, e.step + 1)
+                    isl.last_epoch = {"id": e.id, "step": e.step, "members": e.members}
+                    isl.pending = None
+            for name, s in list(self.ready.items()):
+                if s <= e.step:
+                    del self.ready[name]
+            log.info("epoch %d committed: outer step %d done by %s", e.id, e.step, e.members)
+        else:
+            log.warning("epoch %d aborted (outer step %d; done: %s; dead: %s); survivors redo the step", e.id,
+                        e.step, e.done, [m for m in e.members if not self.islands[m].alive])
+
+    def _maybe_form(self) -> None:
+        s = self.run_step
+        if s is None:
+            return
+        live = [i for i in self.islands.values() if i.alive]
+        expected = {i.name for i in live if i.step == s and not self._needs_state(i)}
+        ready = {n for n, rs in self.ready.items() if rs == s and self.islands[n].alive}
+        if not ready or not expected <= ready:
+            return
+        if self.epochs_formed == 0 and s == 0 and len(ready) < self.min_islands:
+            return
+        members = sorted(ready)
+        rates = {i.name: i.rates for i in live}
+        order = ordering.ring_order(members, rates)
+        self.epoch = Epoch(self.next_epoch_id, s, members, order)
+        self.next_epoch_id += 1
+        self.epochs_formed += 1
+        log.info("epoch %d: outer step %d, members %s, ring order %s (slowest link %s)", self.epoch.id, s,
+                 members, order, _fmt_rate(ordering.bottleneck(order, rates)))
+
+    def _maybe_canonical(self) -> None:
+        for s, hs in self.hashes.items():
+            if s in self.canonical or not hs:
+                continue
+            waiting = [i.name for i in self.islands.values()
+                       if i.alive and i.step == s + 1 and i.name not in hs]
+            if waiting:
+                continue
+            counts = collections.Counter(hs.values())
+            top = max(counts.values())
+            self.canonical[s] = min(h for h, c in counts.items() if c == top)
+            bad = sorted(n for n, h in hs.items() if h != self.canonical[s])
+            log.info("outer step %d: params hash %s on %d islands%s", s, self.canonical[s][:16], top,
+                     f"; {bad} differ and must re-sync" if bad else "")
+
+    def _maybe_end_recovery(self) -> None:
+        regs = [i for i in self.islands.values() if i.alive and i.step >= 0]
+        if not regs:
+            return
+        newest: dict | None = None
+        for i in regs:
+            for ep in (i.last_epoch, i.pending):
+                if ep and (newest is None or ep["id"] > newest["id"]):
+                    newest = ep
+        missing = [m for m in (newest["members"] if newest else []) if
+                   m not in self.islands or not self.islands[m].alive]
+        if missing and time.monotonic() - self.started < self.grace_s:
+            return
+        self.recovering = False
+        self.run_step = max(i.step for i in regs)
+        s = self.run_step
+        if newest is not None:
+            log.info("rebuilt view from %d islands: run at outer step %d, newest epoch %d%s", len(regs), s,
+                     newest["id"], f", missing {missing}" if missing else "")
+        # An undecided epoch for the current step resumes with the reported statuses.
+        current = [i.pending for i in regs if i.pending and i.pending["step"] == s]
+        if current:
+            p = max(current, key=lambda p: p["id"])
+            e = Epoch(p["id"], s, list(p["members"]), list(p.get("order", p["members"])))
+            for i in regs:
+                if i.pending and i.pending["id"] == e.id and i.pending["status"] in ("ok", "fail"):
+                    e.done[i.name] = i.pending["status"]
+            for m in e.members:
+                if m not in self.islands:
+                    self.islands[m] = Island(m, "?", alive=False)
+            self.epoch = e
+            for i in regs:
+                if i.pending and i.pending["step"] == s and i.pending["id"] != e.id:
+                    self.decisions[i.pending["id"]] = ("abort", s)
+            log.info("resuming undecided epoch %d (outer step %d, members %s, done %s)", e.id, s, e.members, e.done)
+        for i in regs:  # results held for an older step
+            p = i.pending
+            if p and p["step"] < s and p["id"] not in self.decisions:
+                advanced = any(j.last_epoch and j.last_epoch["id"] == p["id"] for j in regs if j.step > p["step"])
+                self.decisions[p["id"]] = ("commit" if advanced else "stale", p["step"])
+
+    # -- blocking requests: return None to keep waiting ------------------------------------------------------------
+
+    def _sync(self, isl: Island, req: dict) -> dict[str, Any] | None:
+        s = int(req["step"])
+        if self.recovering:
+            return None
+        if self.run_step is None:
+            self.run_step = s
+        if s < self.run_step:
+            return {"stale": True, "run_step": self.run_step}
+        if s > self.run_step:
+            return {"error": f"outer step {s} is ahead of the run ({self.run_step}); re-register"}
+        isl.step = s
+        self.ready[isl.name] = s
+        e = self.epoch
+        if e is not None and e.step == s and isl.name in e.members:
+            return {"epoch": e.public(self.islands)}
+        return None
+
+    def _done(self, isl: Island, req: dict) -> dict[str, Any] | None:
+        eid, ok = int(req["epoch"]), bool(req["ok"])
+        if eid in self.decisions:
+            d, s = self.decisions[eid]
+            if d == "commit" and not ok:
+                return {"decision": "stale", "run_step": self.run_step}
+            return {"decision": d, "run_step": self.run_step}
+        e = self.epoch
+        if self.recovering:
+            return None
+        if e is None or e.id != eid:
+            # Unknown epoch (e.g. from before a restart, never resumed): the step must be redone or re-fetched.
+            s = int(req["step"])
+            return {"decision": "abort" if s == self.run_step else "stale", "run_step": self.run_step}
+        if isl.name in e.members:
+            e.done[isl.name] = "ok" if ok else "fail"
+            self._advance()
+        return None
+
+    def _commit(self, isl: Island, req: dict) -> dict[str, Any] | None:
+        s, h = int(req["step"]), str(req["hash"])
+        if self.recovering:
+            return None
+        self.hashes[s][isl.name] = h
+        if isl.step == s + 1:
+            isl.hash = h
+        self._maybe_canonical()
+        if s not in self.canonical:
+            return None
+        want = self.canonical[s]
+        return {"ok": h == want, "hash": want}
+
+
+def _fmt_rate(r: float) -> str:
+    return "unmeasured" if r in (0.0, float("inf")) else f"{r / 1e6:.1f} MB/s"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# CLI: `intellect-jax coordinator --bind HOST:PORT --secret-file FILE`.
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bind", required=True, help="HOST:PORT to listen on (port 0: any free port)")
+    parser.add_argument("--secret-file", required=True, help="shared secret, the same file as every island's")
+    parser.add_argument("--run-id", default="run", help="frames from another run id are refused")
+    parser.add_argument("--dead-after-s", type=float, default=10.0, help="no heartbeat for this long: dead")
+    parser.add_argument("--min-islands", type=int, default=1,
+                        help="islands that must be ready before the first outer step of a fresh run")
+    parser.add_argument("--max-frame-bytes", type=int, default=1 << 20)
+    parser.add_argument("--port-file", default="", help="write the bound port here once listening")
+    parser.add_argument("--log-level", default="INFO")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    coord = Coordinator(args.bind, wire.load_secret(args.secret_file), args.run_id, dead_after_s=args.dead_after_s,
+                        min_islands=args.min_islands, max_frame_bytes=args.max_frame_bytes).start()
+    if args.port_file:
+        from pathlib import Path
+        tmp = Path(args.port_file + ".tmp")
+        tmp.write_text(str(coord.port))
+        tmp.replace(args.port_file)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+    coord.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="intellect-jax coordinator", description=__doc__.split("\n")[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

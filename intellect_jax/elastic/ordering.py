@@ -1,0 +1,89 @@
+"""Bandwidth-aware ring order: maximise the slowest link of the ring (bottleneck travelling salesman), as PRIME did.
+
+``rates[a][b]`` is the measured throughput from island a to island b (bytes/s; the ring sends from each member to its
+successor, so links are directed). Unknown pairs count as 0 only when every order has one; otherwise orders that
+avoid unmeasured links win. Exact search over all (N-1)! cycles for N <= ``EXACT_MAX``; above that a heuristic: the
+largest threshold for which a greedy + 2-opt search finds a cycle using only links at or above it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Mapping, Sequence
+
+EXACT_MAX = 8
+
+
+def _rate(rates: Mapping[str, Mapping[str, float]], a: str, b: str) -> float:
+    return float(rates.get(a, {}).get(b, 0.0))
+
+
+def bottleneck(order: Sequence[str], rates: Mapping[str, Mapping[str, float]]) -> float:
+    """The slowest link of the ring `order` (inf for a single member)."""
+    if len(order) < 2:
+        return math.inf
+    return min(_rate(rates, order[i], order[(i + 1) % len(order)]) for i in range(len(order)))
+
+
+def _score(order: Sequence[str], rates) -> tuple[float, float]:
+    n = len(order)
+    links = [_rate(rates, order[i], order[(i + 1) % n]) for i in range(n)]
+    return min(links), sum(links)
+
+
+def ring_order(members: Sequence[str], rates: Mapping[str, Mapping[str, float]] | None = None) -> list[str]:
+    """A ring order of `members` maximising the bottleneck link (ties: larger total, then name order).
+
+    With no measurements it returns the members sorted by name, so every island derives the same order.
+    """
+    names = sorted(members)
+    if len(names) <= 2 or not rates:
+        return names
+    if len(names) <= EXACT_MAX:
+        first, rest = names[0], names[1:]
+        best, best_score = None, None
+        for perm in itertools.permutations(rest):
+            order = [first, *perm]
+            s = _score(order, rates)
+            if best_score is None or s > best_score:
+                best, best_score = order, s
+        return best
+    return _heuristic(names, rates)
+
+
+def _heuristic(names: list[str], rates) -> list[str]:
+    thresholds = sorted({_rate(rates, a, b) for a in names for b in names if a != b}, reverse=True)
+    best = _greedy(names, rates, -math.inf)
+    lo, hi = 0, len(thresholds) - 1  # binary search for the largest feasible threshold
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        cand = _greedy(names, rates, thresholds[mid])
+        if cand is not None and bottleneck(cand, rates) >= thresholds[mid]:
+            best, hi = cand, mid - 1
+        else:
+            lo = mid + 1
+    return best
+
+
+def _greedy(names: list[str], rates, thr: float) -> list[str] | None:
+    """Nearest-neighbour cycle preferring links >= thr, then 2-opt moves that raise the bottleneck."""
+    order = [names[0]]
+    left = set(names[1:])
+    while left:
+        cur = order[-1]
+        nxt = max(sorted(left), key=lambda b: _rate(rates, cur, b))
+        order.append(nxt)
+        left.remove(nxt)
+    improved = True
+    rounds = 0
+    while improved and rounds < 50:
+        improved, rounds = False, rounds + 1
+        base = _score(order, rates)
+        for i in range(1, len(order) - 1):
+            for j in range(i + 1, len(order)):
+                cand = order[:i] + order[i:j + 1][::-1] + order[j + 1:]
+                s = _score(cand, rates)
+                if s > base:
+                    order, base, improved = cand, s, True
+    return order if bottleneck(order, rates) >= thr else None

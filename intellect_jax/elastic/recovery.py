@@ -1,0 +1,154 @@
+"""Live state transfer: a joining or re-syncing island pulls global params + outer optimizer state from a live one.
+
+The source serves from a background thread of its listener (its training loop keeps running): its
+``state_provider()`` returns ``(arrays, meta)``, the latest committed state (the trainer replaces, never mutates,
+those arrays). The transfer is chunked and pipelined (``window`` requests in flight); every array is verified end
+to end with SHA-256 from the manifest. If the source dies mid-transfer the fetch continues from the next source,
+keeping every array prefix whose SHA-256 in the new manifest is unchanged (same outer step -> nothing is re-sent).
+
+Protocol on a connection opened with HELLO ``{"op": "state"}``:
+  REQUEST {"op": "manifest"}                         -> REPLY {"meta", "arrays": [{name, dtype, shape, nbytes, sha256}]}
+  REQUEST {"op": "chunk", "name", "offset", "length"} -> REPLY {} + raw bytes
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from typing import Any, Callable, Iterable, NamedTuple
+
+import numpy as np
+
+from . import wire
+
+log = logging.getLogger("intellect_jax.elastic.recovery")
+
+
+class State(NamedTuple):
+    arrays: dict[str, np.ndarray]
+    meta: dict[str, Any]  # JSON; includes "outer_step" (completed outer steps) and "params_hash"
+
+
+class TransferError(RuntimeError):
+    pass
+
+
+StateProvider = Callable[[], tuple[dict[str, np.ndarray], dict[str, Any]]]
+
+
+def params_hash(arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes, in name order: equal iff the states are bit-identical."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
+
+def _sha(a: np.ndarray) -> str:
+    return hashlib.sha256(memoryview(np.ascontiguousarray(a)).cast("B")).hexdigest()
+
+
+def serve_state(conn: wire.Conn, provider: StateProvider, max_bytes_per_s: float = 0.0) -> None:
+    """Answers manifest/chunk requests on `conn` until the peer closes. One snapshot per manifest request."""
+    arrays: dict[str, np.ndarray] = {}
+    sent, t0 = 0, time.monotonic()
+    while True:
+        mtype, req, _ = conn.recv()
+        op = req.get("op")
+        if op == "manifest":
+            arrays, meta = provider()
+            arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+            man = [{"name": k, "dtype": v.dtype.str, "shape": list(v.shape), "nbytes": int(v.nbytes),
+                    "sha256": _sha(v)} for k, v in sorted(arrays.items())]
+            conn.send(wire.MsgType.REPLY, {"meta": meta, "arrays": man})
+            log.info("serving state (outer step %s, %d arrays, %.1f MB) to %s", meta.get("outer_step"),
+                     len(man), sum(m["nbytes"] for m in man) / 1e6, conn.peer)
+        elif op == "chunk":
+            a = arrays.get(req.get("name"))
+            off, n = int(req.get("offset", -1)), int(req.get("length", -1))
+            if a is None or off < 0 or n < 0 or off + n > a.nbytes:
+                conn.send(wire.MsgType.ERROR, {"error": f"bad chunk request {req}"})
+                continue
+            conn.send(wire.MsgType.REPLY, {}, memoryview(a).cast("B")[off:off + n])
+            sent += n
+            if max_bytes_per_s > 0:  # keep the transfer from starving the source's own ring traffic
+                ahead = sent / max_bytes_per_s - (time.monotonic() - t0)
+                if ahead > 0:
+                    time.sleep(ahead)
+        else:
+            conn.send(wire.MsgType.ERROR, {"error": f"unknown state op {op!r}"})
+
+
+def fetch_state(sources: Iterable[tuple[str, str]], connect: Callable[[str], wire.Conn],
+                chunk_bytes: int = 4 << 20, window: int = 4) -> tuple[State, dict[str, Any]]:
+    """Pulls a state from the first source that completes; resumes from the next one when a source fails.
+
+    `sources` are (name, "HOST:PORT"); `connect(addr)` opens a handshaken connection with HELLO op "state".
+    Returns the state and a report {"source", "tried", "bytes", "reused_bytes", "seconds"}.
+    """
+    t0 = time.monotonic()
+    bufs: dict[str, bytearray] = {}
+    got: dict[str, int] = {}
+    shas: dict[str, str] = {}
+    tried: list[str] = []
+    fetched = reused = 0
+    last_err: BaseException | None = None
+    for name, addr in sources:
+        tried.append(name)
+        try:
+            conn = connect(addr)
+        except (OSError, wire.WireError, wire.RemoteError) as e:
+            log.warning("state source %s (%s) unreachable: %s", name, addr, e)
+            last_err = e
+            continue
+        try:
+            man, _ = conn.request({"op": "manifest"})
+            meta, arrays = man["meta"], man["arrays"]
+            for m in arrays:
+                k = m["name"]
+                if shas.get(k) == m["sha256"] and len(bufs[k]) == m["nbytes"]:
+                    reused += got[k]  # same bytes as before the failure: keep the prefix we hold
+                else:
+                    bufs[k], got[k], shas[k] = bytearray(m["nbytes"]), 0, m["sha256"]
+            for k in list(bufs):
+                if k not in {m["name"] for m in arrays}:
+                    del bufs[k], got[k], shas[k]
+            reqs = [(m["name"], off, min(chunk_bytes, m["nbytes"] - off)) for m in arrays
+                    for off in range(got[m["name"]], m["nbytes"], chunk_bytes)]
+            inflight = 0
+            for i, (k, off, n) in enumerate(reqs):
+                conn.send(wire.MsgType.REQUEST, {"op": "chunk", "name": k, "offset": off, "length": n})
+                inflight += 1
+                while inflight >= window or (i == len(reqs) - 1 and inflight):
+                    j = i - inflight + 1
+                    rk, roff, rn = reqs[j]
+                    mtype, rep, data = conn.recv()
+                    if mtype != wire.MsgType.REPLY or len(data) != rn:
+                        raise TransferError(f"bad chunk reply from {name}: {rep}")
+                    bufs[rk][roff:roff + rn] = data
+                    got[rk] = roff + rn
+                    fetched += rn
+                    inflight -= 1
+            out = {}
+            for m in arrays:
+                k = m["name"]
+                if hashlib.sha256(bufs[k]).hexdigest() != m["sha256"]:
+                    bufs.pop(k), got.pop(k), shas.pop(k)
+                    raise TransferError(f"array {k!r} from {name} failed its SHA-256 check")
+                out[k] = np.frombuffer(bufs[k], np.dtype(m["dtype"])).reshape(m["shape"])
+            report = {"source": name, "tried": tried, "bytes": fetched, "reused_bytes": reused,
+                      "seconds": time.monotonic() - t0}
+            log.info("fetched state (outer step %s) from %s: %.1f MB in %.2f s%s", meta.get("outer_step"), name,
+                     fetched / 1e6, report["seconds"],
+                     f" (resumed; {reused / 1e6:.1f} MB kept from {tried[:-1]})" if len(tried) > 1 else "")
+            return State(out, meta), report
+        except (OSError, wire.WireError, wire.RemoteError, TransferError, KeyError) as e:
+            log.warning("state transfer from %s broke after %.1f MB: %s; trying the next source", name,
+                        fetched / 1e6, e)
+            last_err = e
+        finally:
+            conn.close()
+    raise TransferError(f"no source could provide the state (tried {tried}): {last_err}")

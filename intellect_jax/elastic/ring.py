@@ -1,0 +1,290 @@
+"""Host-side ring all-reduce (mean) of a float32 vector among an epoch's members, over authenticated TCP.
+
+Reduce-scatter then all-gather (Patarasuk & Yuan 2009), with two changes for slow links:
+
+* reduce-scatter moves **int8 codes + fp32 block scales** (``quant.pack_np``); each hop decodes, adds its own fp32
+  values, and re-packs the partial sum (accumulation stays fp32). The owner of a segment divides by N and packs the
+  mean once.
+* all-gather **forwards the owner's packed bytes verbatim**, and every member (the owner too) decodes those same
+  bytes, so the result is bit-identical on all members. PRIME re-quantized at every all-gather hop, so replicas
+  could drift apart.
+
+The vector is padded to N segments of whole quantization blocks; each segment is cut into chunks (``chunk_bytes`` of
+wire payload) that flow through the ring independently, so packing, sending, receiving and accumulating overlap, and
+chunk ``c`` travels on stream ``c % streams`` (several TCP connections per link). ``compression="none"`` sends raw
+fp32 the same way (for comparison; also bit-identical, since the all-gather forwards the owner's fp32 bytes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import queue
+import threading
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from . import wire
+
+log = logging.getLogger("intellect_jax.elastic.ring")
+
+PIPELINE_DEPTH = 4
+
+
+class RingError(RuntimeError):
+    """The ring broke (a peer died, timed out or sent a bad frame). Nothing of the result may be used."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Codecs: float32 chunk <-> wire bytes.
+
+
+class Fp32Codec:
+    name = "none"
+    bytes_per_elem = 4
+
+    def encode(self, x: np.ndarray) -> list[memoryview]:
+        return [memoryview(np.ascontiguousarray(x, np.float32)).cast("B")]
+
+    def decode(self, buf: memoryview, n: int) -> np.ndarray:
+        if len(buf) != 4 * n:
+            raise wire.MalformedFrame(f"fp32 chunk of {len(buf)} bytes, expected {4 * n}")
+        return np.frombuffer(buf, np.float32, n)
+
+    def wire_bytes(self, n: int) -> int:
+        return 4 * n
+
+
+class Int8Codec:
+    """Blockwise absmax int8 via ``intellect_jax.quant`` (codes then fp32 scales, concatenated)."""
+
+    name = "int8"
+    bytes_per_elem = 1
+
+    def __init__(self, block_size: int = 256, pack: Callable | None = None, unpack: Callable | None = None):
+        if pack is None or unpack is None:
+            from intellect_jax import quant  # numpy twin; imports no jax
+            pack, unpack = quant.pack_np, quant.unpack_np
+        self.block_size = block_size
+        self._pack, self._unpack = pack, unpack
+
+    def encode(self, x: np.ndarray) -> list[memoryview]:
+        codes, scales = self._pack(np.ascontiguousarray(x, np.float32), bits=8, block_size=self.block_size)
+        return [memoryview(np.ascontiguousarray(codes, np.int8)).cast("B"),
+                memoryview(np.ascontiguousarray(scales, np.float32)).cast("B")]
+
+    def decode(self, buf: memoryview, n: int) -> np.ndarray:
+        if len(buf) != self.wire_bytes(n):
+            raise wire.MalformedFrame(f"int8 chunk of {len(buf)} bytes, expected {self.wire_bytes(n)}")
+        codes = np.frombuffer(buf, np.int8, n)
+        scales = np.frombuffer(buf, np.float32, n // self.block_size, offset=n)
+        return np.asarray(self._unpack(codes, scales, bits=8, block_size=self.block_size), np.float32)
+
+    def wire_bytes(self, n: int) -> int:
+        return n + 4 * (n // self.block_size)
+
+
+def make_codec(compression: str, block_size: int = 256) -> Fp32Codec | Int8Codec:
+    if compression == "none":
+        return Fp32Codec()
+    if compression == "int8":
+        return Int8Codec(block_size)
+    raise ValueError(f"compression={compression!r}: expected 'none' or 'int8'")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Layout.
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    n: int  # caller's length
+    members: int  # N
+    seg: int  # elements per segment (a multiple of the block size)
+    chunk: int  # elements per chunk (a multiple of the block size)
+
+    @property
+    def chunks(self) -> int:
+        return math.ceil(self.seg / self.chunk)
+
+    @property
+    def padded(self) -> int:
+        return self.seg * self.members
+
+    def span(self, g: int, c: int) -> tuple[int, int]:
+        lo = g * self.seg + c * self.chunk
+        return lo, min(lo + self.chunk, (g + 1) * self.seg)
+
+
+def make_layout(n: int, members: int, block_size: int, chunk_bytes: int, bytes_per_elem: int,
+                streams: int = 1) -> Layout:
+    seg = math.ceil(max(n, 1) / members / block_size) * block_size
+    chunk = max(block_size, chunk_bytes // bytes_per_elem // block_size * block_size)
+    # At least PIPELINE_DEPTH chunks per stream and segment when the segment is big enough: every stream carries
+    # data, and a chunk is forwarded (decoded, accumulated, re-packed) while later ones are still on the wire.
+    per_stream = math.ceil(seg / (streams * PIPELINE_DEPTH) / block_size) * block_size
+    chunk = min(chunk, max(block_size, per_stream))
+    return Layout(n, members, seg, chunk)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The ring.
+
+
+@dataclasses.dataclass
+class RingStats:
+    seconds: float = 0.0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    members: int = 1
+    chunks: int = 0
+
+
+def ring_mean(vec: np.ndarray, rank: int, send: Sequence[wire.Conn], recv: Sequence[wire.Conn], members: int,
+              codec: Fp32Codec | Int8Codec, chunk_bytes: int, block_size: int = 256, timeout: float = 60.0,
+              epoch: int = 0) -> tuple[np.ndarray, RingStats]:
+    """Mean of `vec` over the ring. `send[k]` goes to the successor, `recv[k]` comes from the predecessor.
+
+    Returns a new float32 array of len(vec), bit-identical on every member. Raises RingError on any failure; the
+    caller then discards everything and redoes the reduce in a new epoch.
+    """
+    t0 = time.perf_counter()
+    vec = np.asarray(vec, np.float32).reshape(-1)
+    N = members
+    S = max(1, len(send))
+    lay = make_layout(vec.size, N, block_size, chunk_bytes, codec.bytes_per_elem, S)
+    x = np.zeros(lay.padded, np.float32)
+    x[:vec.size] = vec
+    out = np.empty(lay.padded, np.float32)
+    inv_n = np.float32(1.0 / N) if N & (N - 1) == 0 else None
+    C = lay.chunks
+    stats = RingStats(members=N, chunks=C)
+
+    def finalize(acc: np.ndarray) -> list[memoryview]:
+        mean = acc * inv_n if inv_n is not None else acc / np.float32(N)
+        return codec.encode(mean.astype(np.float32, copy=False))
+
+    if N == 1:
+        for c in range(C):
+            lo, hi = lay.span(0, c)
+            parts = finalize(x[lo:hi])
+            out[lo:hi] = codec.decode(memoryview(b"".join(parts)), hi - lo)
+        stats.seconds = time.perf_counter() - t0
+        return out[:vec.size].copy(), stats
+    if len(send) != len(recv) or not send:
+        raise ValueError("ring_mean needs the same positive number of send and recv streams")
+
+    errors: list[BaseException] = []
+    failed = threading.Event()
+    queues = [queue.SimpleQueue() for _ in range(S)]
+    expected_units = [2 * (N - 1) * len(range(k, C, S)) for k in range(S)]
+
+    def fail(e: BaseException) -> None:
+        if not failed.is_set():
+            errors.append(e)
+            failed.set()
+            for q in queues:
+                q.put(None)
+            for conn in list(send) + list(recv):
+                conn.close()
+
+    def sender(k: int) -> None:
+        try:
+            for _ in range(expected_units[k]):
+                item = queues[k].get()
+                if item is None:
+                    return
+                header, parts = item
+                send[k].send(wire.MsgType.DATA, header, parts)
+        except BaseException as e:  # noqa: BLE001 - any failure breaks the ring
+            fail(e)
+
+    def receiver(k: int) -> None:
+        try:
+            for _ in range(expected_units[k]):
+                mtype, h, payload = recv[k].recv()
+                if failed.is_set():
+                    return
+                if mtype != wire.MsgType.DATA or h.get("e") != epoch:
+                    raise wire.MalformedFrame(f"unexpected ring frame {mtype.name} {h}")
+                phase, t, c = h["p"], int(h["t"]), int(h["c"])
+                if c % S != k or not (0 <= c < C) or not (0 <= t <= N - 2):
+                    raise wire.MalformedFrame(f"ring frame for chunk {c} step {t} on stream {k}")
+                if phase == "rs":
+                    g = (rank - t - 1) % N
+                    lo, hi = lay.span(g, c)
+                    acc = codec.decode(payload, hi - lo) + x[lo:hi]
+                    if t < N - 2:
+                        queues[k].put(({"e": epoch, "p": "rs", "t": t + 1, "c": c}, codec.encode(acc)))
+                    else:  # this member owns segment g: pack the mean once, decode the same bytes as everyone
+                        parts = finalize(acc)
+                        blob = memoryview(b"".join(parts))
+                        out[lo:hi] = codec.decode(blob, hi - lo)
+                        queues[k].put(({"e": epoch, "p": "ag", "t": 0, "c": c}, [blob]))
+                elif phase == "ag":
+                    g = (rank - t) % N
+                    lo, hi = lay.span(g, c)
+                    out[lo:hi] = codec.decode(payload, hi - lo)
+                    if t < N - 2:
+                        queues[k].put(({"e": epoch, "p": "ag", "t": t + 1, "c": c}, [payload]))
+                else:
+                    raise wire.MalformedFrame(f"unknown ring phase {phase!r}")
+        except BaseException as e:  # noqa: BLE001
+            fail(e)
+
+    for conn in list(send) + list(recv):
+        conn.settimeout(timeout)
+    threads = [threading.Thread(target=f, args=(k,), daemon=True, name=f"ring-{f.__name__}-{k}")
+               for k in range(S) for f in (sender, receiver)]
+    for th in threads:
+        th.start()
+    for c in range(C):  # reduce-scatter step 0: our own segment `rank`, packed while earlier chunks are in flight
+        if failed.is_set():
+            break
+        lo, hi = lay.span(rank, c)
+        queues[c % S].put(({"e": epoch, "p": "rs", "t": 0, "c": c}, codec.encode(x[lo:hi])))
+    deadline = time.monotonic() + timeout * max(1, 2 * (N - 1) * C)
+    for th in threads:
+        th.join(max(0.0, deadline - time.monotonic()))
+        if th.is_alive():
+            fail(RingError(f"ring thread {th.name} did not finish in time"))
+            th.join(5.0)
+    if errors:
+        raise RingError(f"ring all-reduce (epoch {epoch}) failed: {errors[0]}") from errors[0]
+    stats.seconds = time.perf_counter() - t0
+    stats.bytes_sent = sum(c.bytes_sent for c in send)
+    stats.bytes_received = sum(c.bytes_received for c in recv)
+    return out[:vec.size].copy(), stats
+
+
+def reference_ring_mean(vecs: Sequence[np.ndarray], codec: Fp32Codec | Int8Codec, chunk_bytes: int,
+                        block_size: int = 256, streams: int = 1) -> np.ndarray:
+    """The same arithmetic as :func:`ring_mean`, sequentially in one process (ring order = list order).
+
+    For tests: the networked ring must equal this bit for bit.
+    """
+    N = len(vecs)
+    n = vecs[0].size
+    lay = make_layout(n, N, block_size, chunk_bytes, codec.bytes_per_elem, streams)
+    xs = []
+    for v in vecs:
+        x = np.zeros(lay.padded, np.float32)
+        x[:n] = v
+        xs.append(x)
+    out = np.empty(lay.padded, np.float32)
+    inv_n = np.float32(1.0 / N) if N & (N - 1) == 0 else None
+    for c in range(lay.chunks):
+        for g in range(N):
+            lo, hi = lay.span(g, c)
+            # Segment g starts at member g (rs step 0) and is accumulated by g+1, g+2, ..., g+N-1 (its owner).
+            acc = xs[g][lo:hi]
+            for j in range(1, N):
+                acc = codec.decode(memoryview(b"".join(codec.encode(acc))), hi - lo) + xs[(g + j) % N][lo:hi]
+            if N == 1:
+                acc = acc.copy()
+            mean = acc * inv_n if inv_n is not None else acc / np.float32(N)
+            out[lo:hi] = codec.decode(memoryview(b"".join(codec.encode(mean.astype(np.float32)))), hi - lo)
+    return out[:n].copy()

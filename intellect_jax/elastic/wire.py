@@ -1,0 +1,409 @@
+"""Framed, versioned, HMAC-authenticated messages between islands and the coordinator.
+
+One frame on the wire::
+
+    fixed header (48 bytes, big-endian)
+        magic      4s   b"IJXE"
+        version    H    PROTOCOL_VERSION
+        type       H    MsgType
+        seq        Q    per-connection, per-direction sequence number (0, 1, 2, ...)
+        run        16s  sha256(run_id)[:16]
+        json_len   I    length of the JSON header
+        data_len   Q    length of the raw payload
+        reserved   4s
+    JSON header  (json_len bytes, UTF-8)
+    raw payload  (data_len bytes; arrays travel here, never in the JSON)
+    mac          32 bytes: HMAC-SHA256(key, fixed header + JSON header + payload)
+
+The first frame in each direction (HELLO / HELLO_ACK) is keyed with the shared secret and carries a random 16-byte
+nonce. Every later frame is keyed with a per-connection session key ``HMAC(secret, "session" + nonce_c + nonce_s)``,
+and sequence numbers must count up by one, so a frame replayed from another connection or out of order within one
+fails verification. Checks run in this order so that the error names the real cause: magic (random bytes), version,
+lengths (``max_frame_bytes``), MAC (wrong secret), run id, sequence. Every refusal raises a :class:`WireError`
+subclass; servers log it as ``refused ... from HOST:PORT: <reason>`` and drop only that connection.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import json
+import logging
+import os
+import socket
+import struct
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+log = logging.getLogger("intellect_jax.elastic.wire")
+
+MAGIC = b"IJXE"
+PROTOCOL_VERSION = 1
+_HEADER = struct.Struct(">4sHHQ16sIQ4s")
+HEADER_BYTES = _HEADER.size
+MAC_BYTES = 32
+MAX_JSON_BYTES = 1 << 20
+NONCE_BYTES = 16
+SEND_SLICE = 1 << 20
+
+
+class MsgType(enum.IntEnum):
+    HELLO = 1
+    HELLO_ACK = 2
+    REQUEST = 3
+    REPLY = 4
+    ERROR = 5
+    DATA = 6
+
+
+class WireError(ConnectionError):
+    """A frame was refused or the connection broke; the connection must be dropped."""
+
+
+class BadMagic(WireError):
+    pass
+
+
+class VersionMismatch(WireError):
+    pass
+
+
+class FrameTooLarge(WireError):
+    pass
+
+
+class MalformedFrame(WireError):
+    pass
+
+
+class BadMac(WireError):
+    pass
+
+
+class WrongRun(WireError):
+    pass
+
+
+class BadSequence(WireError):
+    pass
+
+
+class PeerClosed(WireError):
+    pass
+
+
+class PeerTimeout(WireError):
+    pass
+
+
+class RemoteError(RuntimeError):
+    """The peer answered a request with an ERROR frame."""
+
+
+def load_secret(path: str | os.PathLike) -> bytes:
+    """Reads the shared secret file; refuses an empty or missing one with a message saying how to make one."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"secret file {str(p)!r} does not exist; create one with "
+                                f"`head -c 32 /dev/urandom > {p}` and give the same file to every island")
+    data = p.read_bytes()
+    if len(data) < 16:
+        raise ValueError(f"secret file {str(p)!r} holds {len(data)} bytes; use at least 16 random bytes")
+    return data
+
+
+def run_tag(run_id: str) -> bytes:
+    return hashlib.sha256(run_id.encode()).digest()[:16]
+
+
+def _recv_exact(sock: socket.socket, n: int, into: bytearray | None = None) -> bytearray:
+    buf = into if into is not None else bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:n])
+        if k == 0:
+            raise PeerClosed("peer closed the connection" if got == 0 else f"peer closed mid-frame ({got}/{n} bytes)")
+        got += k
+    return buf
+
+
+class Conn:
+    """One authenticated TCP connection. ``send`` is thread-safe; ``recv`` must be called from one thread at a time.
+
+    Build one with :func:`connect` (client side) or :func:`accept` (server side); both run the nonce handshake.
+    """
+
+    def __init__(self, sock: socket.socket, secret: bytes, run_id: str, max_frame_bytes: int, peer: str):
+        self.sock = sock
+        self.peer = peer
+        self._secret = secret
+        self._key = secret
+        self._run = run_tag(run_id)
+        self.max_frame_bytes = max_frame_bytes
+        self._send_seq = 0
+        self._recv_seq = 0
+        self._send_lock = threading.Lock()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.closed = False
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+    # -- framing ---------------------------------------------------------------------------------------------------
+
+    def send(self, mtype: MsgType, header: dict[str, Any] | None = None,
+             payload: bytes | memoryview | Sequence[bytes | memoryview] = b"") -> None:
+        js = json.dumps(header or {}, separators=(",", ":")).encode()
+        parts = [payload] if isinstance(payload, (bytes, bytearray, memoryview)) else list(payload)
+        parts = [memoryview(p).cast("B") for p in parts]
+        data_len = sum(p.nbytes for p in parts)
+        if data_len + len(js) > self.max_frame_bytes:
+            raise FrameTooLarge(f"refusing to send a {data_len + len(js)}-byte frame: max_frame_bytes="
+                                f"{self.max_frame_bytes}")
+        with self._send_lock:
+            head = _HEADER.pack(MAGIC, PROTOCOL_VERSION, int(mtype), self._send_seq, self._run, len(js), data_len,
+                                b"\0" * 4)
+            mac = hmac.new(self._key, head, hashlib.sha256)
+            mac.update(js)
+            for p in parts:
+                mac.update(p)
+            try:
+                self.sock.sendall(head + js)
+                for p in parts:
+                    # Slices: a socket timeout bounds one sendall in total, and a big chunk on a slow shared link
+                    # may legitimately take longer than that; each slice must still make progress in time.
+                    for off in range(0, p.nbytes, SEND_SLICE):
+                        self.sock.sendall(p[off:off + SEND_SLICE])
+                self.sock.sendall(mac.digest())
+            except OSError as e:
+                raise WireError(f"send to {self.peer} failed: {e}") from e
+            self._send_seq += 1
+            self.bytes_sent += HEADER_BYTES + len(js) + data_len + MAC_BYTES
+
+    def recv(self, into: bytearray | None = None) -> tuple[MsgType, dict[str, Any], memoryview]:
+        """Next frame as (type, JSON header, payload). `into` may supply a buffer of at least data_len bytes."""
+        try:
+            head = bytes(_recv_exact(self.sock, HEADER_BYTES))
+        except OSError as e:
+            if isinstance(e, WireError):
+                raise
+            if isinstance(e, TimeoutError):
+                raise PeerTimeout(f"nothing from {self.peer} within {self.sock.gettimeout()} s") from e
+            raise WireError(f"recv from {self.peer} failed: {e}") from e
+        magic, version, mtype, seq, run, json_len, data_len, _ = _HEADER.unpack(head)
+        if magic != MAGIC:
+            raise BadMagic(f"bad magic {magic!r} (not an intellect-jax elastic peer, or garbage)")
+        if version != PROTOCOL_VERSION:
+            raise VersionMismatch(f"protocol version {version}, this build speaks {PROTOCOL_VERSION}")
+        if json_len > MAX_JSON_BYTES or json_len + data_len > self.max_frame_bytes:
+            raise FrameTooLarge(f"frame of {json_len + data_len} bytes exceeds max_frame_bytes="
+                                f"{self.max_frame_bytes}")
+        try:
+            js = bytes(_recv_exact(self.sock, json_len))
+            if into is not None and len(into) >= data_len:
+                payload = memoryview(into)[:data_len]
+                _recv_exact(self.sock, data_len, into)
+            else:
+                payload = memoryview(_recv_exact(self.sock, data_len))
+            mac = bytes(_recv_exact(self.sock, MAC_BYTES))
+        except WireError:
+            raise
+        except OSError as e:
+            raise WireError(f"recv from {self.peer} failed: {e}") from e
+        want = hmac.new(self._key, head, hashlib.sha256)
+        want.update(js)
+        want.update(payload)
+        if not hmac.compare_digest(want.digest(), mac):
+            raise BadMac("bad HMAC (wrong secret?)" if self._key is self._secret else
+                         "bad HMAC (wrong secret, or a frame replayed from another connection)")
+        if not hmac.compare_digest(run, self._run):
+            raise WrongRun("frame belongs to another run id")
+        if seq != self._recv_seq:
+            raise BadSequence(f"sequence {seq}, expected {self._recv_seq} (replayed or reordered frame)")
+        self._recv_seq += 1
+        try:
+            header = json.loads(js) if json_len else {}
+            mt = MsgType(mtype)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise MalformedFrame(f"malformed frame: {e}") from e
+        if not isinstance(header, dict):
+            raise MalformedFrame("malformed frame: JSON header is not an object")
+        self.bytes_received += HEADER_BYTES + json_len + data_len + MAC_BYTES
+        return mt, header, payload
+
+    # -- request / reply helpers -----------------------------------------------------------------------------------
+
+    def request(self, header: dict[str, Any], payload: bytes | memoryview | Sequence = b"",
+                into: bytearray | None = None) -> tuple[dict[str, Any], memoryview]:
+        self.send(MsgType.REQUEST, header, payload)
+        mtype, rep, data = self.recv(into)
+        if mtype == MsgType.ERROR:
+            raise RemoteError(rep.get("error", "remote error"))
+        if mtype != MsgType.REPLY:
+            raise MalformedFrame(f"expected REPLY, got {mtype.name}")
+        return rep, data
+
+    def settimeout(self, t: float | None) -> None:
+        self.sock.settimeout(t)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+    # -- handshake -------------------------------------------------------------------------------------------------
+
+    def _derive(self, nonce_c: bytes, nonce_s: bytes) -> None:
+        self._key = hmac.new(self._secret, b"session" + nonce_c + nonce_s, hashlib.sha256).digest()
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"address {text!r} must be HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def connect(addr: str | tuple[str, int], secret: bytes, run_id: str, max_frame_bytes: int,
+            hello: dict[str, Any] | None = None, timeout: float = 10.0) -> tuple[Conn, dict[str, Any]]:
+    """Opens a connection, runs the handshake (sending `hello` fields), returns it with the server's HELLO_ACK."""
+    host, port = parse_hostport(addr) if isinstance(addr, str) else addr
+    sock = socket.create_connection((host, port), timeout=timeout)
+    conn = Conn(sock, secret, run_id, max_frame_bytes, f"{host}:{port}")
+    try:
+        nonce_c = os.urandom(NONCE_BYTES)
+        conn.send(MsgType.HELLO, dict(hello or {}, nonce=nonce_c.hex()))
+        mtype, ack, _ = conn.recv()
+        if mtype == MsgType.ERROR:
+            raise RemoteError(ack.get("error", "handshake refused"))
+        if mtype != MsgType.HELLO_ACK or "nonce" not in ack:
+            raise MalformedFrame(f"expected HELLO_ACK, got {mtype.name}")
+        conn._derive(nonce_c, bytes.fromhex(ack["nonce"]))
+    except BaseException:
+        conn.close()
+        raise
+    return conn, ack
+
+
+def accept(sock: socket.socket, peer: str, secret: bytes, run_id: str, max_frame_bytes: int,
+           ack: dict[str, Any] | None = None, timeout: float = 10.0) -> tuple[Conn, dict[str, Any]]:
+    """Server side of the handshake. Raises WireError (the caller logs ``refused ... from peer``) on a bad HELLO."""
+    sock.settimeout(timeout)
+    conn = Conn(sock, secret, run_id, max_frame_bytes, peer)
+    try:
+        mtype, hello, _ = conn.recv()
+        if mtype != MsgType.HELLO or not isinstance(hello.get("nonce"), str):
+            raise MalformedFrame(f"expected HELLO, got {mtype.name}")
+        nonce_c = bytes.fromhex(hello["nonce"])
+        nonce_s = os.urandom(NONCE_BYTES)
+        conn.send(MsgType.HELLO_ACK, dict(ack or {}, nonce=nonce_s.hex()))
+        conn._derive(nonce_c, nonce_s)
+    except ValueError as e:
+        conn.close()
+        raise MalformedFrame(f"malformed HELLO: {e}") from e
+    except BaseException:
+        conn.close()
+        raise
+    return conn, hello
+
+
+def log_refused(logger: logging.Logger, what: str, peer: str, err: BaseException) -> None:
+    logger.warning("refused %s from %s: %s", what, peer, err)
+
+
+class Server:
+    """A threaded TCP server: accepts, runs the handshake, hands each good connection to `handler(conn, hello)`.
+
+    The connection is closed when the handler returns, unless it returns True (it adopted the connection).
+    `idle_timeout` bounds each receive in the handler (None: wait forever, for long-polling peers).
+
+    A refused handshake is logged as ``refused connection from HOST:PORT: <reason>`` and affects nothing else.
+    """
+
+    def __init__(self, bind: str, secret: bytes, run_id: str, max_frame_bytes: int, handler, name: str,
+                 logger: logging.Logger | None = None, handshake_timeout: float = 10.0,
+                 idle_timeout: float | None = None):
+        host, port = parse_hostport(bind)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(128)
+        self.port = self.sock.getsockname()[1]
+        self.host = host
+        self._secret, self._run_id, self._max = secret, run_id, max_frame_bytes
+        self._handler = handler
+        self._log = logger or log
+        self._name = name
+        self._timeout = handshake_timeout
+        self._idle = idle_timeout
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"{name}-accept", daemon=True)
+        self._conns: set[Conn] = set()
+        self._lock = threading.Lock()
+
+    def start(self) -> "Server":
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                s, (h, p) = self.sock.accept()
+            except OSError:
+                if self._stop.is_set():
+                    return
+                continue
+            threading.Thread(target=self._serve, args=(s, f"{h}:{p}"), name=f"{self._name}-conn",
+                             daemon=True).start()
+
+    def _serve(self, s: socket.socket, peer: str) -> None:
+        try:
+            conn, hello = accept(s, peer, self._secret, self._run_id, self._max, timeout=self._timeout)
+        except WireError as e:
+            log_refused(self._log, "connection", peer, e)
+            s.close()
+            return
+        except OSError as e:
+            self._log.info("handshake with %s failed: %s", peer, e)
+            s.close()
+            return
+        with self._lock:
+            self._conns.add(conn)
+        adopted = False
+        try:
+            conn.settimeout(self._idle)
+            adopted = bool(self._handler(conn, hello))
+        except PeerTimeout as e:
+            self._log.info("closing idle connection: %s", e)
+        except WireError as e:
+            if not isinstance(e, PeerClosed):
+                log_refused(self._log, "frame", peer, e)
+        except Exception:  # a handler bug must not take the server down
+            self._log.exception("handler for %s failed", peer)
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            if not adopted:
+                conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        with self._lock:
+            conns = list(self._conns)
+        for c in conns:
+            c.close()

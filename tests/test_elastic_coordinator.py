@@ -1,0 +1,181 @@
+"""Coordinator state machine over real sockets, driven by scripted islands: epochs, deaths, joiners at a boundary,
+commit votes, and the decisions a restarted coordinator rebuilds from the islands' re-registrations."""
+
+import time
+
+import pytest
+
+from intellect_jax.elastic import wire
+from intellect_jax.elastic.coordinator import Coordinator
+
+SECRET = b"c" * 32
+RUN = "coord-test"
+
+
+class Isl:
+    def __init__(self, coord, name, step, h="h0", pending=None, last_epoch=None, kind="rpc"):
+        self.name, self.inc = name, f"inc-{name}"
+        self.conn, _ = wire.connect(("127.0.0.1", coord.port), SECRET, RUN, 1 << 20,
+                                    hello={"name": name, "kind": kind}, timeout=5)
+        self.status = {"incarnation": self.inc, "step": step, "hash": h, "last_epoch": last_epoch,
+                       "pending": pending, "advertise_host": "", "port": 1000 + ord(name[0])}
+
+    def rpc(self, op, **kw):
+        if op in ("register", "heartbeat"):
+            kw["status"] = self.status
+        return self.conn.request({"op": op, "incarnation": self.inc, **kw})[0]
+
+    def wait(self, op, timeout=10, **kw):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            rep = self.rpc(op, **kw)
+            if not rep.get("wait"):
+                return rep
+        raise AssertionError(f"{self.name}: {op} {kw} still waiting")
+
+    def close(self):
+        self.conn.close()
+
+
+@pytest.fixture
+def coord():
+    c = Coordinator("127.0.0.1:0", SECRET, RUN, dead_after_s=2.0, min_islands=2, recovery_grace_s=0.5).start()
+    yield c
+    c.close()
+
+
+def _bg(fn):
+    import threading
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("r", fn()))
+    t.start()
+    return t, out
+
+
+def test_epoch_waits_for_all_islands_at_the_step_then_commits_and_votes(coord):
+    a, b = Isl(coord, "a", 0), Isl(coord, "b", 0)
+    assert a.rpc("register")["needs_state"] is False and b.rpc("register")["needs_state"] is False
+    assert a.rpc("sync", step=0) == {"wait": True}  # b is expected at step 0
+    tb, rb = _bg(lambda: b.wait("sync", step=0))
+    ra = a.wait("sync", step=0)
+    tb.join()
+    ep = ra["epoch"]
+    assert ep == rb["r"]["epoch"] and ep["members"] == ["a", "b"] and ep["step"] == 0
+    assert ep["addrs"]["a"] == "127.0.0.1:1097"
+    assert a.rpc("done", epoch=ep["id"], step=0, ok=True) == {"wait": True}
+    assert b.wait("done", epoch=ep["id"], step=0, ok=True)["decision"] == "commit"
+    assert a.wait("done", epoch=ep["id"], step=0, ok=True)["decision"] == "commit"
+    assert coord.run_step == 1
+    tb, rb = _bg(lambda: b.wait("commit", step=0, hash="h1"))
+    assert a.wait("commit", step=0, hash="h9") == {"ok": False, "hash": "h1"}  # tie 1:1 -> the smallest hash
+    tb.join()
+    assert rb["r"] == {"ok": True, "hash": "h1"}
+    assert coord.canonical == {-1: "h0", 0: "h1"}  # -1: the initial params both registered with
+
+
+def test_member_death_aborts_and_joiner_is_admitted_only_at_a_boundary(coord):
+    a, b = Isl(coord, "a", 0), Isl(coord, "b", 0, kind="hb")
+    a.rpc("register"), b.rpc("register")
+    tb, _ = _bg(lambda: b.wait("sync", step=0))
+    ep = a.wait("sync", step=0)["epoch"]
+    tb.join()
+    # A joiner registering now (holding state for step 0) is not put into the running epoch.
+    c = Isl(coord, "c", 0)
+    c.rpc("register")
+    assert c.rpc("sync", step=0) == {"wait": True}
+    b.close()  # b's heartbeat connection drops: dead
+    deadline = time.monotonic() + 5
+    while coord.islands["b"].alive and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not coord.islands["b"].alive
+    rep = a.wait("done", epoch=ep["id"], step=0, ok=False)
+    assert rep["decision"] == "abort"
+    # Redo of step 0 in a new epoch with the survivor and the joiner (admitted at this boundary).
+    tc, rc = _bg(lambda: c.wait("sync", step=0))
+    ep2 = a.wait("sync", step=0)["epoch"]
+    tc.join()
+    assert ep2["id"] > ep["id"] and ep2["members"] == ["a", "c"] and rc["r"]["epoch"] == ep2
+
+
+def test_stale_island_must_fetch_state(coord):
+    a, b = Isl(coord, "a", 0), Isl(coord, "b", 0)
+    a.rpc("register"), b.rpc("register")
+    tb, _ = _bg(lambda: b.wait("sync", step=0))
+    ep = a.wait("sync", step=0)["epoch"]
+    tb.join()
+    tb, _ = _bg(lambda: b.wait("done", epoch=ep["id"], step=0, ok=True))
+    a.wait("done", epoch=ep["id"], step=0, ok=True)
+    tb.join()
+    late = Isl(coord, "late", 0)
+    assert late.rpc("register")["needs_state"] is True
+    assert late.wait("sync", step=0)["stale"] is True
+    fresh = Isl(coord, "fresh", -1)
+    assert fresh.rpc("register")["needs_state"] is True
+
+
+def _pending(eid, step, status, members=("a", "b", "c")):
+    return {"id": eid, "step": step, "members": list(members), "order": list(members), "status": status}
+
+
+def test_restart_all_reported_ok_commits(coord):
+    isl = [Isl(coord, n, 4, pending=_pending(9, 4, "ok"), last_epoch={"id": 8, "step": 3, "members": ["a", "b", "c"]},
+               h=None) for n in "abc"]
+    for i in isl:
+        i.rpc("heartbeat")
+    reps = [i.wait("done", epoch=9, step=4, ok=True) for i in isl]
+    assert all(r["decision"] == "commit" for r in reps) and coord.run_step == 5
+    assert coord.next_epoch_id == 10
+
+
+def test_restart_one_advanced_means_commit_and_failed_one_resyncs(coord):
+    a = Isl(coord, "a", 5, h="h5", last_epoch={"id": 9, "step": 4, "members": ["a", "b", "c"]})
+    b = Isl(coord, "b", 4, pending=_pending(9, 4, "ok"))
+    c = Isl(coord, "c", 4, pending=_pending(9, 4, "fail"))
+    for i in (a, b, c):
+        i.rpc("heartbeat")
+    assert b.wait("done", epoch=9, step=4, ok=True)["decision"] == "commit"
+    assert c.wait("done", epoch=9, step=4, ok=False)["decision"] == "stale"
+    assert coord.run_step == 5
+
+
+def test_restart_with_a_failure_aborts_and_redoes(coord):
+    a = Isl(coord, "a", 4, pending=_pending(9, 4, "ok"))
+    b = Isl(coord, "b", 4, pending=_pending(9, 4, "fail"))
+    c = Isl(coord, "c", 4, pending=_pending(9, 4, "running"))
+    for i in (a, b, c):
+        i.rpc("heartbeat")
+    assert a.wait("done", epoch=9, step=4, ok=True)["decision"] == "abort"
+    assert coord.run_step == 4
+
+
+def test_restart_running_member_is_waited_for(coord):
+    a = Isl(coord, "a", 4, pending=_pending(9, 4, "ok"))
+    b = Isl(coord, "b", 4, pending=_pending(9, 4, "ok"))
+    c = Isl(coord, "c", 4, pending=_pending(9, 4, "running"))
+    for i in (a, b, c):
+        i.rpc("heartbeat")
+    assert a.rpc("done", epoch=9, step=4, ok=True) == {"wait": True}
+    c.status["pending"]["status"] = "ok"
+    assert c.wait("done", epoch=9, step=4, ok=True)["decision"] == "commit"
+    assert a.wait("done", epoch=9, step=4, ok=True)["decision"] == "commit"
+
+
+def test_restart_missing_member_after_grace(coord):
+    a = Isl(coord, "a", 4, pending=_pending(9, 4, "ok"))
+    b = Isl(coord, "b", 4, pending=_pending(9, 4, "ok"))
+    a.rpc("heartbeat"), b.rpc("heartbeat")
+    t0 = time.monotonic()
+    assert a.wait("done", epoch=9, step=4, ok=True)["decision"] == "commit"
+    assert time.monotonic() - t0 >= 0.3  # waited (grace) for c, which never came back
+    assert b.wait("done", epoch=9, step=4, ok=True)["decision"] == "commit"
+
+
+def test_duplicate_live_name_is_refused(coord, caplog):
+    a = Isl(coord, "a", 0)
+    a.rpc("register")
+    dup = Isl(coord, "a", 0)
+    dup.inc = dup.status["incarnation"] = "other-incarnation"
+    with pytest.raises(wire.RemoteError, match="in use by a live island"):
+        dup.rpc("register")
+    assert "refused registration of a incarnation other-incarnation" in caplog.text
+    assert coord.islands["a"].incarnation == "inc-a"

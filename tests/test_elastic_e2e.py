@@ -1,0 +1,306 @@
+"""End to end: a coordinator and numpy "fake trainer" islands as separate processes over 127.0.0.1.
+
+Every test replays the run in one process (same pseudo-gradients, the sequential reference ring with the logged
+members and ring order, the same Nesterov update) and requires every island's logged params hash to equal the
+replay's after every outer step: no outer step lost, doubled or half-applied, and bit-identical global params.
+"""
+
+import hashlib
+import hmac
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from intellect_jax.elastic import ring, sim_island, wire
+from intellect_jax.elastic.recovery import params_hash
+
+PY = sys.executable
+DIM = 100_000
+CHUNK = 256 << 10
+STREAMS = 2
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class Run:
+    """Coordinator + sim islands as subprocesses. `prefix(i)` wraps island i's command (i=None: the coordinator),
+    e.g. with `ip netns exec`; `hosts` are the addresses they listen on (coordinator first)."""
+
+    def __init__(self, tmp: Path, dead_after_s: float = 3.0, hosts=None, prefix=None, dim=None):
+        self.hosts = hosts or (lambda i: "127.0.0.1")
+        self.prefix = prefix or (lambda i: [])
+        self.dim = dim or DIM
+        self.tmp = tmp
+        self.secret = tmp / "secret"
+        self.secret.write_bytes(os.urandom(32))
+        self.port = _free_port()
+        self.dead_after_s = dead_after_s
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.seeds: dict[str, int] = {}
+        self.coord_starts = 0
+        (tmp / "dump").mkdir()
+
+    def start_coordinator(self, min_islands=3):
+        self.coord_starts += 1
+        log = open(self.tmp / f"coordinator{self.coord_starts}.log", "w")
+        self.procs["coordinator"] = subprocess.Popen(
+            [*self.prefix(None), PY, "-m", "intellect_jax.elastic.coordinator", "--bind",
+             f"{self.hosts(None)}:{self.port}", "--secret-file",
+             str(self.secret), "--min-islands", str(min_islands), "--dead-after-s", str(self.dead_after_s)],
+            stdout=log, stderr=subprocess.STDOUT)
+        this = self.tmp / f"coordinator{self.coord_starts}.log"
+        self.wait_for(lambda: "listening" in this.read_text(), 20, "coordinator start")
+
+    def coord_log(self) -> str:
+        return "".join((self.tmp / f"coordinator{i}.log").read_text() for i in range(1, self.coord_starts + 1))
+
+    def start_island(self, name, seed, steps, *extra, inner_s=0.3, tag="", index=0):
+        self.seeds[name] = seed
+        log = open(self.tmp / f"{name}{tag}.log", "w")
+        self.procs[name + tag] = subprocess.Popen(
+            [*self.prefix(index), PY, "-m", "intellect_jax.elastic.sim_island", "--coordinator",
+             f"{self.hosts(None)}:{self.port}", "--listen", f"{self.hosts(index)}:0",
+             "--secret-file", str(self.secret), "--name", name, "--seed", str(seed), "--steps", str(steps),
+             "--dim", str(self.dim), "--inner-s", str(inner_s), "--streams", str(STREAMS), "--chunk-bytes", str(CHUNK),
+             "--heartbeat-s", "0.5", "--dead-after-s", str(self.dead_after_s), "--out",
+             str(self.tmp / f"{name}.jsonl"), "--dump-dir", str(self.tmp / "dump"), *extra],
+            stdout=log, stderr=subprocess.STDOUT)
+
+    def events(self, name, event=None):
+        p = self.tmp / f"{name}.jsonl"
+        if not p.exists():
+            return []
+        evs = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        return [e for e in evs if event is None or e["event"] == event]
+
+    def wait_for(self, pred, timeout, what):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if pred():
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {what}\n{self.dump_logs()}")
+
+    def wait_exit(self, key, timeout=60):
+        try:
+            rc = self.procs[key].wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{key} did not finish\n{self.dump_logs()}") from None
+        assert rc == 0, f"{key} exited with {rc}\n{self.dump_logs()}"
+
+    def dump_logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.tmp.glob("*.log")))
+
+    def stop(self):
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+
+
+@pytest.fixture
+def run(tmp_path):
+    r = Run(tmp_path)
+    yield r
+    r.stop()
+
+
+def replay(run: Run, steps_by: dict[int, list[str]]) -> list[str]:
+    """The run recomputed in-process: hash after each outer step, given each step's ring order."""
+    p, m = sim_island.init_params(run.dim), np.zeros(run.dim, np.float32)
+    codec = ring.make_codec("int8")
+    hashes = []
+    for s in range(len(steps_by)):
+        order = steps_by[s]
+        vecs = [sim_island.pseudo_grad(run.seeds[n], s, p) for n in order]
+        delta = ring.reference_ring_mean(vecs, codec, CHUNK, 256, STREAMS)
+        p, m = sim_island.outer_update(p, m, delta)
+        hashes.append(params_hash({"params": p, "momentum": m}))
+    return hashes
+
+
+def check_run(run: Run, names, steps, diverged=()):
+    """Every island's events, per incarnation: outer steps consecutive (a gap only across a state fetch), none
+    repeated, every committed hash equal to the replay's. `diverged`: (island, step) allowed to lose the vote."""
+    by_step: dict[int, dict] = {}
+    for n in names:
+        evs = run.events(n)
+        for pid in dict.fromkeys(e["pid"] for e in evs):
+            expected = 0 if pid == evs[0]["pid"] else None  # a restarted incarnation must fetch first
+            for e in (e for e in evs if e["pid"] == pid):
+                if e["event"] == "fetched":
+                    expected = e["step"]
+                elif e["event"] == "step":
+                    assert e["step"] == expected, (n, e, expected)
+                    expected = e["step"] + 1
+                    if not e["ok"]:
+                        assert (n, e["step"]) in diverged, e
+                        expected = None  # must fetch before its next step
+                        continue
+                    prev = by_step.setdefault(e["step"], e)
+                    assert prev["order"] == e["order"] and prev["epoch"] == e["epoch"], (prev, e)
+                    assert prev["hash"] == e["hash"] and prev["delta_hash"] == e["delta_hash"], (prev, e)
+    assert sorted(by_step) == list(range(steps)), sorted(by_step)
+    want = replay(run, {s: by_step[s]["order"] for s in by_step})
+    assert [by_step[s]["hash"] for s in range(steps)] == want
+    return by_step
+
+
+def _raw_frame(port, version=wire.PROTOCOL_VERSION, secret=b"x" * 32, garbage=False):
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    if garbage:
+        s.sendall(np.random.default_rng(1).bytes(1000))
+    else:
+        js = json.dumps({"nonce": "00" * 16, "name": "intruder"}).encode()
+        head = struct.pack(">4sHHQ16sIQ4s", wire.MAGIC, version, 1, 0, wire.run_tag("run"), len(js), 0, b"\0" * 4)
+        s.sendall(head + js + hmac.new(secret, head + js, hashlib.sha256).digest())
+    s.settimeout(5)
+    assert s.recv(10) == b""
+    s.close()
+
+
+def test_three_islands_identical_hashes_and_bad_peers_refused(run):
+    run.start_coordinator(min_islands=3)
+    steps = 5
+    for i, n in enumerate("abc"):
+        run.start_island(n, 10 + i, steps)
+    run.wait_for(lambda: len(run.events("a", "step")) >= 1, 60, "first outer step")
+    island_port = run.events("b", "joined")[0]["port"]
+    for port in (run.port, island_port):  # coordinator and an island's ring/state listener
+        _raw_frame(port, secret=b"wrong-secret-wrong-secret-123456")
+        _raw_frame(port, version=99, secret=run.secret.read_bytes())
+        _raw_frame(port, garbage=True)
+    for n in "abc":
+        run.wait_exit(n)
+    by_step = check_run(run, "abc", steps)
+    assert all(sorted(e["members"]) == ["a", "b", "c"] for e in by_step.values())
+    clog, blog = run.coord_log(), (run.tmp / "b.log").read_text()
+    for text in (clog, blog):
+        assert "refused connection from 127.0.0.1:" in text
+        assert "bad HMAC (wrong secret?)" in text
+        assert "protocol version 99, this build speaks 1" in text
+        assert "bad magic" in text
+    # The mean really is the mean of the three pseudo-grads (int8 error bound), on every island the same bytes.
+    d = run.tmp / "dump"
+    for s in range(steps):
+        deltas = [np.load(d / f"{n}_d{s}.npy") for n in "abc"]
+        gs = [np.load(d / f"{n}_g{s}.npy") for n in "abc"]
+        assert deltas[0].tobytes() == deltas[1].tobytes() == deltas[2].tobytes()
+        bound = sum(np.abs(g).max() for g in gs) / 127
+        assert np.abs(deltas[0] - np.mean(gs, axis=0)).max() < bound
+
+
+def test_kill_island_during_reduce_then_live_recovery(run):
+    run.start_coordinator(min_islands=3)
+    steps = 14  # leaves the restarted island (~2 s to start) several outer steps to catch up and take part
+    run.start_island("a", 1, steps, inner_s=0.4)
+    run.start_island("b", 2, steps, inner_s=0.4)
+    run.start_island("c", 3, steps, "--die-in-ring", "2:2", inner_s=0.4)  # SIGKILL itself mid-ring, outer step 2
+    run.procs["c"].wait(60)
+    assert run.procs["c"].returncode == -signal.SIGKILL
+    assert run.events("c", "suicide")
+    run.wait_for(lambda: len(run.events("a", "step")) >= 3, 60, "survivors finish outer step 2")
+    # Restart c: it must fetch the state live from a peer and match the others' hash after its first sync.
+    run.start_island("c", 3, steps, inner_s=0.4, tag="-2")
+    for n in ("a", "b", "c-2"):
+        run.wait_exit(n)
+    by_step = check_run(run, "abc", steps)
+    s2 = by_step[2]
+    assert sorted(s2["members"]) == ["a", "b"] and s2["aborts"] >= 1, s2
+    assert "aborted" in run.coord_log() and "island c dead" in run.coord_log()
+    d = run.tmp / "dump"
+    da, db = np.load(d / "a_d2.npy"), np.load(d / "b_d2.npy")
+    assert da.tobytes() == db.tobytes()
+    gs = [np.load(d / f"{n}_g2.npy") for n in "ab"]
+    assert np.abs(da - np.mean(gs, axis=0)).max() < sum(np.abs(g).max() for g in gs) / 127
+    fetched = [e for e in run.events("c", "fetched")]
+    assert fetched, "restarted island never fetched state"
+    first = [e for e in run.events("c", "step") if e["pid"] == run.procs["c-2"].pid][0]
+    assert first["step"] >= fetched[0]["step"] and sorted(first["members"]) == ["a", "b", "c"]
+    assert first["hash"] == by_step[first["step"]]["hash"]
+
+
+def test_coordinator_killed_and_restarted_mid_run(run):
+    run.start_coordinator(min_islands=3)
+    steps = 8
+    for i, n in enumerate("abc"):
+        run.start_island(n, 20 + i, steps, inner_s=0.25)
+    run.wait_for(lambda: len(run.events("a", "step")) >= 2, 60, "two outer steps")
+    run.procs["coordinator"].send_signal(signal.SIGKILL)
+    run.procs["coordinator"].wait(10)
+    time.sleep(1.0)
+    run.start_coordinator(min_islands=3)
+    for n in "abc":
+        run.wait_exit(n, timeout=90)
+    check_run(run, "abc", steps)
+    assert "rebuilt view from" in run.coord_log()
+
+
+def test_kill_island_during_inner_steps(run):
+    run.start_coordinator(min_islands=3)
+    steps = 5
+    for i, n in enumerate("abc"):
+        run.start_island(n, 30 + i, steps, inner_s=0.6)
+    run.wait_for(lambda: len(run.events("c", "step")) >= 1, 60, "c completes outer step 0")
+    run.procs["c"].send_signal(signal.SIGKILL)  # c is now in its 0.6 s of "inner steps" for outer step 1
+    for n in "ab":
+        run.wait_exit(n)
+    by_step = check_run(run, "abc", steps)
+    assert sorted(by_step[0]["members"]) == ["a", "b", "c"]
+    assert all(sorted(by_step[s]["members"]) == ["a", "b"] for s in range(1, steps))
+    assert all(by_step[s]["aborts"] == 0 for s in range(steps))  # found dead before the boundary: no abort
+    assert "island c dead: heartbeat connection closed" in run.coord_log()
+
+
+def test_diverged_island_loses_the_commit_vote_and_resyncs(run):
+    run.start_coordinator(min_islands=3)
+    steps = 5
+    for i, n in enumerate("abc"):
+        run.start_island(n, 50 + i, steps, *(["--corrupt-at", "1"] if n == "c" else []))
+    for n in "abc":
+        run.wait_exit(n)
+    bad = [e for e in run.events("c", "step") if not e["ok"]]
+    assert [e["step"] for e in bad] == [1]
+    fetched = run.events("c", "fetched")
+    assert fetched and fetched[0]["step"] == 2  # re-synced to the state after outer step 1
+    by_step = check_run(run, "abc", steps, diverged={("c", 1)})
+    assert [e["step"] for e in run.events("c", "step") if e["ok"]] == [0, 2, 3, 4]
+    assert all(sorted(e["members"]) == ["a", "b", "c"] for e in by_step.values())
+    assert "['c'] differ and must re-sync" in run.coord_log()
+
+
+@pytest.mark.slow
+def test_coordinator_killed_repeatedly_in_every_phase(run):
+    """Kills land at random points of the protocol (sync, ring, done, vote) because inner phases are short."""
+    run.start_coordinator(min_islands=3)
+    steps = 14
+    for i, n in enumerate("abc"):
+        run.start_island(n, 60 + i, steps, inner_s=0.1)
+    run.wait_for(lambda: len(run.events("a", "step")) >= 1, 60, "first outer step")
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        if all(run.procs[n].poll() is not None for n in "abc"):
+            break
+        time.sleep(float(rng.uniform(0.3, 1.2)))
+        run.procs["coordinator"].send_signal(signal.SIGKILL)
+        run.procs["coordinator"].wait(10)
+        time.sleep(float(rng.uniform(0.0, 0.5)))
+        run.start_coordinator(min_islands=3)
+    for n in "abc":
+        run.wait_exit(n, timeout=120)
+    check_run(run, "abc", steps)

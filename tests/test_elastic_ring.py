@@ -1,0 +1,204 @@
+"""Ring all-reduce over real TCP on 127.0.0.1: bit-identical results, exact equality with the sequential reference,
+int8 error bound, failure behaviour; and the bandwidth-aware ring order."""
+
+import itertools
+import math
+import multiprocessing as mp
+import os
+import signal
+import threading
+
+import numpy as np
+import pytest
+
+from intellect_jax.elastic import ordering, ring, wire
+
+SECRET = b"k" * 32
+RUN = "ring-test"
+MAXF = 64 << 20
+
+
+def _links(n_members, streams):
+    """send[i][k] (i -> i+1) and recv[i][k] (from i-1) as handshaken TCP connections."""
+    send = [[None] * streams for _ in range(n_members)]
+    recv = [[None] * streams for _ in range(n_members)]
+    for i in range(n_members):
+        j = (i + 1) % n_members
+        lsock = __import__("socket").create_server(("127.0.0.1", 0))
+        port = lsock.getsockname()[1]
+        accepted = []
+
+        def acc():
+            for _ in range(streams):
+                s, (h, p) = lsock.accept()
+                accepted.append(wire.accept(s, f"{h}:{p}", SECRET, RUN, MAXF)[0])
+
+        th = threading.Thread(target=acc)
+        th.start()
+        for k in range(streams):
+            send[i][k] = wire.connect(("127.0.0.1", port), SECRET, RUN, MAXF)[0]
+        th.join(10)
+        lsock.close()
+        recv[j] = accepted  # accepted in connect order: stream k is the k-th connection
+    return send, recv
+
+
+def _run_ring(vecs, codec, streams=2, chunk_bytes=4096, epoch=7):
+    n = len(vecs)
+    send, recv = _links(n, streams) if n > 1 else ([[]], [[]])
+    outs, errs = [None] * n, []
+
+    def member(i):
+        try:
+            outs[i] = ring.ring_mean(vecs[i], i, send[i], recv[i], n, codec, chunk_bytes, 256, timeout=10,
+                                     epoch=epoch)[0]
+        except Exception as e:  # noqa: BLE001
+            errs.append(e)
+
+    ths = [threading.Thread(target=member, args=(i,)) for i in range(n)]
+    [t.start() for t in ths]
+    [t.join(60) for t in ths]
+    for c in itertools.chain(*send, *recv):
+        c.close()
+    assert not errs, errs
+    return outs
+
+
+@pytest.mark.parametrize("n_members,size,streams", [(1, 1000, 1), (2, 5000, 2), (3, 70_001, 3), (4, 12_345, 2),
+                                                   (5, 300, 1)])
+@pytest.mark.parametrize("compression", ["int8", "none"])
+def test_ring_bit_identical_and_equal_to_reference(n_members, size, streams, compression):
+    rng = np.random.default_rng(size)
+    vecs = [rng.standard_normal(size).astype(np.float32) * (i + 1) for i in range(n_members)]
+    codec = ring.make_codec(compression)
+    outs = _run_ring(vecs, codec, streams=streams)
+    for o in outs[1:]:
+        assert o.tobytes() == outs[0].tobytes()  # bit-identical on every member
+    ref = ring.reference_ring_mean(vecs, codec, 4096, 256, streams)
+    assert outs[0].tobytes() == ref.tobytes()
+    exact = np.mean(np.stack(vecs).astype(np.float64), axis=0)
+    if compression == "none":
+        np.testing.assert_allclose(outs[0], exact, rtol=1e-6, atol=1e-6)
+    else:
+        # Each hop re-packs a partial sum (|.| <= sum_i max|x_i|): error <= half a step, N-1 hops + the final pack.
+        step = sum(np.abs(v).max() for v in vecs) / 127
+        bound = (n_members - 1) * step / 2 / n_members + step / n_members / 2 * 1.01
+        err = np.abs(outs[0] - exact).max()
+        assert err <= bound, (err, bound)
+        assert err > 0 or n_members == 1  # it really went through int8
+
+
+def test_int8_ring_moves_a_quarter_of_the_fp32_bytes():
+    vecs = [np.ones(65536, np.float32) * i for i in range(3)]
+    sent = {}
+    for comp in ("int8", "none"):
+        send, recv = _links(3, 1)
+        res = [None] * 3
+        ths = [threading.Thread(target=lambda i=i: res.__setitem__(i, ring.ring_mean(
+            vecs[i], i, send[i], recv[i], 3, ring.make_codec(comp), 1 << 16, 256, timeout=10)[1]))
+            for i in range(3)]
+        [t.start() for t in ths]
+        [t.join(30) for t in ths]
+        sent[comp] = sum(s.bytes_sent for s in res)
+    # payload 2 (N-1)/N of the vector per member; int8: 1 byte + 4/256 per element.
+    assert 0.25 < sent["int8"] / sent["none"] < 0.27
+
+
+def _member_proc(i, n, port_q, ports, vec, die):
+    """One ring member in its own process, with its own listener; member `die` SIGKILLs itself mid-ring."""
+    import socket
+    lsock = socket.create_server(("127.0.0.1", 0))
+    port_q.put((i, lsock.getsockname()[1]))
+    all_ports = ports.get()
+    recv = []
+
+    def acc():
+        s, (h, p) = lsock.accept()
+        recv.append(wire.accept(s, f"{h}:{p}", SECRET, RUN, MAXF)[0])
+
+    th = threading.Thread(target=acc)
+    th.start()
+    send = [wire.connect(("127.0.0.1", all_ports[(i + 1) % n]), SECRET, RUN, MAXF)[0]]
+    th.join(10)
+    if i == die:
+        class Dying:
+            def __init__(self, c):
+                self.c, self.n = c, 0
+
+            def send(self, *a, **k):
+                self.c.send(*a, **k)
+                self.n += 1
+                if self.n == 3:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            def __getattr__(self, name):
+                return getattr(self.c, name)
+
+        send = [Dying(send[0])]
+    try:
+        ring.ring_mean(vec, i, send, recv, n, ring.make_codec("none"), 4096, 256, timeout=5)
+        return "ok"
+    except ring.RingError as e:
+        return f"RingError: {e}"
+
+
+def _worker(i, n, port_q, ports_q, res_q, vec, die):
+    res_q.put((i, _member_proc(i, n, port_q, ports_q, vec, die)))
+
+
+def test_member_killed_mid_ring_makes_survivors_raise_quickly():
+    ctx = mp.get_context("fork")
+    n = 3
+    port_q, res_q = ctx.Queue(), ctx.Queue()
+    ports_qs = [ctx.Queue() for _ in range(n)]
+    vec = np.ones(200_000, np.float32)
+    procs = [ctx.Process(target=_worker, args=(i, n, port_q, ports_qs[i], res_q, vec, 1)) for i in range(n)]
+    [p.start() for p in procs]
+    ports = dict(port_q.get(timeout=30) for _ in range(n))
+    for q in ports_qs:
+        q.put(ports)
+    results = dict(res_q.get(timeout=30) for _ in range(n - 1))
+    [p.join(10) for p in procs]
+    assert procs[1].exitcode == -signal.SIGKILL
+    assert set(results) == {0, 2}
+    assert all(r.startswith("RingError") for r in results.values()), results
+
+
+def test_ring_order_maximises_slowest_link():
+    names = ["a", "b", "c", "d", "e"]
+    rng = np.random.default_rng(3)
+    rates = {a: {b: float(rng.uniform(1, 100)) for b in names if b != a} for a in names}
+    order = ordering.ring_order(names, rates)
+    best = max(ordering.bottleneck(["a", *p], rates) for p in itertools.permutations(names[1:]))
+    assert ordering.bottleneck(order, rates) == best
+    assert sorted(order) == names
+    # A slow link is avoided when possible.
+    rates2 = {a: {b: 100.0 for b in names if b != a} for a in names}
+    rates2["a"]["b"] = rates2["b"]["a"] = 1.0
+    order2 = ordering.ring_order(names, rates2)
+    assert ordering.bottleneck(order2, rates2) == 100.0
+
+
+def test_ring_order_heuristic_large_ring():
+    names = [f"n{i:02d}" for i in range(12)]
+    rng = np.random.default_rng(0)
+    rates = {a: {b: float(rng.uniform(50, 100)) for b in names if b != a} for a in names}
+    for a in names:  # two slow islands: any link touching them is slow except between them
+        for b in names:
+            if a != b and ({a, b} & {"n03", "n07"}):
+                rates[a][b] = 1.0
+    rates["n03"]["n07"] = rates["n07"]["n03"] = 200.0
+    order = ordering.ring_order(names, rates)
+    assert sorted(order) == names
+    # Optimal: the slow pair sits together, so only 2 slow links (unavoidable: each slow node needs one
+    # other neighbour); bottleneck is 1.0 either way, but the order must not be worse than the name order.
+    assert ordering.bottleneck(order, rates) >= ordering.bottleneck(names, rates)
+    fast = {a: {b: (10.0 if abs(int(a[1:]) - int(b[1:])) in (1, 11) else 1.0) for b in names if b != a}
+            for a in names}
+    shuffled = list(rng.permutation(names))
+    assert ordering.bottleneck(ordering._heuristic(shuffled, fast), fast) == 10.0
+
+
+def test_ring_order_without_measurements_is_deterministic():
+    assert ordering.ring_order(["c", "a", "b"], None) == ["a", "b", "c"]
+    assert math.isinf(ordering.bottleneck(["a"], {}))
