@@ -26,6 +26,8 @@ import orbax.checkpoint as ocp
 from intellect_jax.config import CheckpointConfig
 
 log = logging.getLogger(__name__)
+# Orbax warns on every read-only open and partial restore; our own log lines say what happens.
+logging.getLogger("absl").setLevel(logging.ERROR)
 
 ARRAY_ITEMS = ("train", "inner", "outer")
 JSON_ITEMS = ("data", "meta", "config")
@@ -78,12 +80,15 @@ class Checkpointer:
 
     def restore_numpy(self, step: int, name: str) -> Any:
         """An array item as host numpy arrays (no device, no target needed): for export and inspection."""
-        meta = self.manager.item_metadata(step)[name]
-        tree = meta.tree if hasattr(meta, "tree") else meta
+        path = self.dir / str(step) / name
+        if not path.is_dir():
+            raise CheckpointError(f"checkpoint step {step} in {self.dir} has no {name!r} item")
+        checkpointer = ocp.PyTreeCheckpointer()
+        meta = checkpointer.metadata(path)
+        tree = getattr(meta, "item_metadata", meta)
+        tree = getattr(tree, "tree", tree)
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            **{name: ocp.args.PyTreeRestore(restore_args=restore_args)}))
-        return restored[name]
+        return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

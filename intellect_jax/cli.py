@@ -58,6 +58,9 @@ def cmd_info(args, overrides) -> int:
 def cmd_train(args, overrides) -> int:
     cfg = _load(args, overrides)
     configure_jax_platform(cfg)
+    from intellect_jax import distributed
+
+    distributed.initialize(distributed.discover())
     from intellect_jax.trainer import train
 
     summary = train(cfg)
@@ -65,8 +68,30 @@ def cmd_train(args, overrides) -> int:
         print(f"nothing to do: the checkpoint in {summary['run_dir']} is already at step {summary['steps']}; "
               "raise --run.steps to train further")
     else:
+        stopped = " (stopped by signal; run the same command to resume)" if summary["stopped"] else ""
         print(f"trained to step {summary['steps']}: loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}, "
-              f"{summary['tokens_per_s']:.0f} tokens/s; run dir {summary['run_dir']}")
+              f"{summary['tokens_per_s']:.0f} tokens/s; run dir {summary['run_dir']}{stopped}")
+    return 0
+
+
+def cmd_import_hf(args, overrides) -> int:
+    cfg = _load(args, [*overrides, f"--run.init_from_hf={args.hf_dir!r}".replace("'", '"')])
+    configure_jax_platform(cfg)
+    if args.model_from_hf:
+        import dataclasses
+        import json
+        from pathlib import Path
+
+        from intellect_jax import hf
+
+        hf_cfg = json.loads((Path(args.hf_dir) / "config.json").read_text())
+        cfg = cfg.replace(model=hf.model_config_from_hf(hf_cfg, base=cfg.model))
+        del dataclasses
+    from intellect_jax.trainer import init_run_from_hf
+
+    init_run_from_hf(cfg)
+    print(f"imported {args.hf_dir} into {cfg.run.resolved_dir}; continue pre-training with: intellect-jax train "
+          f"--config {args.config} --run.dir={cfg.run.resolved_dir}")
     return 0
 
 
@@ -87,6 +112,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare-data", help="tokenize local text/JSONL/Parquet into shards + manifest")
     prepare_data.add_arguments(p)
     p.set_defaults(func=lambda a, _: prepare_data.run(a), takes_overrides=False)
+
+    from intellect_jax import hf, plot
+
+    p = sub.add_parser("export-hf", help="write a checkpoint's global params as a Hugging Face Llama directory")
+    hf.add_export_arguments(p)
+    p.set_defaults(func=lambda a, _: hf.run_export(a), takes_overrides=False)
+    p = sub.add_parser("import-hf", help="start a run directory from a Hugging Face Llama checkpoint")
+    _config_args(p)
+    p.add_argument("--hf-dir", required=True, help="local Hugging Face directory (config.json + *.safetensors)")
+    p.add_argument("--model-from-hf", action="store_true",
+                   help="take the model.* architecture keys from the checkpoint's config.json")
+    p.set_defaults(func=cmd_import_hf, takes_overrides=True)
+
+    p = sub.add_parser("plot", help="PNG plots of a run's metrics (loss, throughput, sync time, utilization)")
+    plot.add_arguments(p)
+    p.set_defaults(func=lambda a, _: plot.run(a), takes_overrides=False)
 
     try:
         from intellect_jax.elastic import coordinator

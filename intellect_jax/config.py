@@ -280,6 +280,10 @@ class RunConfig:
     # CPU only: simulate this many XLA devices (sets --xla_force_host_platform_device_count before jax starts).
     host_devices: int = 0
     platform: str = ""  # "" (whatever jax finds), "cpu", "gpu", "tpu"
+    # A Hugging Face Llama directory (config.json + safetensors) to start from instead of a random init
+    # (continued pre-training); ignored when the run directory already has a checkpoint.
+    init_from_hf: str = ""
+    wandb_project: str = ""  # also log to Weights & Biases (needs the `wandb` extra)
 
     @property
     def resolved_dir(self) -> Path:

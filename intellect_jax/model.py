@@ -18,6 +18,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec
 
@@ -136,21 +137,27 @@ def attention(q_BLHD, k_BLKD, v_BLKD, mask_B1LL, impl: str) -> Array:
 # Rotary embeddings (HF layout: the two halves of the head dim are the real/imaginary parts).
 
 
-def rope_inv_freq(cfg: ModelConfig) -> Array:
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse RoPE frequencies, computed on the host in transformers' order of fp32 operations (bit-identical).
+
+    XLA's fp32 power/division differ from torch by a few ulp for some head dims; doing it in numpy exactly as
+    transformers does keeps HF logit parity at 1e-5 for every configuration.
+    """
+    f32 = np.float32
     dh = cfg.resolved_head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+    exponent = np.arange(0, dh, 2).astype(f32) / f32(dh)
+    inv_freq = f32(1) / (np.float64(cfg.rope_theta) ** exponent.astype(np.float64)).astype(f32)
     if cfg.rope_scaling == "llama3":
         # Llama 3.1 frequency-dependent scaling (transformers' _compute_llama3_parameters).
         old_len = cfg.rope_original_max_position_embeddings
-        low_wavelen = old_len / cfg.rope_low_freq_factor
-        high_wavelen = old_len / cfg.rope_high_freq_factor
-        wavelen = 2 * math.pi / inv_freq
-        scaled = jnp.where(wavelen > low_wavelen, inv_freq / cfg.rope_factor, inv_freq)
-        smooth = (old_len / wavelen - cfg.rope_low_freq_factor) / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
-        smoothed = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
-        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        inv_freq = jnp.where(medium, smoothed, scaled)
-    return inv_freq
+        low_wavelen, high_wavelen = old_len / cfg.rope_low_freq_factor, old_len / cfg.rope_high_freq_factor
+        wavelen = (f32(1) / inv_freq) * f32(2 * math.pi)  # torch evaluates scalar / tensor as reciprocal * scalar
+        scaled = np.where(wavelen > low_wavelen, inv_freq / f32(cfg.rope_factor), inv_freq)
+        smooth = (((f32(1) / wavelen) * f32(old_len) - f32(cfg.rope_low_freq_factor))
+                  / f32(cfg.rope_high_freq_factor - cfg.rope_low_freq_factor))
+        smoothed = (f32(1) - smooth) * scaled / f32(cfg.rope_factor) + smooth * scaled
+        inv_freq = np.where((wavelen >= high_wavelen) & (wavelen <= low_wavelen), smoothed, scaled)
+    return inv_freq.astype(f32)
 
 
 def rope_cos_sin(cfg: ModelConfig, positions_BL: Array, dtype) -> tuple[Array, Array]:

@@ -47,23 +47,33 @@ def train_state_specs(setup: ModelSetup, mesh: Mesh, abstract_state: TrainState,
     return TrainState(params=pspecs, opt_state=opt_specs, step=scalar)
 
 
-def init_train_state(setup: ModelSetup, model_cfg: ModelConfig, mesh: Mesh, seed: int) -> tuple[TrainState, Any]:
-    """A single-island TrainState initialised directly into its shards; returns (state, shardings)."""
+def init_train_state(setup: ModelSetup, model_cfg: ModelConfig, mesh: Mesh, seed: int,
+                     params: Any = None) -> tuple[TrainState, Any]:
+    """A single-island TrainState initialised directly into its shards; returns (state, shardings).
 
-    def init() -> TrainState:
-        _, params = model_lib.create(model_cfg, seed)
-        return init_state(params, setup.optimizer)
+    With `params` (e.g. imported from Hugging Face, host or device arrays) those are used instead of a random init.
+    """
+
+    def init(p=None) -> TrainState:
+        if p is None:
+            _, p = model_lib.create(model_cfg, seed)
+        return init_state(p, setup.optimizer)
 
     abstract = jax.eval_shape(init)
     specs = train_state_specs(setup, mesh, abstract)
     shardings = sh.named(mesh, specs)
-    state = jax.jit(init, out_shardings=shardings)()
-    return state, shardings
+    if params is None:
+        return jax.jit(init, out_shardings=shardings)(), shardings
+    params = jax.device_put(params, shardings.params)
+    return jax.jit(init, in_shardings=(shardings.params,), out_shardings=shardings)(params), shardings
 
 
-def init_params(setup: ModelSetup, model_cfg: ModelConfig, mesh: Mesh, seed: int) -> tuple[Any, Any]:
-    """Only the parameters (e.g. DiLoCo's global params), directly into their shards."""
+def init_params(setup: ModelSetup, model_cfg: ModelConfig, mesh: Mesh, seed: int,
+                params: Any = None) -> tuple[Any, Any]:
+    """Only the parameters (e.g. DiLoCo's global params), directly into their shards (or `params` placed there)."""
     shardings = sh.named(mesh, sh.param_specs(setup.axes, setup.shapes, mesh))
+    if params is not None:
+        return jax.device_put(params, shardings), shardings
     params = jax.jit(lambda: model_lib.create(model_cfg, seed)[1], out_shardings=shardings)()
     return params, shardings
 

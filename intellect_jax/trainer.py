@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import threading
 import time
 from typing import Any
 
@@ -23,7 +25,7 @@ from intellect_jax.checkpoint import Checkpointer, CheckpointError
 from intellect_jax import sharding as sh
 from intellect_jax.config import Config, ConfigError
 from intellect_jax.info import count_params, flops_per_token
-from intellect_jax.metrics import MetricsWriter, device_peak_flops
+from intellect_jax.metrics import RunLogger, device_peak_flops
 from intellect_jax.state import ModelSetup, init_params, init_train_state, train_state_specs
 from intellect_jax.train_step import init_state as inner_init_state
 from intellect_jax.train_step import make_train_step
@@ -31,14 +33,15 @@ from intellect_jax.train_step import make_train_step
 log = logging.getLogger("intellect_jax")
 
 
-def setup_logging(run_dir) -> None:
+def setup_logging(run_dir, primary: bool = True) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     root = logging.getLogger("intellect_jax")
     root.setLevel(logging.INFO)
     for h in list(root.handlers):
         root.removeHandler(h)
-    for handler in (logging.StreamHandler(), logging.FileHandler(run_dir / "train.log")):
+    log_file = run_dir / ("train.log" if primary else f"train.process{jax.process_index()}.log")
+    for handler in (logging.StreamHandler(), logging.FileHandler(log_file)):
         handler.setFormatter(fmt)
         root.addHandler(handler)
     root.propagate = False
@@ -65,22 +68,41 @@ class Trainer:
         inner_step = make_train_step(self.setup.graphdef, cfg.model, cfg.optim, self.setup.optimizer,
                                      sh.activation_constraint(self.mesh))
         self.batch_sharding = NamedSharding(self.mesh, sh.batch_spec(per_island=True))
+        # Metrics come back replicated so that every process can read them (multi-host runs).
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
         if self.diloco:
             self._build_diloco(inner_step)
         else:
-            self.state, shardings = init_train_state(self.setup, cfg.model, self.mesh, cfg.run.seed)
+            self.state, shardings = init_train_state(self.setup, cfg.model, self.mesh, cfg.run.seed,
+                                                     self._imported_params())
             self.state_shardings = shardings
             squeeze = lambda b: jax.tree.map(lambda x: x[0], b)  # noqa: E731 - the island dim is 1
             self._inner = jax.jit(lambda s, b: inner_step(s, squeeze(b)),
-                                  in_shardings=(shardings, self.batch_sharding), out_shardings=(shardings, None),
+                                  in_shardings=(shardings, self.batch_sharding), out_shardings=(shardings, self.replicated),
                                   donate_argnums=0)
+
+    def _imported_params(self):
+        """Parameters of the Hugging Face checkpoint named by run.init_from_hf (None: random init)."""
+        if not self.cfg.run.init_from_hf:
+            return None
+        from intellect_jax import hf
+
+        params, hf_model = hf.load_hf(self.cfg.run.init_from_hf, base=self.cfg.model)
+        if hf_model != self.cfg.model:
+            diff = [f"model.{k}: config {getattr(self.cfg.model, k)!r} vs checkpoint {getattr(hf_model, k)!r}"
+                    for k in self.cfg.model.__dataclass_fields__
+                    if getattr(self.cfg.model, k) != getattr(hf_model, k)]
+            raise ConfigError(f"run.init_from_hf={self.cfg.run.init_from_hf!r} does not match the model config ("
+                              + "; ".join(diff) + "); set those model.* keys to the checkpoint's values")
+        log.info("initialised the parameters from the Hugging Face checkpoint %s", self.cfg.run.init_from_hf)
+        return params
 
     # -- DiLoCo -------------------------------------------------------------------------------------------------------
 
     def _build_diloco(self, inner_step) -> None:
         cfg, mesh, n = self.cfg, self.mesh, self.num_islands
         self.outer = diloco.make_outer_optimizer(cfg.diloco)
-        global_params, gshard = init_params(self.setup, cfg.model, mesh, cfg.run.seed)
+        global_params, gshard = init_params(self.setup, cfg.model, mesh, cfg.run.seed, self._imported_params())
         inner_init = lambda p: inner_init_state(p, self.setup.optimizer)  # noqa: E731
         abstract_inner = jax.eval_shape(jax.vmap(inner_init, axis_size=n),
                                         jax.eval_shape(lambda g: diloco.broadcast_islands(g, n), global_params))
@@ -98,13 +120,13 @@ class Trainer:
                                                   block_size=cfg.diloco.block_size)
         inner_sh = self.state_shardings.inner
         self._inner = jax.jit(diloco.island_inner_step(inner_step), in_shardings=(inner_sh, self.batch_sharding),
-                              out_shardings=(inner_sh, None), donate_argnums=0)
+                              out_shardings=(inner_sh, self.replicated), donate_argnums=0)
         self._reinit_inner = jax.jit(
             lambda g, step: jax.vmap(lambda p: inner_init(p)._replace(step=step), axis_size=n)(
                 diloco.broadcast_islands(g, n)),
             out_shardings=self.state_shardings.inner)
         self._sync = jax.jit(lambda s: diloco.outer_update(s, reduce_mean, self.outer),
-                             in_shardings=(self.state_shardings,), out_shardings=(self.state_shardings, None),
+                             in_shardings=(self.state_shardings,), out_shardings=(self.state_shardings, self.replicated),
                              donate_argnums=0)
         nparams = count_params(cfg.model).total_params
         self.wire_bytes = collective.wire_bytes_per_island(nparams, n, cfg.diloco.compression, cfg.diloco.block_size)
@@ -226,16 +248,87 @@ def _check_compatible(saved: dict, cfg: Config, step: int) -> None:
                 f"{now['model'][key]!r}; resume with the original model settings or start a new --run.dir")
 
 
+class StopRequest:
+    """SIGINT/SIGTERM: the first asks the loop to finish its step, checkpoint and exit 0; a second exits at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self) -> "StopRequest":
+        import signal
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        if self.requested:
+            log.warning("second %s: exiting now without a checkpoint", signal.Signals(signum).name)
+            os._exit(128 + signum)
+        self.requested = True
+        log.warning("%s received: finishing this step, then saving a checkpoint (send it again to exit now)",
+                    signal.Signals(signum).name)
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self) -> bool:
+        """Every process stops at the same step: a stop anywhere is a stop everywhere."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.array([self.requested], np.int32))
+        return bool(np.any(flags))
+
+
+def _gather_data_state(state: dict) -> dict:
+    """The data iterator states of all processes merged into one (each process holds its own slots)."""
+    if jax.process_count() == 1:
+        return state
+    from jax.experimental import multihost_utils
+
+    blob = np.frombuffer(json.dumps(state).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.array([blob.size], np.int64)).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:blob.size] = blob
+    blobs = multihost_utils.process_allgather(padded)
+    states = [json.loads(bytes(b[:k]).decode()) for b, k in zip(blobs, sizes)]
+    return data.merge_states(states)
+
+
+def _check_compatible(saved: dict, cfg: Config, step: int) -> None:
+    """A resumed run must train the same model; mesh, islands, steps and most hyper-parameters may change."""
+    now = dataclasses.asdict(cfg)
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "tie_word_embeddings", "param_dtype"):
+        if saved["model"][key] != now["model"][key]:
+            raise CheckpointError(
+                f"the checkpoint at step {step} has model.{key}={saved['model'][key]!r} but the config says "
+                f"{now['model'][key]!r}; resume with the original model settings or start a new --run.dir")
+
+
 def train(cfg: Config) -> dict[str, Any]:
-    """Runs `cfg` to completion (resuming from the run directory's checkpoint if there is one); returns a summary."""
+    """Runs `cfg` to completion (resuming from the run directory's checkpoint if there is one); returns a summary.
+
+    SIGINT/SIGTERM stop the run after the current step with a checkpoint (resumable, also mid-outer-step).
+    """
     run_dir = cfg.run.resolved_dir.expanduser()
-    setup_logging(run_dir)
+    primary = jax.process_index() == 0
+    setup_logging(run_dir, primary)
     if cfg.elastic.coordinator:
         raise ConfigError("elastic.coordinator is set, but island mode over TCP is not wired into the trainer yet; "
                           "leave elastic.coordinator empty to train the islands of one program")
     devices = jax.devices()
-    log.info("jax %s on %d %s device(s) (%s); run dir %s", jax.__version__, len(devices), jax.default_backend(),
-             devices[0].device_kind, run_dir)
+    log.info("jax %s: %d process(es), %d %s device(s) (%s); run dir %s", jax.__version__, jax.process_count(),
+             len(devices), jax.default_backend(), devices[0].device_kind, run_dir)
     trainer = Trainer(cfg)
     mesh_txt = ", ".join(f"{k}={v}" for k, v in trainer.mesh.shape.items())
     n = trainer.num_islands
@@ -268,73 +361,127 @@ def train(cfg: Config) -> dict[str, Any]:
                         "run has %d", items["meta"]["islands"], n)
         log.info("resumed from checkpoint step %d (outer step %d) in %s", start, items["meta"]["outer_step"],
                  ckpt.dir)
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    if primary:
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
 
     def save(step: int) -> None:
         ckpt.save(step, trainer.checkpoint_arrays(),
-                  {"data": loader.get_state(), "meta": trainer.meta(step), "config": dataclasses.asdict(cfg)})
+                  {"data": _gather_data_state(loader.get_state()), "meta": trainer.meta(step),
+                   "config": dataclasses.asdict(cfg)})
         log.info("checkpoint step %d saving (async) to %s", step, ckpt.dir)
 
-    writer = MetricsWriter(run_dir / "metrics.jsonl")
     total = cfg.total_inner_steps
+    logger = RunLogger(run_dir, total_steps=total, start_step=start, enabled=primary,
+                       wandb_project=cfg.run.wandb_project, run_name=cfg.run.name, config=dataclasses.asdict(cfg))
     tokens_per_step = n * cfg.data.batch_size * cfg.data.seq_len
     first_loss = last_loss = None
     pending: tuple[int, dict] | None = None
-    t_start = t_last = time.perf_counter()
+    t_start = t_last = t_outer = time.perf_counter()
+    compute_s = 0.0  # time in inner steps (what utilization counts as useful)
 
     def flush(step: int, metrics: dict) -> None:
-        nonlocal first_loss, last_loss, t_last
+        nonlocal first_loss, last_loss, t_last, compute_s
         m = _summarise(jax.device_get(metrics), n)
         now = time.perf_counter()
         dt = now - t_last
         t_last = now
-        m.update(step=step + 1, step_seconds=dt, tokens_per_s=tokens_per_step / dt if dt > 0 else 0.0)
+        compute_s += dt
+        m.update(step=step + 1, step_seconds=dt, tokens_per_s=tokens_per_step / dt if dt > 0 else 0.0,
+                 islands=n)
         if peak:
             m["mfu"] = fpt * m["tokens_per_s"] / (peak * len(devices))
         first_loss = m["loss"] if first_loss is None else first_loss
         last_loss = m["loss"]
-        writer.write({"kind": "inner", **m})
-        if (step + 1) % cfg.run.log_every == 0 or step == start or step + 1 == total:
+        logger.write({"kind": "inner", **m})
+        if not logger.interactive and ((step + 1) % cfg.run.log_every == 0 or step == start or step + 1 == total):
             log.info("step %d/%d loss %.4f z %.3g gnorm %.3f lr %.3g %.0f tok/s", step + 1, total, m["loss"],
                      m["z_loss"], m["grad_norm"], m["lr"], m["tokens_per_s"])
 
     last_saved = start
+    stopped_at = None
     try:
-        for step in range(start, total):
-            metrics = trainer.inner_step(trainer.make_batch(next(loader)))
+        with StopRequest() as stop:
+            for step in range(start, total):
+                metrics = trainer.inner_step(trainer.make_batch(next(loader)))
+                if pending is not None:
+                    flush(*pending)
+                pending = (step, metrics)
+                boundary = (step + 1) % H == 0
+                if trainer.diloco and boundary:
+                    flush(*pending)
+                    pending = None
+                    t0 = time.perf_counter()
+                    sync_metrics = jax.device_get(trainer.sync())
+                    sync_s = time.perf_counter() - t0
+                    t_last += sync_s  # keep the sync out of the next step's time
+                    wall = time.perf_counter() - t_outer
+                    t_outer = time.perf_counter()
+                    outer = int(trainer.state.outer_step)
+                    logger.write({"kind": "outer", "outer_step": outer, "step": step + 1, "sync_seconds": sync_s,
+                                  "outer_wall_seconds": wall,
+                                  "compute_utilization": (wall - sync_s) / wall if wall > 0 else 1.0,
+                                  "bytes_sent_per_island": trainer.wire_bytes,
+                                  "wire_ratio_vs_ddp": trainer.wire_ratio_vs_ddp, "islands": n,
+                                  **_summarise(sync_metrics, n)})
+                    log.info("outer step %d: synced %d islands in %.2fs, |delta| %.4g", outer, n, sync_s,
+                             float(np.asarray(sync_metrics["delta_norm"])))
+                if save_every and boundary and (step + 1) % save_every == 0:
+                    save(step + 1)
+                    last_saved = step + 1
+                if stop.agreed():
+                    stopped_at = step + 1
+                    break
             if pending is not None:
                 flush(*pending)
-            pending = (step, metrics)
-            boundary = (step + 1) % H == 0
-            if trainer.diloco and boundary:
-                flush(*pending)
-                pending = None
-                t0 = time.perf_counter()
-                sync_metrics = jax.device_get(trainer.sync())
-                sync_s = time.perf_counter() - t0
-                t_last += sync_s  # keep the sync out of the next step's time
-                outer = int(trainer.state.outer_step)
-                writer.write({"kind": "outer", "outer_step": outer, "step": step + 1, "sync_seconds": sync_s,
-                              "bytes_sent_per_island": trainer.wire_bytes,
-                              "wire_ratio_vs_ddp": trainer.wire_ratio_vs_ddp, "islands": n,
-                              **_summarise(sync_metrics, n)})
-                log.info("outer step %d: synced %d islands in %.2fs, |delta| %.4g", outer, n, sync_s,
-                         float(np.asarray(sync_metrics["delta_norm"])))
-            if save_every and boundary and (step + 1) % save_every == 0:
-                save(step + 1)
-                last_saved = step + 1
-        if pending is not None:
-            flush(*pending)
-        if total > last_saved and (not trainer.diloco or total % H == 0):
-            save(total)  # the final state (DiLoCo: only on an outer-step boundary)
+            if stopped_at is not None:
+                if stopped_at != last_saved:
+                    save(stopped_at)  # mid-outer-step is fine: the state holds everything needed to continue
+                log.info("stopped by signal at step %d; resume with the same command", stopped_at)
+            elif stopped_at is None and total > last_saved and (not trainer.diloco or total % H == 0):
+                save(total)  # the final state (DiLoCo: only on an outer-step boundary)
+            ckpt.wait()
     finally:
         loader.close()
-        writer.close()
+        logger.close()
         ckpt.close()
     elapsed = time.perf_counter() - t_start
-    done = max(total - start, 1)
-    summary = {"steps": total, "first_loss": first_loss, "last_loss": last_loss, "seconds": elapsed,
+    end = stopped_at or total
+    done = max(end - start, 1)
+    summary = {"steps": end, "first_loss": first_loss, "last_loss": last_loss, "seconds": elapsed,
                "tokens_per_s": done * tokens_per_step / elapsed, "run_dir": str(run_dir),
+               "compute_utilization": compute_s / elapsed if elapsed > 0 else 1.0, "stopped": stopped_at is not None,
                "final_params": trainer.global_params()}
-    log.info("done: steps %d-%d in %.1fs, loss %s -> %s", start, total, elapsed, first_loss, last_loss)
+    log.info("done: steps %d-%d in %.1fs, loss %s -> %s", start, end, elapsed, first_loss, last_loss)
     return summary
+
+
+def init_run_from_hf(cfg: Config) -> int:
+    """`intellect-jax import-hf`: a run directory whose step-0 checkpoint holds a Hugging Face model's weights.
+
+    `intellect-jax train` with the same config and run directory then continues pre-training from it.
+    """
+    run_dir = cfg.run.resolved_dir.expanduser()
+    setup_logging(run_dir, jax.process_index() == 0)
+    ckpt = Checkpointer(run_dir, cfg.checkpoint)
+    try:
+        if ckpt.latest_step() is not None:
+            raise CheckpointError(f"{ckpt.dir} already holds checkpoints (latest step {ckpt.latest_step()}); "
+                                  "import into a new --run.dir so nothing trained is overwritten")
+        trainer = Trainer(cfg)
+        n = trainer.num_islands
+        data.ensure_prepared(cfg.data)
+        islands, rows = local_rows(trainer.batch_sharding, (n, cfg.data.batch_size, cfg.data.seq_len))
+        loader = data.make_iterator(cfg.data, vocab_size=cfg.model.vocab_size, num_islands=n,
+                                    islands=list(range(n))[islands], row_start=rows.start, row_stop=rows.stop)
+        try:
+            ckpt.save(0, trainer.checkpoint_arrays(), {"data": _gather_data_state(loader.get_state()),
+                                                       "meta": trainer.meta(0), "config": dataclasses.asdict(cfg)})
+            ckpt.wait()
+        finally:
+            loader.close()
+    finally:
+        ckpt.close()
+    if jax.process_index() == 0:
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    log.info("imported %s into %s (checkpoint step 0)", cfg.run.init_from_hf, run_dir)
+    return 0
