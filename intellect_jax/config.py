@@ -211,9 +211,16 @@ class ElasticConfig:
     chunk_bytes: int = 4 << 20  # pipelining unit of the ring all-reduce
     max_frame_bytes: int = 256 << 20
     reduce_retries: int = 3
+    # Which disjoint slice of the data this island reads: slice `data_shard` of `data_shards` (give every island of
+    # the run its own index; a restarted island keeps its index).
+    data_shard: int = 0
+    data_shards: int = 1
 
     def validate(self) -> None:
-        _positive(self, "heartbeat_s", "dead_after_s", "streams", "chunk_bytes", "max_frame_bytes")
+        _positive(self, "heartbeat_s", "dead_after_s", "streams", "chunk_bytes", "max_frame_bytes", "data_shards")
+        if not 0 <= self.data_shard < self.data_shards:
+            raise ConfigError(f"elastic.data_shard={self.data_shard} must be in [0, elastic.data_shards="
+                              f"{self.data_shards})")
         _nonnegative(self, "reduce_retries")
         if self.coordinator and not self.secret_file:
             raise ConfigError("elastic.coordinator is set but elastic.secret_file is empty; every island and the "

@@ -64,16 +64,19 @@ def pseudo_gradients(global_params: Any, island_params: Any) -> Any:
 def outer_update(state: DilocoState, reduce_mean: ReduceMean, outer: optax.GradientTransformation,
                  ) -> tuple[DilocoState, dict[str, jax.Array]]:
     """The synchronisation at an outer-step boundary. Pure; jit it with the state's shardings."""
-    num_islands = jax.tree.leaves(state.inner.params)[0].shape[0]
     pseudo = pseudo_gradients(state.global_params, state.inner.params)
-    delta = reduce_mean(pseudo)
+    state, metrics = apply_outer(state, reduce_mean(pseudo), outer)
+    metrics["pseudo_grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim)))
+                                               for x in jax.tree.leaves(pseudo)))  # [islands]
+    return state, metrics
+
+
+def apply_outer(state: DilocoState, delta: Any, outer: optax.GradientTransformation,
+                ) -> tuple[DilocoState, dict[str, jax.Array]]:
+    """Applies the mean pseudo-gradient `delta` with the outer optimizer; every island restarts from the result."""
+    num_islands = jax.tree.leaves(state.inner.params)[0].shape[0]
     updates, outer_opt_state = outer.update(delta, state.outer_opt_state, state.global_params)
     global_params = optax.apply_updates(state.global_params, updates)
     inner = state.inner._replace(params=broadcast_islands(global_params, num_islands))
-    metrics = {
-        "pseudo_grad_norm": jnp.sqrt(sum(jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim)))
-                                         for x in jax.tree.leaves(pseudo))),  # [islands]
-        "delta_norm": optax.tree.norm(delta),
-        "outer_update_norm": optax.tree.norm(updates),
-    }
+    metrics = {"delta_norm": optax.tree.norm(delta), "outer_update_norm": optax.tree.norm(updates)}
     return DilocoState(inner, global_params, outer_opt_state, state.outer_step + 1), metrics

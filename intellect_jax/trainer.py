@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 import jax
+import jax.flatten_util
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -63,7 +64,8 @@ class Trainer:
         self.cfg = cfg
         self.mesh = mesh or sh.make_mesh(cfg.mesh)
         self.num_islands = sh.island_count(self.mesh)
-        self.diloco = self.num_islands > 1
+        self.elastic = bool(cfg.elastic.coordinator)  # islands are separate programs joined over TCP
+        self.diloco = self.num_islands > 1 or self.elastic
         self.setup = ModelSetup.build(cfg.model, cfg.optim)
         inner_step = make_train_step(self.setup.graphdef, cfg.model, cfg.optim, self.setup.optimizer,
                                      sh.activation_constraint(self.mesh))
@@ -121,15 +123,26 @@ class Trainer:
         inner_sh = self.state_shardings.inner
         self._inner = jax.jit(diloco.island_inner_step(inner_step), in_shardings=(inner_sh, self.batch_sharding),
                               out_shardings=(inner_sh, self.replicated), donate_argnums=0)
-        self._reinit_inner = jax.jit(
-            lambda g, step: jax.vmap(lambda p: inner_init(p)._replace(step=step), axis_size=n)(
-                diloco.broadcast_islands(g, n)),
-            out_shardings=self.state_shardings.inner)
         self._sync = jax.jit(lambda s: diloco.outer_update(s, reduce_mean, self.outer),
                              in_shardings=(self.state_shardings,), out_shardings=(self.state_shardings, self.replicated),
                              donate_argnums=0)
+        # Elastic mode: the pseudo-gradient leaves as one flat fp32 vector and the mean comes back the same way.
+        flat0 = lambda s: jax.flatten_util.ravel_pytree(  # noqa: E731
+            jax.tree.map(lambda x: x[0], diloco.pseudo_gradients(s.global_params, s.inner.params)))[0]
+        self._pseudo_vec = jax.jit(flat0, in_shardings=(self.state_shardings,), out_shardings=self.replicated)
+        self._apply_delta = jax.jit(
+            lambda s, vec: diloco.apply_outer(s, _unravel_like(s.global_params, vec), self.outer),
+            in_shardings=(self.state_shardings, self.replicated), out_shardings=(self.state_shardings, self.replicated),
+            donate_argnums=0)
+        self._install = jax.jit(
+            lambda g, o, outer_step, step: diloco.DilocoState(
+                jax.vmap(lambda p: inner_init(p)._replace(step=step), axis_size=n)(diloco.broadcast_islands(g, n)),
+                g, o, outer_step),
+            in_shardings=(self.state_shardings.global_params, self.state_shardings.outer_opt_state, None, None),
+            out_shardings=self.state_shardings)
         nparams = count_params(cfg.model).total_params
-        self.wire_bytes = collective.wire_bytes_per_island(nparams, n, cfg.diloco.compression, cfg.diloco.block_size)
+        self.wire_bytes = collective.wire_bytes_per_island(nparams, max(n, 2) if self.elastic else n,
+                                                           cfg.diloco.compression, cfg.diloco.block_size)
         # Data-parallel training all-reduces fp32 gradients every inner step: H of them per outer step.
         ddp = collective.ring_allreduce_bytes_per_island(nparams, n) * cfg.diloco.inner_steps
         self.wire_ratio_vs_ddp = ddp / self.wire_bytes if self.wire_bytes else float("inf")
@@ -138,6 +151,17 @@ class Trainer:
                      "state is not implemented for the in-program mesh mode yet (backend %s)", jax.default_backend())
 
     # -- steps --------------------------------------------------------------------------------------------------------
+
+    def compile(self) -> None:
+        """Compiles the inner step (and the in-program sync) ahead of time, so the first step is not a stall."""
+        t0 = time.perf_counter()
+        shape = (self.num_islands, self.cfg.data.batch_size, self.cfg.data.seq_len)
+        batch = {k: jax.ShapeDtypeStruct(shape, np.float32 if k == "loss_mask" else np.int32,
+                                         sharding=self.batch_sharding) for k in data.BATCH_KEYS}
+        self._inner = self._inner.lower(self.state.inner if self.diloco else self.state, batch).compile()
+        if self.diloco and not self.elastic:
+            self._sync = self._sync.lower(self.state).compile()
+        log.info("compiled the training step in %.1fs", time.perf_counter() - t0)
 
     def inner_step(self, batch) -> dict:
         if self.diloco:
@@ -150,6 +174,19 @@ class Trainer:
     def sync(self) -> dict:
         self.state, metrics = self._sync(self.state)
         return metrics
+
+    # -- elastic mode (island.py drives these) -----------------------------------------------------------------------
+
+    def pseudo_gradient_vector(self) -> np.ndarray:
+        return np.asarray(jax.device_get(self._pseudo_vec(self.state)), np.float32)
+
+    def apply_delta_vector(self, delta: np.ndarray) -> dict:
+        self.state, metrics = self._apply_delta(self.state, jax.device_put(delta, self.replicated))
+        return metrics
+
+    def install_global(self, global_params, outer_opt_state, outer_step: int, step: int) -> None:
+        self.state = self._install(global_params, outer_opt_state, jax.numpy.int32(outer_step),
+                                   jax.numpy.int32(step))
 
     # -- checkpoints --------------------------------------------------------------------------------------------------
 
@@ -195,7 +232,9 @@ class Trainer:
             log.info("checkpoint step %d has %d islands and this run has %d: restored the global params and outer "
                      "optimizer state; every island's inner state (AdamW moments) is re-initialised from the global "
                      "params", step, meta["islands"], self.num_islands)
-            inner = self._reinit_inner(out["outer"]["global_params"], jax.numpy.int32(meta["step"]))
+            o = out["outer"]
+            self.install_global(o["global_params"], o["outer_opt_state"], int(o["outer_step"]), meta["step"])
+            return out
         o = out["outer"]
         self.state = diloco.DilocoState(inner, o["global_params"], o["outer_opt_state"], o["outer_step"])
         return out
@@ -216,6 +255,11 @@ class Trainer:
                 for k, v in host_batch.items()}
 
 
+def _unravel_like(tree, vec):
+    """The inverse of ravel_pytree for a tree shaped like `tree` (inside jit)."""
+    return jax.flatten_util.ravel_pytree(tree)[1](vec)
+
+
 def _follow_params(opt, abstract_state, param_specs):
     """Optimizer-state specs: param-shaped leaves follow their params, everything else is replicated."""
     return __import__("optax").tree_map_params(
@@ -228,24 +272,13 @@ def _summarise(metrics: dict, num_islands: int) -> dict[str, Any]:
     out = {}
     for k, v in metrics.items():
         v = np.asarray(v)
-        if v.ndim and v.shape[0] == num_islands and num_islands > 1:
+        if v.ndim:  # one value per island
             out[k] = float(v.sum() if k == "tokens" else v.mean())
-            if k == "loss":
+            if k == "loss" and num_islands > 1:
                 out["loss_per_island"] = [float(x) for x in v]
         else:
             out[k] = float(v)
     return out
-
-
-def _check_compatible(saved: dict, cfg: Config, step: int) -> None:
-    """A resumed run must train the same model; mesh, islands, steps and most hyper-parameters may change."""
-    now = dataclasses.asdict(cfg)
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "tie_word_embeddings", "param_dtype"):
-        if saved["model"][key] != now["model"][key]:
-            raise CheckpointError(
-                f"the checkpoint at step {step} has model.{key}={saved['model'][key]!r} but the config says "
-                f"{now['model'][key]!r}; resume with the original model settings or start a new --run.dir")
 
 
 class StopRequest:
@@ -323,9 +356,6 @@ def train(cfg: Config) -> dict[str, Any]:
     run_dir = cfg.run.resolved_dir.expanduser()
     primary = jax.process_index() == 0
     setup_logging(run_dir, primary)
-    if cfg.elastic.coordinator:
-        raise ConfigError("elastic.coordinator is set, but island mode over TCP is not wired into the trainer yet; "
-                          "leave elastic.coordinator empty to train the islands of one program")
     devices = jax.devices()
     log.info("jax %s: %d process(es), %d %s device(s) (%s); run dir %s", jax.__version__, jax.process_count(),
              len(devices), jax.default_backend(), devices[0].device_kind, run_dir)
@@ -336,14 +366,13 @@ def train(cfg: Config) -> dict[str, Any]:
     fpt = flops_per_token(cfg.model, cfg.data.seq_len, info.total_params)
     peak = device_peak_flops(devices[0].device_kind)
     log.info("model %.2fM params; mesh %s; %s", info.total_params / 1e6, mesh_txt,
+             f"elastic island {cfg.elastic.data_shard} of a run coordinated at {cfg.elastic.coordinator}, "
+             f"H={cfg.diloco.inner_steps}, {cfg.diloco.compression} ring all-reduce over TCP" if trainer.elastic else
              f"DiLoCo over {n} islands, H={cfg.diloco.inner_steps}, {cfg.diloco.compression} reduce, "
              f"{trainer.wire_bytes / 1e6:.2f} MB sent per island per outer step "
              f"({trainer.wire_ratio_vs_ddp:.0f}x less than data-parallel fp32)" if trainer.diloco else "one island")
 
-    data.ensure_prepared(cfg.data)
-    islands, rows = local_rows(trainer.batch_sharding, (n, cfg.data.batch_size, cfg.data.seq_len))
-    loader = data.make_iterator(cfg.data, vocab_size=cfg.model.vocab_size, num_islands=n,
-                                islands=list(range(n))[islands], row_start=rows.start, row_stop=rows.stop)
+    loader = _make_loader(cfg, trainer)
     H = cfg.diloco.inner_steps
     save_every = cfg.checkpoint.every_outer_steps * H  # inner steps; single island: K * H steps too
     ckpt = Checkpointer(run_dir, cfg.checkpoint)
@@ -370,6 +399,15 @@ def train(cfg: Config) -> dict[str, Any]:
                    "config": dataclasses.asdict(cfg)})
         log.info("checkpoint step %d saving (async) to %s", step, ckpt.dir)
 
+    trainer.compile()  # before joining: a joiner must not fetch the run's state and then spend minutes compiling
+    island = None
+    if trainer.elastic:
+        from intellect_jax.island import ElasticIsland
+
+        island = ElasticIsland(cfg, trainer)
+        island.join()
+        if int(trainer.state.outer_step) * H > start:
+            start = int(trainer.state.outer_step) * H  # a peer's state put this island ahead of its checkpoint
     total = cfg.total_inner_steps
     logger = RunLogger(run_dir, total_steps=total, start_step=start, enabled=primary,
                        wandb_project=cfg.run.wandb_project, run_name=cfg.run.name, config=dataclasses.asdict(cfg))
@@ -401,7 +439,9 @@ def train(cfg: Config) -> dict[str, Any]:
     stopped_at = None
     try:
         with StopRequest() as stop:
-            for step in range(start, total):
+            step = start - 1
+            while step + 1 < total:
+                step += 1
                 metrics = trainer.inner_step(trainer.make_batch(next(loader)))
                 if pending is not None:
                     flush(*pending)
@@ -411,7 +451,16 @@ def train(cfg: Config) -> dict[str, Any]:
                     flush(*pending)
                     pending = None
                     t0 = time.perf_counter()
-                    sync_metrics = jax.device_get(trainer.sync())
+                    extra = {}
+                    if island is not None:
+                        sync_metrics, extra["params_hash"] = island.sync()
+                        stats = island.client.last_stats
+                        extra.update(bytes_sent_per_island=stats.get("bytes_sent", 0),
+                                     islands=len(stats.get("members", [])) or 1, ring_order=stats.get("order"),
+                                     reduce_aborts=stats.get("aborts", 0))
+                        sync_metrics = jax.device_get(sync_metrics)
+                    else:
+                        sync_metrics = jax.device_get(trainer.sync())
                     sync_s = time.perf_counter() - t0
                     t_last += sync_s  # keep the sync out of the next step's time
                     wall = time.perf_counter() - t_outer
@@ -422,12 +471,17 @@ def train(cfg: Config) -> dict[str, Any]:
                                   "compute_utilization": (wall - sync_s) / wall if wall > 0 else 1.0,
                                   "bytes_sent_per_island": trainer.wire_bytes,
                                   "wire_ratio_vs_ddp": trainer.wire_ratio_vs_ddp, "islands": n,
-                                  **_summarise(sync_metrics, n)})
-                    log.info("outer step %d: synced %d islands in %.2fs, |delta| %.4g", outer, n, sync_s,
-                             float(np.asarray(sync_metrics["delta_norm"])))
+                                  **_summarise(sync_metrics, n), **extra})
+                    log.info("outer step %d: synced %d islands in %.2fs, |delta| %.4g%s", outer,
+                             extra.get("islands", n), sync_s, float(np.asarray(sync_metrics.get("delta_norm", 0.0))),
+                             f", global hash {extra['params_hash'][:12]}" if "params_hash" in extra else "")
                 if save_every and boundary and (step + 1) % save_every == 0:
                     save(step + 1)
                     last_saved = step + 1
+                if island is not None and boundary and int(trainer.state.outer_step) * H > step + 1:
+                    # re-synced from a peer that was ahead: continue from the run's position
+                    step = int(trainer.state.outer_step) * H - 1
+                    last_saved = min(last_saved, step + 1)
                 if stop.agreed():
                     stopped_at = step + 1
                     break
@@ -441,6 +495,8 @@ def train(cfg: Config) -> dict[str, Any]:
                 save(total)  # the final state (DiLoCo: only on an outer-step boundary)
             ckpt.wait()
     finally:
+        if island is not None:
+            island.close()
         loader.close()
         logger.close()
         ckpt.close()
@@ -453,6 +509,18 @@ def train(cfg: Config) -> dict[str, Any]:
                "final_params": trainer.global_params()}
     log.info("done: steps %d-%d in %.1fs, loss %s -> %s", start, end, elapsed, first_loss, last_loss)
     return summary
+
+
+def _make_loader(cfg: Config, trainer: "Trainer"):
+    """This process's data: its (island, row) block of the global batch; an elastic island reads its data shard."""
+    data.ensure_prepared(cfg.data)
+    n = trainer.num_islands
+    islands, rows = local_rows(trainer.batch_sharding, (n, cfg.data.batch_size, cfg.data.seq_len))
+    if trainer.elastic:
+        return data.make_iterator(cfg.data, vocab_size=cfg.model.vocab_size, num_islands=cfg.elastic.data_shards,
+                                  islands=[cfg.elastic.data_shard], row_start=rows.start, row_stop=rows.stop)
+    return data.make_iterator(cfg.data, vocab_size=cfg.model.vocab_size, num_islands=n,
+                              islands=list(range(n))[islands], row_start=rows.start, row_stop=rows.stop)
 
 
 def init_run_from_hf(cfg: Config) -> int:
@@ -468,11 +536,7 @@ def init_run_from_hf(cfg: Config) -> int:
             raise CheckpointError(f"{ckpt.dir} already holds checkpoints (latest step {ckpt.latest_step()}); "
                                   "import into a new --run.dir so nothing trained is overwritten")
         trainer = Trainer(cfg)
-        n = trainer.num_islands
-        data.ensure_prepared(cfg.data)
-        islands, rows = local_rows(trainer.batch_sharding, (n, cfg.data.batch_size, cfg.data.seq_len))
-        loader = data.make_iterator(cfg.data, vocab_size=cfg.model.vocab_size, num_islands=n,
-                                    islands=list(range(n))[islands], row_start=rows.start, row_stop=rows.stop)
+        loader = _make_loader(cfg, trainer)
         try:
             ckpt.save(0, trainer.checkpoint_arrays(), {"data": _gather_data_state(loader.get_state()),
                                                        "meta": trainer.meta(0), "config": dataclasses.asdict(cfg)})

@@ -83,3 +83,40 @@ def test_changed_model_is_refused(tmp_path):
     train(_cfg(run, 3))
     with pytest.raises(CheckpointError, match="model.hidden_size=64 but the config says 128"):
         train(_cfg(run, 6, model=dict(hidden_size=128)))
+
+
+@pytest.mark.slow
+def test_sigkill_during_async_save_keeps_previous_checkpoint(tmp_path):
+    """A model big enough that a save takes a while; kill -9 as soon as the second save's temp dir appears."""
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "intellect_jax", "train", "--config", "configs/debug.toml", "--data.kind=synthetic",
+            "--data.seq_len=16", "--data.batch_size=2", "--model.vocab_size=32768", "--model.hidden_size=512",
+            "--model.intermediate_size=1024", "--model.num_hidden_layers=2", "--model.num_attention_heads=8",
+            "--model.num_key_value_heads=4", "--mesh.islands=2", "--mesh.fsdp=1", "--run.host_devices=2",
+            "--diloco.inner_steps=1", "--checkpoint.every_outer_steps=1", "--run.steps=50", f"--run.dir={run}"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.Popen(args, cwd=Path(__file__).resolve().parents[1], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpts = run / "checkpoints"
+    deadline = time.time() + 300
+    killed_during = None
+    while time.time() < deadline and proc.poll() is None:
+        if ckpts.is_dir():
+            done = [p for p in ckpts.iterdir() if p.name.isdigit()]
+            tmp = [p for p in ckpts.iterdir() if "tmp" in p.name]
+            if done and tmp:
+                proc.send_signal(signal.SIGKILL)
+                killed_during = tmp[0].name
+                break
+        time.sleep(0.002)
+    proc.wait()
+    assert killed_during is not None, "never caught a save in progress"
+    complete = Checkpointer(run, CheckpointConfig(), read_only=True).latest_step()
+    assert complete is not None and complete < int(killed_during.split(".")[0])
+    config, params, step = load_global_params(run)
+    assert step == complete and all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+    # and training resumes from it
+    r = subprocess.run(args[:-2] + [f"--run.steps={complete + 1}", f"--run.dir={run}"], cwd=args and
+                       Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and f"resumed from checkpoint step {complete}" in r.stderr, r.stderr[-2000:]

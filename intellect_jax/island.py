@@ -1,0 +1,116 @@
+"""One island of an elastic run: the JAX trainer's side of intellect_jax/elastic.
+
+Each island is its own JAX program (its mesh has ``mesh.islands = 1``). At every outer-step boundary it sends its
+pseudo-gradient (a flat fp32 vector) through the TCP ring (int8 codes, fp32 accumulation, verbatim all-gather), so
+every island receives the same bytes and applies the same outer update; then the islands vote on a hash of the
+new global state and a loser re-syncs from a peer. A new or restarted island pulls the global params and outer
+optimizer state live from a peer while the others train.
+
+Limitation: an island is one JAX process (single-host islands); multi-host islands would need process 0 to talk to
+the ring and broadcast the mean to the island's other hosts.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import jax
+import numpy as np
+
+from intellect_jax.config import Config, ConfigError
+from intellect_jax.elastic.client import IslandClient, StaleStep
+from intellect_jax.elastic.recovery import State, params_hash
+
+log = logging.getLogger("intellect_jax.island")
+
+
+def _flat(tree: Any) -> dict[str, np.ndarray]:
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+
+
+class ElasticIsland:
+    """Wraps the trainer's DiLoCo state (one local island) with the cross-island client."""
+
+    def __init__(self, cfg: Config, trainer):
+        if trainer.num_islands != 1:
+            raise ConfigError(f"elastic.coordinator is set and mesh.islands={trainer.num_islands}; an elastic island "
+                              "is one island per program: set mesh.islands=1 (islands join over TCP)")
+        self.cfg = cfg
+        self.trainer = trainer
+        self._lock = threading.Lock()
+        self._snapshot: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None
+        self.client = IslandClient(cfg.elastic, cfg.elastic.run_id or cfg.run.name, self._provide,
+                                   compression=cfg.diloco.compression, block_size=cfg.diloco.block_size)
+        self.refresh_snapshot()
+
+    # -- state as the elastic layer sees it: global params + outer optimizer state, as named numpy arrays ----------
+
+    def _global_tree(self) -> dict[str, Any]:
+        s = self.trainer.state
+        return {"global_params": s.global_params, "outer_opt_state": s.outer_opt_state}
+
+    def refresh_snapshot(self) -> str:
+        """Copies the global state to the host (served to joiners from a background thread); returns its hash."""
+        arrays = _flat(jax.device_get(self._global_tree()))
+        meta = {"outer_step": int(self.trainer.state.outer_step), "step": int(self.trainer.state.inner.step[0])}
+        meta["params_hash"] = params_hash(arrays)
+        with self._lock:
+            self._snapshot = (arrays, meta)
+        return meta["params_hash"]
+
+    def _provide(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        with self._lock:
+            assert self._snapshot is not None
+            return self._snapshot
+
+    def install(self, state: State) -> None:
+        """Loads a peer's global state; every local inner state restarts from it (fresh AdamW moments)."""
+        tree = self._global_tree()
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+        missing = [jax.tree_util.keystr(p) for p, _ in leaves if jax.tree_util.keystr(p) not in state.arrays]
+        if missing:
+            raise RuntimeError(f"the peer's state lacks {missing[:3]}: is it running the same model and optimizer?")
+        values = [state.arrays[jax.tree_util.keystr(p)].reshape(np.shape(x)) for p, x in leaves]
+        new = jax.tree_util.tree_unflatten(treedef, values)
+        self.trainer.install_global(new["global_params"], new["outer_opt_state"], int(state.meta["outer_step"]),
+                                    int(state.meta.get("step", 0)))
+        got = self.refresh_snapshot()
+        if got != state.meta["params_hash"]:
+            raise RuntimeError(f"installed state hashes to {got}, the peer said {state.meta['params_hash']}")
+        log.info("installed the global state of outer step %d from a peer (hash %s)", state.meta["outer_step"],
+                 got[:12])
+
+    # -- the run ---------------------------------------------------------------------------------------------------
+
+    def join(self) -> None:
+        arrays, meta = self._provide()
+        info = self.client.join(meta["outer_step"], meta["params_hash"])
+        log.info("joined the run (run at outer step %s; this island at %d)%s", info.run_step, meta["outer_step"],
+                 ": fetching the state from a live peer" if info.needs_state else "")
+        if info.needs_state:
+            self.install(self.client.fetch_state())
+
+    def sync(self) -> tuple[dict, str]:
+        """The outer step over TCP. Returns (metrics, hash of the committed global state)."""
+        while True:
+            s = int(self.trainer.state.outer_step)
+            vec = self.trainer.pseudo_gradient_vector()
+            try:
+                delta = self.client.all_reduce_mean(s, vec)
+            except StaleStep as e:
+                log.warning("outer step %d completed without this island (%s): re-syncing from a peer", s, e)
+                self.install(self.client.fetch_state())
+                return {"resynced": 1.0}, self._provide()[1]["params_hash"]
+            metrics = self.trainer.apply_delta_vector(delta)
+            h = self.refresh_snapshot()
+            if self.client.commit(s, h):
+                return metrics, h
+            log.warning("global state after outer step %d differs from the majority: re-syncing from a peer", s)
+            self.install(self.client.fetch_state())
+            return metrics, self._provide()[1]["params_hash"]
+
+    def close(self) -> None:
+        self.client.close()
