@@ -111,44 +111,59 @@ class Trainer:
         inner_specs = train_state_specs(self.setup, mesh, abstract_inner, per_island=True)
         outer_abstract = jax.eval_shape(self.outer.init, global_params)
         gspecs = sh.param_specs(self.setup.axes, self.setup.shapes, mesh)
-        outer_specs = jax.tree.map(lambda x: PartitionSpec(), outer_abstract)
         outer_specs = _follow_params(self.outer, outer_abstract, gspecs)
         specs = diloco.DilocoState(inner_specs, gspecs, outer_specs, PartitionSpec())
-        self.state_shardings = sh.named(mesh, specs)
+        # Global params + outer optimizer state live in pinned host memory between syncs where the backend has
+        # memory kinds (as PRIME kept them on the CPU); every jitted function below moves them in and out.
+        device_sh = sh.named(mesh, specs)
+        self.host_offload = cfg.diloco.outer_state_on_host and _has_pinned_host()
+        if self.host_offload:
+            host = lambda t: jax.tree.map(lambda x: x.with_memory_kind("pinned_host"), t)  # noqa: E731
+            self.state_shardings = device_sh._replace(global_params=host(device_sh.global_params),
+                                                      outer_opt_state=host(device_sh.outer_opt_state))
+            log.info("global params and outer optimizer state are kept in pinned host memory between syncs")
+        else:
+            self.state_shardings = device_sh
+            if cfg.diloco.outer_state_on_host:
+                log.info("the %s backend has no pinned_host memory: the outer state stays in device memory",
+                         jax.default_backend())
+
+        def on_device(s: diloco.DilocoState) -> diloco.DilocoState:
+            if not self.host_offload:
+                return s
+            return s._replace(global_params=jax.device_put(s.global_params, device_sh.global_params),
+                              outer_opt_state=jax.device_put(s.outer_opt_state, device_sh.outer_opt_state))
+
         self.state = jax.jit(lambda g: diloco.init_state(g, inner_init, self.outer, n),
                              out_shardings=self.state_shardings)(global_params)
         del global_params, gshard
         reduce_mean = collective.make_island_mean(mesh, inner_specs.params, compression=cfg.diloco.compression,
                                                   block_size=cfg.diloco.block_size)
         inner_sh = self.state_shardings.inner
+        full = self.state_shardings
         self._inner = jax.jit(diloco.island_inner_step(inner_step), in_shardings=(inner_sh, self.batch_sharding),
                               out_shardings=(inner_sh, self.replicated), donate_argnums=0)
-        self._sync = jax.jit(lambda s: diloco.outer_update(s, reduce_mean, self.outer),
-                             in_shardings=(self.state_shardings,), out_shardings=(self.state_shardings, self.replicated),
-                             donate_argnums=0)
+        self._sync = jax.jit(lambda s: diloco.outer_update(on_device(s), reduce_mean, self.outer),
+                             in_shardings=(full,), out_shardings=(full, self.replicated), donate_argnums=0)
         # Elastic mode: the pseudo-gradient leaves as one flat fp32 vector and the mean comes back the same way.
-        flat0 = lambda s: jax.flatten_util.ravel_pytree(  # noqa: E731
-            jax.tree.map(lambda x: x[0], diloco.pseudo_gradients(s.global_params, s.inner.params)))[0]
-        self._pseudo_vec = jax.jit(flat0, in_shardings=(self.state_shardings,), out_shardings=self.replicated)
+        flat0 = lambda s: jax.flatten_util.ravel_pytree(jax.tree.map(  # noqa: E731
+            lambda x: x[0], diloco.pseudo_gradients(on_device(s).global_params, s.inner.params)))[0]
+        self._pseudo_vec = jax.jit(flat0, in_shardings=(full,), out_shardings=self.replicated)
         self._apply_delta = jax.jit(
-            lambda s, vec: diloco.apply_outer(s, _unravel_like(s.global_params, vec), self.outer),
-            in_shardings=(self.state_shardings, self.replicated), out_shardings=(self.state_shardings, self.replicated),
-            donate_argnums=0)
+            lambda s, vec: diloco.apply_outer(on_device(s), _unravel_like(s.global_params, vec), self.outer),
+            in_shardings=(full, self.replicated), out_shardings=(full, self.replicated), donate_argnums=0)
         self._install = jax.jit(
             lambda g, o, outer_step, step: diloco.DilocoState(
                 jax.vmap(lambda p: inner_init(p)._replace(step=step), axis_size=n)(diloco.broadcast_islands(g, n)),
                 g, o, outer_step),
-            in_shardings=(self.state_shardings.global_params, self.state_shardings.outer_opt_state, None, None),
-            out_shardings=self.state_shardings)
+            in_shardings=(device_sh.global_params, device_sh.outer_opt_state, None, None), out_shardings=full)
+        self._device_shardings = device_sh
         nparams = count_params(cfg.model).total_params
         self.wire_bytes = collective.wire_bytes_per_island(nparams, max(n, 2) if self.elastic else n,
                                                            cfg.diloco.compression, cfg.diloco.block_size)
         # Data-parallel training all-reduces fp32 gradients every inner step: H of them per outer step.
         ddp = collective.ring_allreduce_bytes_per_island(nparams, n) * cfg.diloco.inner_steps
         self.wire_ratio_vs_ddp = ddp / self.wire_bytes if self.wire_bytes else float("inf")
-        if cfg.diloco.outer_state_on_host:
-            log.info("outer state stays in device memory: host offload of the global params and outer optimizer "
-                     "state is not implemented for the in-program mesh mode yet (backend %s)", jax.default_backend())
 
     # -- steps --------------------------------------------------------------------------------------------------------
 
@@ -236,13 +251,14 @@ class Trainer:
             self.install_global(o["global_params"], o["outer_opt_state"], int(o["outer_step"]), meta["step"])
             return out
         o = out["outer"]
-        self.state = diloco.DilocoState(inner, o["global_params"], o["outer_opt_state"], o["outer_step"])
+        self.state = jax.device_put(diloco.DilocoState(inner, o["global_params"], o["outer_opt_state"],
+                                                       o["outer_step"]), self.state_shardings)
         return out
 
     def _array_shardings(self) -> dict[str, Any]:
         if not self.diloco:
             return {"train": self.state_shardings}
-        s = self.state_shardings
+        s = self._device_shardings  # restored into device memory, then placed (see restore)
         return {"inner": s.inner, "outer": {"global_params": s.global_params, "outer_opt_state": s.outer_opt_state,
                                             "outer_step": s.outer_step}}
 
@@ -253,6 +269,13 @@ class Trainer:
         shape = (self.num_islands, self.cfg.data.batch_size, self.cfg.data.seq_len)
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, v, shape)
                 for k, v in host_batch.items()}
+
+
+def _has_pinned_host() -> bool:
+    try:
+        return "pinned_host" in {m.kind for m in jax.devices()[0].addressable_memories()}
+    except Exception:  # noqa: BLE001 - backends without memory-kind support
+        return False
 
 
 def _unravel_like(tree, vec):

@@ -86,8 +86,8 @@ def test_two_islands_linear_model_hand_computed_nesterov():
 
 
 def _diloco_trainer(compression="int8", islands=4, fsdp=2, tensor=1, **cfg_overrides):
-    cfg = tiny_config(mesh=dict(islands=islands, fsdp=fsdp, tensor=tensor),
-                      diloco=dict(inner_steps=5, compression=compression, block_size=64), **cfg_overrides)
+    cfg_overrides.setdefault("diloco", dict(inner_steps=5, compression=compression, block_size=64))
+    cfg = tiny_config(mesh=dict(islands=islands, fsdp=fsdp, tensor=tensor), **cfg_overrides)
     return cfg, Trainer(cfg)
 
 
@@ -109,6 +109,10 @@ def test_islands_bit_identical_after_sync_and_s8_on_the_wire():
     assert not np.array_equal(q[0], q[1])
     hlo = tr._sync.lower(tr.state).compile().as_text()
     tr.sync()
+    # the outer state lives in pinned host memory between syncs (the CPU backend has that memory kind too)
+    assert tr.host_offload
+    assert all(x.sharding.memory_kind == "pinned_host" for x in jax.tree.leaves(tr.state.global_params))
+    assert all(x.sharding.memory_kind == "device" for x in jax.tree.leaves(tr.state.inner.params))
     # every device's copy of the global params equals every other copy of the same slice, bit for bit
     for leaf in jax.tree.leaves(tr.state.global_params):
         by_index = {}
@@ -160,3 +164,16 @@ def test_four_islands_train_with_falling_loss_and_wire_ratio():
     ratio = collective.ring_allreduce_bytes_per_island(n, 4) * 100 / collective.wire_bytes_per_island(n, 4)
     assert ratio >= 0.98 * 4 * 100, ratio
     assert tr.wire_ratio_vs_ddp >= 0.98 * 4 * cfg.diloco.inner_steps * 0.9
+
+
+def test_host_offload_changes_nothing_numerically():
+    cfg, on = _diloco_trainer(islands=2, fsdp=4)
+    _, off = _diloco_trainer(islands=2, fsdp=4, diloco=dict(inner_steps=5, block_size=64, outer_state_on_host=False))
+    assert on.host_offload and not off.host_offload
+    for i, b in enumerate(_synthetic_batches(cfg, 2, 10)):
+        for tr in (on, off):
+            tr.inner_step(tr.make_batch(b))
+            if (i + 1) % 5 == 0:
+                tr.sync()
+    for a, b in zip(jax.tree.leaves(jax.device_get(on.state)), jax.tree.leaves(jax.device_get(off.state))):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
