@@ -1,0 +1,74 @@
+#!/usr/bin/env python3
+"""Demo of the elastic mode on one machine: a coordinator and N islands, each its own `intellect-jax train` program.
+
+    python launch/local_islands.py --islands 3 -- --config configs/debug.toml --run.steps=100
+
+Every island gets `mesh.islands=1` (one island per program), its own run directory (<out>/island<i>), its own data
+shard, and CPU devices of its own (`--devices-per-island`). The secret is generated into <out>/secret. Logs go to
+<out>/coordinator.log and <out>/island<i>.log; each island's metrics.jsonl has a params_hash per outer step, the same
+on every island. Ctrl-C stops everything (the islands checkpoint first).
+"""
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--islands", type=int, default=3)
+    parser.add_argument("--devices-per-island", type=int, default=2)
+    parser.add_argument("--out", default="runs/elastic-demo")
+    parser.add_argument("--run-id", default="elastic-demo")
+    parser.add_argument("train_args", nargs=argparse.REMAINDER, help="intellect-jax train arguments (after --)")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    secret = out / "secret"
+    if not secret.exists():
+        secret.write_bytes(os.urandom(32))
+    port_file = out / "coordinator.port"
+    port_file.unlink(missing_ok=True)
+    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+    env.pop("XLA_FLAGS", None)
+    cli = [sys.executable, "-m", "intellect_jax"]
+    coord = subprocess.Popen([*cli, "coordinator", "--bind", "127.0.0.1:0", "--secret-file", str(secret),
+                              "--run-id", args.run_id, "--min-islands", str(args.islands),
+                              "--port-file", str(port_file)], env=env,
+                             stderr=open(out / "coordinator.log", "a"), stdout=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not (port_file.exists() and port_file.read_text().strip()):
+        if coord.poll() is not None or time.time() > deadline:
+            print(f"the coordinator did not start; see {out / 'coordinator.log'}", file=sys.stderr)
+            return 1
+        time.sleep(0.1)
+    addr = f"127.0.0.1:{port_file.read_text().strip()}"
+    train_args = [a for a in args.train_args if a != "--"] or ["--config", "configs/debug.toml"]
+    islands = [subprocess.Popen(
+        [*cli, "train", *train_args, "--mesh.islands=1", "--mesh.fsdp=-1",
+         f"--run.host_devices={args.devices_per_island}", f"--run.dir={out / f'island{i}'}",
+         f"--elastic.coordinator={addr}", f"--elastic.secret_file={secret}", f"--elastic.run_id={args.run_id}",
+         f"--elastic.island_name=island{i}", f"--elastic.data_shard={i}", f"--elastic.data_shards={args.islands}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=open(out / f"island{i}.log", "a")) for i in range(args.islands)]
+    print(f"coordinator {addr}; {args.islands} islands; logs in {out}/")
+
+    def forward(signum, _frame):
+        for p in islands:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    codes = [p.wait() for p in islands]
+    coord.terminate()
+    coord.wait()
+    print(f"islands exited with {codes}")
+    return next((c for c in codes if c), 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
