@@ -74,11 +74,17 @@ def cmd_train(args, overrides) -> int:
     return 0
 
 
+def json_string(text: str) -> str:
+    """A TOML basic string (JSON escaping is valid TOML) for an override value."""
+    import json
+
+    return json.dumps(text)
+
+
 def cmd_import_hf(args, overrides) -> int:
-    cfg = _load(args, [*overrides, f"--run.init_from_hf={args.hf_dir!r}".replace("'", '"')])
+    cfg = _load(args, [*overrides, f"--run.init_from_hf={json_string(args.hf_dir)}"])
     configure_jax_platform(cfg)
     if args.model_from_hf:
-        import dataclasses
         import json
         from pathlib import Path
 
@@ -86,7 +92,6 @@ def cmd_import_hf(args, overrides) -> int:
 
         hf_cfg = json.loads((Path(args.hf_dir) / "config.json").read_text())
         cfg = cfg.replace(model=hf.model_config_from_hf(hf_cfg, base=cfg.model))
-        del dataclasses
     from intellect_jax.trainer import init_run_from_hf
 
     init_run_from_hf(cfg)

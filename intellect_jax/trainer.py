@@ -104,7 +104,7 @@ class Trainer:
     def _build_diloco(self, inner_step) -> None:
         cfg, mesh, n = self.cfg, self.mesh, self.num_islands
         self.outer = diloco.make_outer_optimizer(cfg.diloco)
-        global_params, gshard = init_params(self.setup, cfg.model, mesh, cfg.run.seed, self._imported_params())
+        global_params, _ = init_params(self.setup, cfg.model, mesh, cfg.run.seed, self._imported_params())
         inner_init = lambda p: inner_init_state(p, self.setup.optimizer)  # noqa: E731
         abstract_inner = jax.eval_shape(jax.vmap(inner_init, axis_size=n),
                                         jax.eval_shape(lambda g: diloco.broadcast_islands(g, n), global_params))
@@ -136,7 +136,7 @@ class Trainer:
 
         self.state = jax.jit(lambda g: diloco.init_state(g, inner_init, self.outer, n),
                              out_shardings=self.state_shardings)(global_params)
-        del global_params, gshard
+        del global_params  # now inside the state
         reduce_mean = collective.make_island_mean(mesh, inner_specs.params, compression=cfg.diloco.compression,
                                                   block_size=cfg.diloco.block_size)
         inner_sh = self.state_shardings.inner

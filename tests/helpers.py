@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from intellect_jax.config import Config, DataConfig, ModelConfig, OptimConfig, from_dict
+from intellect_jax.config import Config, ModelConfig, from_dict
 
 
 def tiny_model(**overrides) -> ModelConfig:

@@ -58,7 +58,7 @@ def test_restore_onto_other_islands_and_inner_mesh(tmp_path, mesh):
     run = tmp_path / "run"
     train(_cfg(run, 6, mesh=dict(islands=2, fsdp=4)))
     before = _arrays(run, 6)["outer"]["global_params"]
-    summary = train(_cfg(run, 9, mesh=mesh))
+    train(_cfg(run, 9, mesh=mesh))
     log = (run / "train.log").read_text()
     if mesh["islands"] != 2:
         assert "re-initialised from the global params" in log

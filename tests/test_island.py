@@ -1,6 +1,5 @@
 """Elastic islands with the real JAX trainer: separate processes, a coordinator, the TCP int8 ring."""
 
-import json
 import os
 import signal
 import subprocess

@@ -1,6 +1,5 @@
 """Multi-process runs, metrics JSONL + plots, SIGTERM -> checkpoint -> resume (real processes)."""
 
-import json
 import os
 import signal
 import subprocess
@@ -9,7 +8,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from intellect_jax.metrics import read_metrics
 
