@@ -72,6 +72,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=3.0, help="timing window per measurement")
     ap.add_argument("--trainer-tokens-per-s", type=float, default=None,
                     help="the trainer's consumption to compare with (default: measure the debug model)")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave benchmarks/RESULTS.md alone")
     args = ap.parse_args()
     src = SourceConfig(name="python-stdlib", path=args.data, auto_prepare="python-stdlib")
     base = DataConfig(kind="prepared", sources=(src,))
@@ -80,8 +81,9 @@ def main() -> int:
     print(f"corpus ready in {time.perf_counter() - t0:.1f} s: {os.path.expanduser(args.data)}\n")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"python {platform.python_version()}\n")
-    print("| seq_len | batch | loader tok/s (prefetch 2) | loader tok/s (no prefetch) | trainer tok/s | headroom |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    lines = ["| seq_len | batch | loader tok/s (prefetch 2) | loader tok/s (no prefetch) | trainer tok/s | headroom |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    print("\n".join(lines))
     for seq_len in (128, 512):
         for batch in (16, 64):
             cfg = dataclasses.replace(base, seq_len=seq_len, batch_size=batch, prefetch=2)
@@ -93,7 +95,17 @@ def main() -> int:
                 train = trainer_rate(seq_len, batch, args.seconds)
             tr = f"{train:,.0f}" if train else "n/a"
             head = f"{pre / train:,.0f}x" if train else "n/a"
-            print(f"| {seq_len} | {batch} | {pre:,.0f} | {raw:,.0f} | {tr} | {head} |", flush=True)
+            lines.append(f"| {seq_len} | {batch} | {pre:,.0f} | {raw:,.0f} | {tr} | {head} |")
+            print(lines[-1], flush=True)
+    if not args.no_write:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from benchmarks import common
+
+        note = ("Loader: the demo corpus (Python stdlib, BPE 4096), 4 islands, tokens/s of finished batches. "
+                "Trainer: forward + backward of the debug model on one CPU device at the same batch shape, the "
+                "demo trainer's consumption rate; headroom = loader / trainer.")
+        common.write_section("Data loader throughput", common.provenance(time.perf_counter() - t0) + "\n\n"
+                             + "\n".join(lines) + "\n\n" + note)
     return 0
 
 

@@ -12,11 +12,15 @@ from __future__ import annotations
 import argparse
 import time
 
+import sys
+from pathlib import Path
+
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from intellect_jax import quant
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import common  # noqa: E402
+from intellect_jax import quant  # noqa: E402
 
 
 def best_seconds(fn, repeats: int) -> float:
@@ -34,7 +38,9 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=256, help="float32 vector size in MiB")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--block-size", type=int, default=256)
+    ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = ap.parse_args()
+    t_start = time.perf_counter()
     bs = args.block_size
     n = quant.padded_size(args.mib * 2**20 // 4, bs)
     x = np.random.default_rng(0).standard_normal(n).astype(np.float32)
@@ -60,12 +66,14 @@ def main() -> None:
                      gb / best_seconds(lambda: jax.block_until_ready(unpack(cd, sd)), args.repeats)))
 
     dev = jax.devices()[0]
-    print(f"{args.mib} MiB float32 vector, block_size {bs}, best of {args.repeats}; jax {jax.__version__} on "
-          f"{dev.platform} ({getattr(dev, 'device_kind', '')}), {len(jax.devices())} device(s)\n")
-    print("| operation | implementation | GB/s (float32 side) | x memcpy |")
-    print("|---|---|---:|---:|")
-    for name, impl, gbs in rows:
-        print(f"| {name} | {impl} | {gbs:.2f} | {gbs / memcpy:.2f} |")
+    lines = [f"{args.mib} MiB float32 vector, block_size {bs}, best of {args.repeats}; jax {jax.__version__} on "
+             f"{dev.platform} ({getattr(dev, 'device_kind', '')}), {len(jax.devices())} device(s)", "",
+             "| operation | implementation | GB/s (float32 side) | x memcpy |", "|---|---|---:|---:|"]
+    lines += [f"| {name} | {impl} | {gbs:.2f} | {gbs / memcpy:.2f} |" for name, impl, gbs in rows]
+    print("\n".join(lines))
+    if not args.no_write:
+        common.write_section("Packing throughput", common.provenance(time.perf_counter() - t_start) + "\n\n"
+                             + "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -191,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wan", default="", help="e.g. 100mbit: run in netns islands with tbf links (root)")
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--json", default="", help="also write the summary rows here")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave benchmarks/RESULTS.md alone")
     a = ap.parse_args(argv)
+    t_start = time.perf_counter()
     N = a.members
     if a.wan:
         from wan_emulation import Topology
@@ -214,6 +216,20 @@ def main(argv: list[str] | None = None) -> int:
               f"{str(s['bit_identical']):>9}")
     if a.json:
         Path(a.json).write_text(json.dumps(summary, indent=1))
+    if not a.no_write:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from benchmarks import common
+
+        body = common.table(
+            ["fp32 MB", "mode", "payload MB", "best s", "median s", "bound s", "of link rate", "bit-identical"],
+            [[f"{s['fp32_mb']:.0f}", s["compression"], f"{s['payload_mb']:.1f}", f"{s['seconds_best']:.3f}",
+              f"{s['seconds_median']:.3f}", f"{s['bound_s']:.3f}", f"{s['fraction_of_link_rate']:.1%}",
+              str(s["bit_identical"])] for s in summary])
+        note = (f"{N} islands (separate processes), {a.streams} TCP streams per link, chunk "
+                f"{a.chunk_bytes >> 20} MiB, rate: {label}. Bound = 2(N-1)/N x payload / link rate (int8 payload "
+                "includes the fp32 block scales). 'bit-identical': every member decoded the same mean bytes.")
+        common.write_section(f"Link utilization: {label.split(' raw')[0]}",
+                             common.provenance(time.perf_counter() - t_start) + "\n\n" + body + "\n\n" + note)
     return 0 if all(s["bit_identical"] for s in summary) else 1
 
 
