@@ -32,7 +32,6 @@ Table 2 applies the same model to the measured inner step of a preset on this ha
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import socket
 import statistics
 import sys

@@ -65,6 +65,7 @@ class Trainer:
         self.mesh = mesh or sh.make_mesh(cfg.mesh)
         self.num_islands = sh.island_count(self.mesh)
         self.elastic = bool(cfg.elastic.coordinator)  # islands are separate programs joined over TCP
+        self._serialize = jax.default_backend() == "cpu" and len(self.mesh.devices.flat) > 1
         self.diloco = self.num_islands > 1 or self.elastic
         self.setup = ModelSetup.build(cfg.model, cfg.optim)
         inner_step = make_train_step(self.setup.graphdef, cfg.model, cfg.optim, self.setup.optimizer,
@@ -184,11 +185,19 @@ class Trainer:
             self.state = self.state._replace(inner=inner)
         else:
             self.state, metrics = self._inner(self.state, batch)
-        return metrics
+        return self._maybe_block(metrics)
 
     def sync(self) -> dict:
         self.state, metrics = self._sync(self.state)
-        return metrics
+        return self._maybe_block(metrics)
+
+    def _maybe_block(self, out):
+        # Simulated CPU devices: two programs with collectives in flight at once can deadlock XLA:CPU's
+        # rendezvous (seen intermittently on a loaded 2-core machine), so CPU runs execute one program at a time.
+        # Accelerators keep asynchronous dispatch (step N+1 is queued before step N's metrics are read).
+        if self._serialize:
+            jax.block_until_ready((self.state, out))
+        return out
 
     # -- elastic mode (island.py drives these) -----------------------------------------------------------------------
 
@@ -197,7 +206,7 @@ class Trainer:
 
     def apply_delta_vector(self, delta: np.ndarray) -> dict:
         self.state, metrics = self._apply_delta(self.state, jax.device_put(delta, self.replicated))
-        return metrics
+        return self._maybe_block(metrics)
 
     def install_global(self, global_params, outer_opt_state, outer_step: int, step: int) -> None:
         self.state = self._install(global_params, outer_opt_state, jax.numpy.int32(outer_step),
