@@ -10,7 +10,7 @@ from typing import Any
 
 import jax
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 
 from intellect_jax import model as model_lib
 from intellect_jax import sharding as sh
@@ -76,7 +76,3 @@ def init_params(setup: ModelSetup, model_cfg: ModelConfig, mesh: Mesh, seed: int
         return jax.device_put(params, shardings), shardings
     params = jax.jit(lambda: model_lib.create(model_cfg, seed)[1], out_shardings=shardings)()
     return params, shardings
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())
