@@ -3,7 +3,7 @@
     python benchmarks/quality.py            # ~8-15 min on 2 CPU cores (load-dependent): 5 arms x 250 inner steps
     python benchmarks/quality.py --quick    # ~2 min smoke version (40 steps, H 10/20, batch 2, small eval)
 
-The DiLoCo papers' protocol (Douillard et al., arXiv 2311.08455, Table/Fig. "compute budget"), scaled down: the debug
+The DiLoCo papers' protocol (Douillard et al., arXiv 2311.08105, Table/Fig. "compute budget"), scaled down: the debug
 Llama (configs/debug.toml) on the python-stdlib demo corpus, seq_len 128, the same inner AdamW and schedule in every
 arm, and the same token stream in every arm:
 
@@ -110,7 +110,7 @@ def make_eval(cfg):
     from intellect_jax.train_step import make_loss_fn
 
     setup = ModelSetup.build(cfg.model, cfg.optim)
-    loss_fn = make_loss_fn(setup.graphdef, cfg.model, 0.0)
+    loss_fn = make_loss_fn(setup.graphdef, 0.0)
     sums = jax.jit(lambda p, b: (loss_fn(p, b)[1][0], b["loss_mask"].sum()))
 
     def evaluate(params, batches) -> float:

@@ -9,9 +9,9 @@ Each preset runs in its own subprocess (the simulated CPU device count is per pr
 batch of random tokens (data loading is benchmarked by data_throughput.py; DiLoCo syncs are not included).
 
 tokens/s = islands x batch x seq_len / median step time. MFU = (6 N + 12 L H Q T) x tokens/s / (peak x devices)
-(info.flops_per_token, REFERENCE.md's formula) where ``metrics.device_peak_flops`` knows the device (dense bf16
-peak); on CPU it is n/a. References for a GPU run: INTELLECT-1 43.3% MFU with no communication (REFERENCE.md), MaxText
-~50% (as quoted in issue 8).
+(info.flops_per_token; PaLM appendix B) where ``metrics.device_peak_flops`` knows the device (dense bf16 peak); on
+CPU it is n/a. References for a GPU run: INTELLECT-1 43.3% MFU with no communication (INTELLECT-1 technical report,
+Jaghouar et al. 2024, arXiv 2412.01152), MaxText ~50% (as quoted in issue 8).
 
 On CPU the presets that cannot finish a step in reasonable time are skipped, with the reason computed from their
 FLOPs per step at the CPU's measured FLOP rate and from info.memory_estimate.
@@ -38,7 +38,7 @@ CPU_DEFAULT = [("debug.toml", []),
                ("150m.toml", ["data.batch_size=1", "data.seq_len=256", "model.compute_dtype=float32"])]
 CPU_SKIPPED = ["1b.toml", "intellect1-10b.toml"]
 CPU_STEP_LIMIT_S = 120.0  # a preset whose estimated step exceeds this on CPU is skipped
-REFERENCE_MFU = "INTELLECT-1 43.3% (no communication, REFERENCE.md); MaxText ~50% (issue 8)"
+REFERENCE_MFU = "INTELLECT-1 43.3% (no communication, INTELLECT-1 report); MaxText ~50% (issue 8)"
 
 
 def measure(preset: str, overrides: list[str], steps: int) -> dict:

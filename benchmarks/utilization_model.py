@@ -7,7 +7,7 @@
 The model (blocking sync, as in INTELLECT-1 and this trainer's in-program DiLoCo):
 
     utilization = compute / (compute + non-overlapped sync)
-    compute     = H x inner-step time                    (10B: 38 min per 100 inner steps, REFERENCE.md)
+    compute     = H x inner-step time                    (10B: 38 min per 100 inner steps, INTELLECT-1 report)
     sync        = bytes one member sends / achieved rate + latency
     bytes sent  = 2 (N-1)/N x payload                     (ring reduce-scatter + all-gather, collective.py)
     payload     = int8 codes + one fp32 scale per 256-element block, for every parameter (quant.payload_bytes)
@@ -19,7 +19,7 @@ model reproduces the report's utilization (it must, by construction: compute / (
 then predicts the utilization with our reduce's achieved rate on the same links. The links' nominal rates are not
 in the report's table; they are estimated as PRIME's achieved rate / PRIME's link efficiency, where PRIME's
 efficiency (~16% of the link rate: a 1B all-reduce in ~102 s at 500 Mbit/s) is the one published figure
-(REFERENCE.md; ``--prime-link-efficiency``).
+(the INTELLECT-1 technical report, Jaghouar et al. 2024, arXiv 2412.01152; ``--prime-link-efficiency``).
 
 Our achieved rate is, in this order of precedence: ``--link-efficiency`` x link rate; ``min(--reduce-gbps, link
 rate)``; or ``min(loopback codec rate, link rate)``, where the loopback codec rate is measured here with plain
@@ -43,12 +43,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402
 
-# INTELLECT-1 technical report, Table 2 (REFERENCE.md): scenario -> (median all-reduce s, compute utilization %).
+# INTELLECT-1 technical report (arXiv 2412.01152), Table 2: scenario -> (median all-reduce s, compute utilization %).
 REPORT = {"USA": (103.0, 95.7), "USA + Europe": (382.0, 85.6), "Global": (469.0, 83.0)}
-REPORT_COMPUTE_S = 38 * 60  # 100 inner steps of the 10B model (REFERENCE.md)
+REPORT_COMPUTE_S = 38 * 60  # 100 inner steps of the 10B model (INTELLECT-1 report)
 REPORT_H = 100
-PRIME_LINK_EFFICIENCY = 0.16  # REFERENCE.md: 1B all-reduce ~102 s at 500 Mbit/s, ~16% of the link rate
-MAX_LINK_GBPS = 4.0  # REFERENCE.md: links between nodes were 0.5-4 Gbit/s
+PRIME_LINK_EFFICIENCY = 0.16  # INTELLECT-1 report: 1B all-reduce ~102 s at 500 Mbit/s, ~16% of the link rate
+MAX_LINK_GBPS = 4.0  # INTELLECT-1 report: links between nodes were 0.5-4 Gbit/s
 # Assumed one-way latencies (not in the report): a ring step waits one message before its chunks pipeline.
 DEFAULT_LATENCY_MS = {"USA": 30.0, "USA + Europe": 60.0, "Global": 120.0}
 BLOCK = 256
@@ -151,9 +151,9 @@ def main() -> int:
     ap.add_argument("--islands", type=int, default=14,
                     help="ring members N for the 10B run (INTELLECT-1: 4 at the start, 14 at peak)")
     ap.add_argument("--prime-link-efficiency", type=float, default=PRIME_LINK_EFFICIENCY,
-                    help="fraction of the link rate PRIME's all-reduce achieved (REFERENCE.md: ~0.16)")
+                    help="fraction of the link rate PRIME's all-reduce achieved (INTELLECT-1 report: ~0.16)")
     ap.add_argument("--max-link-gbps", type=float, default=MAX_LINK_GBPS,
-                    help="cap on the implied link rate (REFERENCE.md: links were 0.5-4 Gbit/s)")
+                    help="cap on the implied link rate (INTELLECT-1 report: links were 0.5-4 Gbit/s)")
     ap.add_argument("--link-efficiency", type=float, default=None,
                     help="our achieved fraction of the link rate (overrides --reduce-gbps and the loopback codec)")
     ap.add_argument("--reduce-gbps", type=float, default=None,

@@ -3,7 +3,7 @@
     intellect-jax info --config FILE [--section.key=value ...]
     intellect-jax train --config FILE [--section.key=value ...]
     intellect-jax prepare-data --input GLOB ... --out DIR
-    intellect-jax coordinator --bind HOST:PORT --secret-file FILE
+    intellect-jax coordinator --bind HOST:PORT --secret-file FILE [--config FILE] [--elastic.key=value ...]
 
 jax is imported only after the config is read, so ``run.host_devices`` / ``run.platform`` can configure it.
 """
@@ -134,14 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_arguments(p)
     p.set_defaults(func=lambda a, _: plot.run(a), takes_overrides=False)
 
-    try:
-        from intellect_jax.elastic import coordinator
-    except ImportError:  # pragma: no cover - the elastic layer is optional at import time
-        coordinator = None
-    if coordinator is not None and hasattr(coordinator, "add_arguments"):
-        p = sub.add_parser("coordinator", help="membership/epoch coordinator for islands joined over TCP")
-        coordinator.add_arguments(p)
-        p.set_defaults(func=lambda a, _: coordinator.run(a), takes_overrides=False)
+    from intellect_jax.elastic import coordinator
+
+    p = sub.add_parser("coordinator", help="membership/epoch coordinator for islands joined over TCP")
+    coordinator.add_arguments(p)
+    p.set_defaults(func=coordinator.run, takes_overrides=True)
     return parser
 
 

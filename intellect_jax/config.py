@@ -177,7 +177,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class DilocoConfig:
-    """DiLoCo (arXiv 2311.08455): H inner steps per island, then an outer step on the mean pseudo-gradient."""
+    """DiLoCo (Douillard et al. 2023, arXiv 2311.08105): H inner steps per island, then an outer step on the mean
+    pseudo-gradient."""
 
     inner_steps: int = 100  # H
     outer_optimizer: str = "nesterov"  # "nesterov" (SGD + Nesterov momentum) | "sgd" | "adam"
@@ -197,7 +198,11 @@ class DilocoConfig:
 
 @dataclass(frozen=True)
 class ElasticConfig:
-    """Islands as separate programs joined over TCP (see intellect_jax/elastic/). Off when coordinator is ""."""
+    """Islands as separate programs joined over TCP (see intellect_jax/elastic/). Off when coordinator is "".
+
+    The islands (``IslandClient``) and ``intellect-jax coordinator`` both read it; the coordinator's flags default to
+    these fields, so give the coordinator the same values the islands use.
+    """
 
     coordinator: str = ""  # HOST:PORT of `intellect-jax coordinator`
     secret_file: str = ""  # shared secret for HMAC-authenticated frames (required when coordinator is set)
@@ -206,28 +211,54 @@ class ElasticConfig:
     listen: str = "0.0.0.0:0"  # where this island accepts ring and state-transfer peers (port 0: any free port)
     advertise_host: str = ""  # address peers use to reach this island ("" -> the address seen by the coordinator)
     heartbeat_s: float = 2.0
-    dead_after_s: float = 10.0
+    dead_after_s: float = 10.0  # no heartbeat (or no ring traffic) for this long: the island is dead
     streams: int = 4  # parallel TCP connections per ring link
-    chunk_bytes: int = 4 << 20  # pipelining unit of the ring all-reduce
-    max_frame_bytes: int = 256 << 20
-    reduce_retries: int = 3
+    chunk_bytes: int = 4 << 20  # pipelining unit of the ring all-reduce and of state transfers
+    # A frame is read whole before its MAC can be checked, so each side caps what a connection may make it buffer.
+    # Between islands the frames carry ring chunks, state-transfer chunks and link probes (megabytes); to and from
+    # the coordinator they carry only JSON control messages (a few kB per island), so the coordinator, which every
+    # island of the run connects to, keeps a much smaller cap.
+    peer_max_frame_bytes: int = 256 << 20
+    coordinator_max_frame_bytes: int = 1 << 20
+    reduce_retries: int = 3  # aborted reduces of one outer step redone before giving up (ReduceFailed)
+    coordinator_timeout_s: float = 120.0  # an island gives up when the coordinator stays unreachable this long
+    # Longest an island waits at an outer-step boundary (for the slowest island's inner steps and the decision) or
+    # for a peer to fetch the state from.
+    barrier_timeout_s: float = 3600.0
+    # After a membership change (3+ islands) each island times a transfer of this many bytes to every peer; the
+    # coordinator orders the ring to maximise the slowest link. 0: no probes (the ring is ordered by name).
+    probe_bytes: int = 1 << 20
+    serve_bytes_per_s: float = 0.0  # cap on the rate an island sends its state to a joiner (0: no cap)
+    # Coordinator only: islands that must be ready before the first outer step of a fresh run, and how long a
+    # restarted coordinator waits for the members of the newest epoch to re-register (0: dead_after_s).
+    min_islands: int = 1
+    recovery_grace_s: float = 0.0
     # Which disjoint slice of the data this island reads: slice `data_shard` of `data_shards` (give every island of
     # the run its own index; a restarted island keeps its index).
     data_shard: int = 0
     data_shards: int = 1
 
     def validate(self) -> None:
-        _positive(self, "heartbeat_s", "dead_after_s", "streams", "chunk_bytes", "max_frame_bytes", "data_shards")
+        _positive(self, "heartbeat_s", "dead_after_s", "streams", "chunk_bytes", "peer_max_frame_bytes",
+                  "coordinator_max_frame_bytes", "coordinator_timeout_s", "barrier_timeout_s", "min_islands",
+                  "data_shards")
+        _nonnegative(self, "reduce_retries", "probe_bytes", "serve_bytes_per_s", "recovery_grace_s")
         if not 0 <= self.data_shard < self.data_shards:
             raise ConfigError(f"elastic.data_shard={self.data_shard} must be in [0, elastic.data_shards="
                               f"{self.data_shards})")
-        _nonnegative(self, "reduce_retries")
         if self.coordinator and not self.secret_file:
             raise ConfigError("elastic.coordinator is set but elastic.secret_file is empty; every island and the "
                               "coordinator must share a secret file (e.g. `head -c 32 /dev/urandom > secret`)")
         if self.dead_after_s <= self.heartbeat_s:
             raise ConfigError(f"elastic.dead_after_s={self.dead_after_s} must exceed "
                               f"elastic.heartbeat_s={self.heartbeat_s}")
+        if self.probe_bytes + FRAME_HEADER_ALLOWANCE > self.peer_max_frame_bytes:
+            raise ConfigError(f"elastic.probe_bytes={self.probe_bytes} does not fit in one peer frame; lower it or "
+                              f"raise elastic.peer_max_frame_bytes={self.peer_max_frame_bytes}")
+
+
+# Room for a frame's JSON header next to its payload (a ring or probe header is a few hundred bytes).
+FRAME_HEADER_ALLOWANCE = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -326,6 +357,13 @@ class Config:
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings="
                 f"{self.model.max_position_embeddings}; shorten the sequence or raise the limit")
+        # A ring frame carries one chunk: chunk_bytes of int8 codes plus an fp32 scale per block (fp32: chunk_bytes).
+        e = self.elastic
+        ring_frame = e.chunk_bytes + 4 * (e.chunk_bytes // self.diloco.block_size) + FRAME_HEADER_ALLOWANCE
+        if ring_frame > e.peer_max_frame_bytes:
+            raise ConfigError(
+                f"elastic.chunk_bytes={e.chunk_bytes} makes ring frames of up to {ring_frame} bytes, more than "
+                f"elastic.peer_max_frame_bytes={e.peer_max_frame_bytes}; lower the chunk or raise the limit")
         return self
 
     @property
@@ -333,6 +371,7 @@ class Config:
         return self.run.steps if self.run.steps > 0 else self.optim.total_steps
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as nested plain dicts (JSON/TOML-ready); the one way to serialise a Config."""
         return dataclasses.asdict(self)
 
     def replace(self, **sections: Any) -> "Config":
@@ -444,5 +483,6 @@ def _choice(obj: Any, name: str, choices: tuple[str, ...]) -> None:
 
 
 def _section(obj: Any) -> str:
-    return {ModelConfig: "model", OptimConfig: "optim", DataConfig: "data", DilocoConfig: "diloco",
-            ElasticConfig: "elastic", MeshConfig: "mesh", CheckpointConfig: "checkpoint", RunConfig: "run"}.get(type(obj), type(obj).__name__)
+    sections = {ModelConfig: "model", OptimConfig: "optim", DataConfig: "data", DilocoConfig: "diloco",
+                ElasticConfig: "elastic", MeshConfig: "mesh", CheckpointConfig: "checkpoint", RunConfig: "run"}
+    return sections.get(type(obj), type(obj).__name__)

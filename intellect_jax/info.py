@@ -34,7 +34,7 @@ def count_params(cfg: ModelConfig) -> ModelInfo:
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, total_params: int | None = None) -> float:
-    """Training FLOPs per token, 6 N + 12 L H Q T (PaLM appendix B; REFERENCE.md's MFU formula).
+    """Training FLOPs per token, 6 N + 12 L H Q T (PaLM, Chowdhery et al. 2022, appendix B).
 
     N counts every matmul parameter: all parameters except the input embedding (a gather), i.e. the LM head counts
     even when tied. The attention term is the full (non-causal-discounted) score + value matmuls, as in the formula.

@@ -5,7 +5,7 @@ is a rename + transpose, never a permutation. Knows nothing of islands or meshes
 axis names (metadata ``axes``) that sharding.py maps onto a mesh.
 
 Decoder layers keep their parameters stacked on a leading ``layers`` axis and run under ``jax.lax.scan`` with a
-configurable remat policy (what ``nnx.scan`` does, written out so the per-layer init scale of REFERENCE.md is exact).
+configurable remat policy (what ``nnx.scan`` does, written out so the per-layer init scale below is exact).
 
 Shape legend: B batch, L sequence, D hidden, H query heads, K key/value heads, Dh head dim, F ffn, V vocab,
 N layers.
@@ -49,7 +49,8 @@ class DecoderLayers(nnx.Module):
         h, k, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.resolved_head_dim
         pdt = _dtype(cfg.param_dtype)
         std = cfg.initializer_range
-        # Output projections are scaled by depth: std / sqrt(2 (layer + 1)) (REFERENCE.md, as in PRIME).
+        # Output projections are scaled by depth: std / sqrt(2 (layer + 1)) (torchtitan's `depth_init`, which PRIME,
+        # the INTELLECT-1 training code, uses).
         out_scale = std / jnp.sqrt(2.0 * (jnp.arange(n, dtype=jnp.float32) + 1.0))
 
         def normal(shape, scale=None):

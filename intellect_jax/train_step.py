@@ -90,21 +90,20 @@ def loss_sums(logits_BLV: jax.Array, targets_BL: jax.Array, mask_BL: jax.Array) 
     return ce.sum(), z.sum()
 
 
-def make_loss_fn(graphdef, model_cfg: ModelConfig, z_loss_weight: float, constrain=None):
+def make_loss_fn(graphdef, z_loss_weight: float, constrain=None):
     def loss_fn(params, batch: Batch):
         logits = model_lib.apply(graphdef, params, batch["inputs"], batch["positions"], batch["segment_ids"],
                                  constrain)
         ce_sum, z_sum = loss_sums(logits, batch["targets"], batch["loss_mask"])
         return ce_sum + z_loss_weight * z_sum, (ce_sum, z_sum)
 
-    del model_cfg
     return loss_fn
 
 
 def make_train_step(graphdef, model_cfg: ModelConfig, optim_cfg: OptimConfig,
                     optimizer: optax.GradientTransformation, constrain=None) -> Callable[[TrainState, Batch], tuple]:
     """Returns the pure step. The loss is the mean over all unmasked tokens of the whole (accumulated) batch."""
-    loss_fn = make_loss_fn(graphdef, model_cfg, optim_cfg.z_loss_weight, constrain)
+    loss_fn = make_loss_fn(graphdef, optim_cfg.z_loss_weight, constrain)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     schedule = make_schedule(optim_cfg)
     accum = optim_cfg.grad_accum_steps

@@ -10,7 +10,7 @@ Topology (all inside namespaces this script creates; the root namespace's networ
 So every island has a <rate> access link in each direction, as a node on a shared internet would.
 
     sudo python launch/wan_emulation.py up --islands 3 --rate 100mbit --tag ijw   # prints the namespaces / IPs
-    sudo ip netns exec ijw0 python -m intellect_jax.elastic.sim_island ...
+    sudo ip netns exec ijw0 python tests/sim_island.py ...
     sudo python launch/wan_emulation.py down --tag ijw
     sudo python launch/wan_emulation.py demo --islands 3 --rate 100mbit   # coordinator + 3 sim islands
 
@@ -24,8 +24,11 @@ import os
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 SUBNET = "10.77.0"
+# The numpy stand-in island the demo runs (a test helper: it drives IslandClient as the trainer does).
+SIM_ISLAND = Path(__file__).resolve().parents[1] / "tests" / "sim_island.py"
 
 
 def _ip(*args: str, ns: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -113,10 +116,9 @@ class Topology:
 
 
 def _demo(a: argparse.Namespace) -> int:
-    """Runs `python -m intellect_jax.elastic.sim_island` in each island namespace, the coordinator on the switch."""
+    """Runs tests/sim_island.py in each island namespace, the coordinator on the switch."""
     import json
     import tempfile
-    from pathlib import Path
 
     tmp = Path(tempfile.mkdtemp(prefix="wan-demo-"))
     (tmp / "secret").write_bytes(os.urandom(32))
@@ -127,7 +129,7 @@ def _demo(a: argparse.Namespace) -> int:
             py, "-m", "intellect_jax.elastic.coordinator", "--bind", f"{topo.switch_ip}:{port}", "--secret-file",
             str(tmp / "secret"), "--min-islands", str(a.islands)]), stderr=open(tmp / "coordinator.log", "w"))
         islands = [subprocess.Popen(topo.exec_cmd(i, [
-            py, "-m", "intellect_jax.elastic.sim_island", "--coordinator", f"{topo.switch_ip}:{port}",
+            py, str(SIM_ISLAND), "--coordinator", f"{topo.switch_ip}:{port}",
             "--listen", f"{topo.ips[i]}:0", "--secret-file", str(tmp / "secret"), "--name", f"island{i}",
             "--seed", str(i), "--dim", str(a.dim), "--steps", str(a.steps), "--compression", a.compression,
             "--inner-s", "0.5", "--dead-after-s", "10", "--out", str(tmp / f"island{i}.jsonl")]),

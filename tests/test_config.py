@@ -62,6 +62,37 @@ def test_bad_override_names_key_and_fix(override, words):
         assert w in str(e.value)
 
 
+@pytest.mark.parametrize("override, words", [
+    ("--elastic.coordinator_timeout_s=0", ["elastic.coordinator_timeout_s=0.0", "> 0"]),
+    ("--elastic.barrier_timeout_s=-1", ["elastic.barrier_timeout_s=-1.0", "> 0"]),
+    ("--elastic.min_islands=0", ["elastic.min_islands=0", "> 0"]),
+    ("--elastic.coordinator_max_frame_bytes=0", ["elastic.coordinator_max_frame_bytes=0", "> 0"]),
+    ("--elastic.peer_max_frame_bytes=0", ["elastic.peer_max_frame_bytes=0", "> 0"]),
+    ("--elastic.probe_bytes=-1", ["elastic.probe_bytes=-1", ">= 0"]),
+    ("--elastic.serve_bytes_per_s=-5", ["elastic.serve_bytes_per_s=-5.0", ">= 0"]),
+    ("--elastic.recovery_grace_s=-1", ["elastic.recovery_grace_s=-1.0", ">= 0"]),
+    ("--elastic.dead_after_s=1", ["elastic.dead_after_s=1.0", "elastic.heartbeat_s"]),
+    ("--elastic.probe_bytes=268435456", ["elastic.probe_bytes", "raise elastic.peer_max_frame_bytes"]),
+    ("--elastic.chunk_bytes=268435456", ["elastic.chunk_bytes", "elastic.peer_max_frame_bytes", "lower the chunk"]),
+    ("--elastic.max_frame_bytes=1", ["elastic.max_frame_bytes", "peer_max_frame_bytes"]),  # renamed key
+])
+def test_bad_elastic_values_name_key_and_fix(override, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_ring_frame_limit_counts_int8_scales():
+    # A 4 MiB int8 chunk carries 4 MiB / 256 fp32 scales (64 KiB), plus the 64 KiB header allowance.
+    fits = (4 << 20) + (64 << 10) + (64 << 10)
+    load_config(None, [f"--elastic.peer_max_frame_bytes={fits}"])
+    with pytest.raises(ConfigError, match="elastic.chunk_bytes=4194304 makes ring frames of up to"):
+        load_config(None, [f"--elastic.peer_max_frame_bytes={fits - 1}"])
+    with pytest.raises(ConfigError, match="elastic.chunk_bytes"):  # block 64: four times the scales
+        load_config(None, ["--diloco.block_size=64", f"--elastic.peer_max_frame_bytes={fits}"])
+
+
 def test_mesh_must_match_device_count():
     cfg = load_config("configs/debug.toml", ["--mesh.islands=3"])
     with pytest.raises(ConfigError, match="needs 6 devices but 8 are present"):

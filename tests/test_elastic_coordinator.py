@@ -5,8 +5,10 @@ import time
 
 import pytest
 
+from intellect_jax import cli
+from intellect_jax.config import ConfigError, ElasticConfig, RunConfig
 from intellect_jax.elastic import wire
-from intellect_jax.elastic.coordinator import Coordinator
+from intellect_jax.elastic.coordinator import Coordinator, elastic_config
 
 SECRET = b"c" * 32
 RUN = "coord-test"
@@ -39,7 +41,9 @@ class Isl:
 
 @pytest.fixture
 def coord():
-    c = Coordinator("127.0.0.1:0", SECRET, RUN, dead_after_s=2.0, min_islands=2, recovery_grace_s=0.5).start()
+    cfg = ElasticConfig(heartbeat_s=0.5, dead_after_s=2.0, min_islands=2, recovery_grace_s=0.5)
+    cfg.validate()
+    c = Coordinator(cfg, RUN, "127.0.0.1:0", SECRET).start()
     yield c
     c.close()
 
@@ -179,3 +183,40 @@ def test_duplicate_live_name_is_refused(coord, caplog):
         dup.rpc("register")
     assert "refused registration of a incarnation other-incarnation" in caplog.text
     assert coord.islands["a"].incarnation == "inc-a"
+
+
+# -- the `intellect-jax coordinator` command's settings ----------------------------------------------------------------
+
+
+def _args(*argv):
+    return cli.build_parser().parse_args(["coordinator", "--bind", "127.0.0.1:0", *argv])
+
+
+def test_cli_defaults_are_elastic_config_defaults():
+    assert elastic_config(_args("--secret-file", "s"), []) == (ElasticConfig(secret_file="s"), RunConfig().name)
+
+
+def test_cli_takes_the_islands_config_then_flags_and_overrides(tmp_path):
+    preset = tmp_path / "islands.toml"
+    preset.write_text('[run]\nname = "r1"\n[elastic]\nsecret_file = "k"\nheartbeat_s = 0.5\nmin_islands = 3\n')
+    cfg, run_id = elastic_config(_args("--config", str(preset), "--dead-after-s", "1.5"),
+                                 ["--elastic.recovery_grace_s=2"])
+    assert (cfg.secret_file, cfg.heartbeat_s, cfg.min_islands, cfg.dead_after_s, cfg.recovery_grace_s) == \
+        ("k", 0.5, 3, 1.5, 2.0)
+    assert run_id == "r1"
+    assert elastic_config(_args("--config", str(preset), "--run-id", "r2"), [])[1] == "r2"
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--secret-file", "s", "--min-islands", "0"], ["elastic.min_islands=0", "> 0"]),
+    (["--secret-file", "s", "--dead-after-s", "1"], ["elastic.dead_after_s=1.0", "elastic.heartbeat_s"]),
+    (["--secret-file", "s", "--recovery-grace-s", "-1"], ["elastic.recovery_grace_s=-1.0", ">= 0"]),
+    ([], ["--secret-file", "elastic.secret_file"]),
+])
+def test_cli_bad_values_name_the_key(argv, words, capsys):
+    with pytest.raises(ConfigError) as e:
+        elastic_config(_args(*argv), [])
+    for w in words:
+        assert w in str(e.value)
+    assert cli.main(["coordinator", "--bind", "127.0.0.1:0", *argv]) == 2  # a clean message, no traceback
+    assert words[0] in capsys.readouterr().err

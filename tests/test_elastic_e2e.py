@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from intellect_jax.elastic import ring, sim_island, wire
+from intellect_jax.elastic import ring, wire
 from intellect_jax.elastic.recovery import params_hash
+from tests import sim_island
 
 PY = sys.executable
 DIM = 100_000
@@ -73,7 +74,7 @@ class Run:
         self.seeds[name] = seed
         log = open(self.tmp / f"{name}{tag}.log", "w")
         self.procs[name + tag] = subprocess.Popen(
-            [*self.prefix(index), PY, "-m", "intellect_jax.elastic.sim_island", "--coordinator",
+            [*self.prefix(index), PY, sim_island.__file__, "--coordinator",
              f"{self.hosts(None)}:{self.port}", "--listen", f"{self.hosts(index)}:0",
              "--secret-file", str(self.secret), "--name", name, "--seed", str(seed), "--steps", str(steps),
              "--dim", str(self.dim), "--inner-s", str(inner_s), "--streams", str(STREAMS), "--chunk-bytes", str(CHUNK),
@@ -123,12 +124,12 @@ def run(tmp_path):
 def replay(run: Run, steps_by: dict[int, list[str]]) -> list[str]:
     """The run recomputed in-process: hash after each outer step, given each step's ring order."""
     p, m = sim_island.init_params(run.dim), np.zeros(run.dim, np.float32)
-    codec = ring.make_codec("int8")
+    codec = ring.make_codec("int8", sim_island.BLOCK_SIZE)
     hashes = []
     for s in range(len(steps_by)):
         order = steps_by[s]
         vecs = [sim_island.pseudo_grad(run.seeds[n], s, p) for n in order]
-        delta = ring.reference_ring_mean(vecs, codec, CHUNK, 256, STREAMS)
+        delta = ring.reference_ring_mean(vecs, codec, CHUNK, sim_island.BLOCK_SIZE, STREAMS)
         p, m = sim_island.outer_update(p, m, delta)
         hashes.append(params_hash({"params": p, "momentum": m}))
     return hashes

@@ -126,4 +126,4 @@ def test_corrupted_transfer_is_rejected_then_next_source_used(ctx, caplog):
 
 def test_no_source_raises(ctx):
     with pytest.raises(recovery.TransferError, match="no source"):
-        recovery.fetch_state([("gone", "127.0.0.1:1")], _connect)
+        recovery.fetch_state([("gone", "127.0.0.1:1")], _connect, chunk_bytes=1 << 20)

@@ -16,6 +16,7 @@ from intellect_jax.elastic import ordering, ring, wire
 SECRET = b"k" * 32
 RUN = "ring-test"
 MAXF = 64 << 20
+BLOCK = 256
 
 
 def _links(n_members, streams):
@@ -50,7 +51,7 @@ def _run_ring(vecs, codec, streams=2, chunk_bytes=4096, epoch=7):
 
     def member(i):
         try:
-            outs[i] = ring.ring_mean(vecs[i], i, send[i], recv[i], n, codec, chunk_bytes, 256, timeout=10,
+            outs[i] = ring.ring_mean(vecs[i], i, send[i], recv[i], n, codec, chunk_bytes, BLOCK, timeout=10,
                                      epoch=epoch)[0]
         except Exception as e:  # noqa: BLE001
             errs.append(e)
@@ -70,11 +71,11 @@ def _run_ring(vecs, codec, streams=2, chunk_bytes=4096, epoch=7):
 def test_ring_bit_identical_and_equal_to_reference(n_members, size, streams, compression):
     rng = np.random.default_rng(size)
     vecs = [rng.standard_normal(size).astype(np.float32) * (i + 1) for i in range(n_members)]
-    codec = ring.make_codec(compression)
+    codec = ring.make_codec(compression, BLOCK)
     outs = _run_ring(vecs, codec, streams=streams)
     for o in outs[1:]:
         assert o.tobytes() == outs[0].tobytes()  # bit-identical on every member
-    ref = ring.reference_ring_mean(vecs, codec, 4096, 256, streams)
+    ref = ring.reference_ring_mean(vecs, codec, 4096, BLOCK, streams)
     assert outs[0].tobytes() == ref.tobytes()
     exact = np.mean(np.stack(vecs).astype(np.float64), axis=0)
     if compression == "none":
@@ -95,7 +96,7 @@ def test_int8_ring_moves_a_quarter_of_the_fp32_bytes():
         send, recv = _links(3, 1)
         res = [None] * 3
         ths = [threading.Thread(target=lambda i=i: res.__setitem__(i, ring.ring_mean(
-            vecs[i], i, send[i], recv[i], 3, ring.make_codec(comp), 1 << 16, 256, timeout=10)[1]))
+            vecs[i], i, send[i], recv[i], 3, ring.make_codec(comp, BLOCK), 1 << 16, BLOCK, timeout=10)[1]))
             for i in range(3)]
         [t.start() for t in ths]
         [t.join(30) for t in ths]
@@ -136,7 +137,7 @@ def _member_proc(i, n, port_q, ports, vec, die):
 
         send = [Dying(send[0])]
     try:
-        ring.ring_mean(vec, i, send, recv, n, ring.make_codec("none"), 4096, 256, timeout=5)
+        ring.ring_mean(vec, i, send, recv, n, ring.make_codec("none", BLOCK), 4096, BLOCK, timeout=5)
         return "ok"
     except ring.RingError as e:
         return f"RingError: {e}"

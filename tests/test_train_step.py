@@ -102,7 +102,7 @@ def test_schedules_match_formulas():
     assert float(cos(110)) == pytest.approx(0.1 * lr)
     const = make_schedule(OptimConfig(learning_rate=lr, schedule="constant", warmup_steps=0, total_steps=10))
     assert float(const(0)) == pytest.approx(lr) and float(const(9)) == pytest.approx(lr)
-    # the INTELLECT-1 cooldown numbers from REFERENCE.md
+    # INTELLECT-1's WSD schedule and cooldown (INTELLECT-1 technical report, Jaghouar et al. 2024, arXiv 2412.01152)
     i1 = make_schedule(OptimConfig(learning_rate=7.5e-5, warmup_steps=1000, decay_start=74700, total_steps=90400))
     t = 80000
     assert float(i1(t)) == pytest.approx(7.5e-5 * (1 - np.sqrt((t - 74700) / (90400 - 74700))), rel=1e-5)

@@ -6,7 +6,9 @@ ring         int8 (or fp32) ring all-reduce whose result is bit-identical on eve
 ordering     bandwidth-aware ring order (maximise the slowest link)
 recovery     live state transfer from a live island, resumable across sources
 client       IslandClient: join / all_reduce_mean / commit / fetch_state / close
-sim_island   a numpy stand-in trainer island for tests, benchmarks and the WAN demo
+
+Settings come from ``intellect_jax.config.ElasticConfig``. A numpy stand-in island that drives IslandClient like the
+trainer (for the end-to-end tests and the WAN demo) lives in tests/sim_island.py.
 """
 
 from .client import ElasticError, IslandClient, JoinInfo, ReduceFailed, StaleStep

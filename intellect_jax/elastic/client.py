@@ -2,7 +2,8 @@
 
 Trainer loop (``s`` = completed outer steps)::
 
-    client = IslandClient(cfg.elastic, run_id, state_provider)      # state_provider() -> (arrays, meta)
+    client = IslandClient(cfg.elastic, run_id, state_provider,      # state_provider() -> (arrays, meta)
+                          compression=cfg.diloco.compression, block_size=cfg.diloco.block_size)
     info = client.join(s, params_hash(state))
     if info.needs_state:
         state = client.fetch_state()                                 # live, from a peer; sets s
@@ -36,6 +37,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from intellect_jax.config import ElasticConfig
+
 from . import recovery, ring, wire
 from .recovery import State, StateProvider
 
@@ -67,26 +70,22 @@ class JoinInfo:
 class IslandClient:
     """One island's connection to the run: coordinator RPCs, heartbeats, and a listener for ring/state/probe peers.
 
-    `cfg` is an ``ElasticConfig``-like object (coordinator, secret_file, island_name, listen, advertise_host,
-    heartbeat_s, dead_after_s, streams, chunk_bytes, max_frame_bytes, reduce_retries).
+    `compression` and `block_size` are the run's ``diloco.compression`` / ``diloco.block_size`` (the ring's payload
+    codec); every other setting comes from `cfg`.
     """
 
-    def __init__(self, cfg: Any, run_id: str, state_provider: StateProvider | None = None, *,
-                 compression: str = "int8", block_size: int = 256, coordinator_timeout_s: float = 120.0,
-                 barrier_timeout_s: float = 3600.0, probe_bytes: int = 1 << 20, serve_bytes_per_s: float = 0.0,
-                 secret: bytes | None = None):
+    def __init__(self, cfg: ElasticConfig, run_id: str, state_provider: StateProvider | None = None, *,
+                 compression: str, block_size: int):
+        if not run_id:
+            raise ValueError("run_id is empty; set elastic.run_id (or run.name)")
         self.cfg = cfg
-        self.run_id = run_id or "run"
+        self.run_id = run_id
         self.name = cfg.island_name or f"{socket.gethostname()}-{os.getpid()}"
         self.incarnation = uuid.uuid4().hex[:12]
-        self._secret = secret if secret is not None else wire.load_secret(cfg.secret_file)
+        self._secret = wire.load_secret(cfg.secret_file)
         self._provider = state_provider
         self.codec = ring.make_codec(compression, block_size)
         self.block_size = block_size
-        self.coordinator_timeout_s = coordinator_timeout_s
-        self.barrier_timeout_s = barrier_timeout_s
-        self.probe_bytes = probe_bytes
-        self.serve_bytes_per_s = serve_bytes_per_s
         self.on_ring_frame: Callable[[int], None] | None = None  # fault injection / progress (tests, metrics)
 
         # The status we re-send on every heartbeat: enough for a restarted coordinator to rebuild its view.
@@ -101,7 +100,7 @@ class IslandClient:
 
         self._mail = threading.Condition()
         self._ring_inbox: dict[tuple[int, str, int], wire.Conn] = {}
-        self.listener = wire.Server(cfg.listen, self._secret, self.run_id, cfg.max_frame_bytes, self._serve_peer,
+        self.listener = wire.Server(cfg.listen, self._secret, self.run_id, cfg.peer_max_frame_bytes, self._serve_peer,
                                     f"island-{self.name}", log, idle_timeout=3 * cfg.dead_after_s).start()
         self.port = self.listener.port
         self._rpc_conn: wire.Conn | None = None
@@ -183,7 +182,7 @@ class IslandClient:
 
     def fetch_state(self) -> State:
         """Pulls the latest committed state from a live island (resuming from another if the source dies)."""
-        deadline = time.monotonic() + self.barrier_timeout_s
+        deadline = time.monotonic() + self.cfg.barrier_timeout_s
         while True:
             rep = self._rpc("members")
             run_step = rep.get("run_step")
@@ -232,13 +231,13 @@ class IslandClient:
                     "advertise_host": self.cfg.advertise_host, "port": self.port, "rates": self._rates}
 
     def _connect_coord(self, kind: str) -> wire.Conn:
-        conn, _ = wire.connect(self.cfg.coordinator, self._secret, self.run_id, self.cfg.max_frame_bytes,
+        conn, _ = wire.connect(self.cfg.coordinator, self._secret, self.run_id, self.cfg.coordinator_max_frame_bytes,
                                hello={"name": self.name, "kind": kind}, timeout=self.cfg.dead_after_s)
         conn.settimeout(self.cfg.dead_after_s + 2.0)  # > the coordinator's long-poll (POLL_S = 1 s)
         return conn
 
     def _rpc(self, op: str, retry: bool = True, **fields: Any) -> dict[str, Any]:
-        deadline = time.monotonic() + self.coordinator_timeout_s
+        deadline = time.monotonic() + self.cfg.coordinator_timeout_s
         delay = 0.2
         while True:
             try:
@@ -265,7 +264,7 @@ class IslandClient:
                 delay = min(2 * delay, 0.5)
 
     def _register(self, wait_recovery: bool) -> dict[str, Any]:
-        deadline = time.monotonic() + self.coordinator_timeout_s
+        deadline = time.monotonic() + self.cfg.coordinator_timeout_s
         while True:
             try:
                 rep = self._rpc("register")
@@ -283,13 +282,14 @@ class IslandClient:
 
     def _wait(self, op: str, **fields: Any) -> dict[str, Any]:
         """A blocking coordinator request: re-polls while the coordinator answers {"wait": true}."""
-        deadline = time.monotonic() + self.barrier_timeout_s
+        deadline = time.monotonic() + self.cfg.barrier_timeout_s
         while True:
             rep = self._rpc(op, **fields)
             if not rep.get("wait"):
                 return rep
             if time.monotonic() > deadline:
-                raise ElasticError(f"{op} {fields} still waiting after {self.barrier_timeout_s} s")
+                raise ElasticError(f"{op} {fields} still waiting after elastic.barrier_timeout_s="
+                                   f"{self.cfg.barrier_timeout_s} s")
 
     def _heartbeat_loop(self) -> None:
         conn = None
@@ -320,7 +320,7 @@ class IslandClient:
             if self._provider is None:
                 conn.send(wire.MsgType.ERROR, {"error": f"island {self.name} serves no state"})
                 return False
-            recovery.serve_state(conn, self._provider, self.serve_bytes_per_s)
+            recovery.serve_state(conn, self._provider, self.cfg.serve_bytes_per_s)
             return False
         if op == "probe":
             while True:
@@ -329,7 +329,7 @@ class IslandClient:
         raise wire.MalformedFrame(f"unknown peer op {op!r}")
 
     def _connect_peer(self, addr: str, hello: dict[str, Any]) -> wire.Conn:
-        conn, _ = wire.connect(addr, self._secret, self.run_id, self.cfg.max_frame_bytes,
+        conn, _ = wire.connect(addr, self._secret, self.run_id, self.cfg.peer_max_frame_bytes,
                                hello=dict(hello, **{"from": self.name}), timeout=self.cfg.dead_after_s)
         conn.settimeout(self.cfg.dead_after_s)
         return conn
@@ -371,7 +371,7 @@ class IslandClient:
 
     def _maybe_probe(self, ep: dict[str, Any]) -> None:
         members = frozenset(ep["members"])
-        if len(members) < 3 or members == self._probed or self.probe_bytes <= 0:
+        if len(members) < 3 or members == self._probed or self.cfg.probe_bytes <= 0:
             return  # with 2 members every order is the same ring
         self._probed = members
         peers = {m: ep["addrs"][m] for m in members if m != self.name}
@@ -380,7 +380,7 @@ class IslandClient:
     def _probe(self, peers: dict[str, str]) -> None:
         """Measures our outbound throughput to each peer (during the inner steps) and reports it."""
         rates = {}
-        blob = os.urandom(self.probe_bytes)
+        blob = os.urandom(self.cfg.probe_bytes)
         for name, addr in peers.items():
             try:
                 conn = self._connect_peer(addr, {"op": "probe"})
@@ -390,7 +390,7 @@ class IslandClient:
                     t0 = time.perf_counter()
                     conn.send(wire.MsgType.DATA, {}, blob)
                     conn.recv()
-                    rates[name] = self.probe_bytes / max(time.perf_counter() - t0, 1e-9)
+                    rates[name] = self.cfg.probe_bytes / max(time.perf_counter() - t0, 1e-9)
                 finally:
                     conn.close()
             except (OSError, wire.WireError) as e:

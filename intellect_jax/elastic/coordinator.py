@@ -33,6 +33,8 @@ import threading
 import time
 from typing import Any
 
+from intellect_jax.config import ConfigError, ElasticConfig, load_config
+
 from . import ordering, wire
 
 log = logging.getLogger("intellect_jax.elastic.coordinator")
@@ -70,11 +72,12 @@ class Epoch:
 
 
 class Coordinator:
-    def __init__(self, bind: str, secret: bytes, run_id: str, *, dead_after_s: float = 10.0,
-                 min_islands: int = 1, max_frame_bytes: int = 1 << 20, recovery_grace_s: float | None = None):
+    """Reads ``dead_after_s``, ``min_islands``, ``coordinator_max_frame_bytes`` and ``recovery_grace_s`` of `cfg`."""
+
+    def __init__(self, cfg: ElasticConfig, run_id: str, bind: str, secret: bytes):
         self.run_id = run_id
-        self.dead_after_s = dead_after_s
-        self.min_islands = min_islands
+        self.dead_after_s = cfg.dead_after_s
+        self.min_islands = cfg.min_islands
         self.islands: dict[str, Island] = {}
         self.run_step: int | None = None
         self.epoch: Epoch | None = None
@@ -86,11 +89,12 @@ class Coordinator:
         self.epochs_formed = 0
         self.recovering = True
         self.started = time.monotonic()
-        self.grace_s = dead_after_s if recovery_grace_s is None else recovery_grace_s
+        self.grace_s = cfg.recovery_grace_s or cfg.dead_after_s
         self.cv = threading.Condition()
         self._stop = threading.Event()
         self._conn_ids = 0
-        self.server = wire.Server(bind, secret, run_id, max_frame_bytes, self._handle, "coordinator", log)
+        self.server = wire.Server(bind, secret, run_id, cfg.coordinator_max_frame_bytes, self._handle, "coordinator",
+                                  log)
         self.port = self.server.port
         self._monitor = threading.Thread(target=self._monitor_loop, name="coordinator-monitor", daemon=True)
 
@@ -424,26 +428,51 @@ def _fmt_rate(r: float) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# CLI: `intellect-jax coordinator --bind HOST:PORT --secret-file FILE`.
+# CLI: `intellect-jax coordinator --bind HOST:PORT --secret-file FILE [--config FILE] [--elastic.key=value ...]`.
+# Settings come from the config (ElasticConfig's defaults, or the islands' preset with --config); the flags below
+# override single fields.
+
+FLAGS = {  # ElasticConfig field -> help
+    "dead_after_s": "no heartbeat for this long: the island is dead",
+    "min_islands": "islands that must be ready before the first outer step of a fresh run",
+    "coordinator_max_frame_bytes": "largest control frame accepted from an island",
+    "recovery_grace_s": "after a restart, longest wait for the newest epoch's members to re-register "
+                        "(0: dead_after_s)",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="TOML preset, e.g. the islands' (its elastic.* and run.name apply)")
     parser.add_argument("--bind", required=True, help="HOST:PORT to listen on (port 0: any free port)")
-    parser.add_argument("--secret-file", required=True, help="shared secret, the same file as every island's")
-    parser.add_argument("--run-id", default="run", help="frames from another run id are refused")
-    parser.add_argument("--dead-after-s", type=float, default=10.0, help="no heartbeat for this long: dead")
-    parser.add_argument("--min-islands", type=int, default=1,
-                        help="islands that must be ready before the first outer step of a fresh run")
-    parser.add_argument("--max-frame-bytes", type=int, default=1 << 20)
+    parser.add_argument("--secret-file", help="shared secret, the same file as every island's "
+                                              "(default: elastic.secret_file)")
+    parser.add_argument("--run-id", help="frames from another run are refused (default: elastic.run_id, else "
+                                         "run.name, as on the islands)")
+    defaults = ElasticConfig()
+    for name, text in FLAGS.items():
+        value = getattr(defaults, name)
+        parser.add_argument("--" + name.replace("_", "-"), type=type(value),
+                            help=f"{text} (default: elastic.{name}, {value} unless the config says otherwise)")
     parser.add_argument("--port-file", default="", help="write the bound port here once listening")
     parser.add_argument("--log-level", default="INFO")
 
 
-def run(args: argparse.Namespace) -> int:
+def elastic_config(args: argparse.Namespace, overrides: list[str]) -> tuple[ElasticConfig, str]:
+    """The coordinator's ElasticConfig (the config with the flags given) and run id; raises ConfigError."""
+    cfg = load_config(args.config, overrides)
+    given = {name: getattr(args, name) for name in ("secret_file", *FLAGS) if getattr(args, name) is not None}
+    cfg = cfg.replace(elastic=dataclasses.replace(cfg.elastic, **given))
+    if not cfg.elastic.secret_file:
+        raise ConfigError("the coordinator needs the islands' shared secret: pass --secret-file (or set "
+                          "elastic.secret_file in the --config file)")
+    return cfg.elastic, args.run_id or cfg.elastic.run_id or cfg.run.name
+
+
+def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    cfg, run_id = elastic_config(args, overrides)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    coord = Coordinator(args.bind, wire.load_secret(args.secret_file), args.run_id, dead_after_s=args.dead_after_s,
-                        min_islands=args.min_islands, max_frame_bytes=args.max_frame_bytes).start()
+    coord = Coordinator(cfg, run_id, args.bind, wire.load_secret(cfg.secret_file)).start()
     if args.port_file:
         from pathlib import Path
         tmp = Path(args.port_file + ".tmp")
@@ -458,11 +487,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="intellect-jax coordinator", description=__doc__.split("\n")[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
+if __name__ == "__main__":  # `python -m intellect_jax.elastic.coordinator ...` = `intellect-jax coordinator ...`
+    import sys
 
+    from intellect_jax.cli import main
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(["coordinator", *sys.argv[1:]]))

@@ -83,7 +83,7 @@ def serve_state(conn: wire.Conn, provider: StateProvider, max_bytes_per_s: float
 
 
 def fetch_state(sources: Iterable[tuple[str, str]], connect: Callable[[str], wire.Conn],
-                chunk_bytes: int = 4 << 20, window: int = 4) -> tuple[State, dict[str, Any]]:
+                chunk_bytes: int, window: int = 4) -> tuple[State, dict[str, Any]]:
     """Pulls a state from the first source that completes; resumes from the next one when a source fails.
 
     `sources` are (name, "HOST:PORT"); `connect(addr)` opens a handshaken connection with HELLO op "state".

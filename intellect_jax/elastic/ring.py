@@ -64,7 +64,7 @@ class Int8Codec:
     name = "int8"
     bytes_per_elem = 1
 
-    def __init__(self, block_size: int = 256, pack: Callable | None = None, unpack: Callable | None = None):
+    def __init__(self, block_size: int, pack: Callable | None = None, unpack: Callable | None = None):
         if pack is None or unpack is None:
             from intellect_jax import quant  # numpy twin; imports no jax
             pack, unpack = quant.pack_np, quant.unpack_np
@@ -87,7 +87,7 @@ class Int8Codec:
         return n + 4 * (n // self.block_size)
 
 
-def make_codec(compression: str, block_size: int = 256) -> Fp32Codec | Int8Codec:
+def make_codec(compression: str, block_size: int) -> Fp32Codec | Int8Codec:
     if compression == "none":
         return Fp32Codec()
     if compression == "int8":
@@ -144,7 +144,7 @@ class RingStats:
 
 
 def ring_mean(vec: np.ndarray, rank: int, send: Sequence[wire.Conn], recv: Sequence[wire.Conn], members: int,
-              codec: Fp32Codec | Int8Codec, chunk_bytes: int, block_size: int = 256, timeout: float = 60.0,
+              codec: Fp32Codec | Int8Codec, chunk_bytes: int, block_size: int, timeout: float,
               epoch: int = 0) -> tuple[np.ndarray, RingStats]:
     """Mean of `vec` over the ring. `send[k]` goes to the successor, `recv[k]` comes from the predecessor.
 
@@ -261,7 +261,7 @@ def ring_mean(vec: np.ndarray, rank: int, send: Sequence[wire.Conn], recv: Seque
 
 
 def reference_ring_mean(vecs: Sequence[np.ndarray], codec: Fp32Codec | Int8Codec, chunk_bytes: int,
-                        block_size: int = 256, streams: int = 1) -> np.ndarray:
+                        block_size: int, streams: int = 1) -> np.ndarray:
     """The same arithmetic as :func:`ring_mean`, sequentially in one process (ring order = list order).
 
     For tests: the networked ring must equal this bit for bit.

@@ -5,7 +5,9 @@ sleep plus a deterministic pseudo-gradient ``g = f(island seed, outer step, p)``
 Nesterov momentum (lr 0.7, momentum 0.9, as in DiLoCo) applied to the all-reduced mean. One JSON line per event
 goes to ``--out``; with ``--dump-dir`` each step's pseudo-gradient and reduced mean are saved for checking.
 
-    python -m intellect_jax.elastic.sim_island --coordinator 127.0.0.1:PORT --secret-file F --name a --seed 1 ...
+A test helper, run as a script by tests/test_elastic_e2e.py and the WAN demo (launch/wan_emulation.py)::
+
+    python tests/sim_island.py --coordinator 127.0.0.1:PORT --secret-file F --name a --seed 1 ...
 """
 
 from __future__ import annotations
@@ -19,14 +21,17 @@ import sys
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
-from .client import IslandClient, StaleStep
-from .recovery import params_hash
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from intellect_jax.config import ElasticConfig  # noqa: E402
+from intellect_jax.elastic.client import IslandClient, StaleStep  # noqa: E402
+from intellect_jax.elastic.recovery import params_hash  # noqa: E402
 
 LR, MU = 0.7, 0.9
+BLOCK_SIZE = 256  # int8 quantisation block of the ring payload (the e2e replay uses the same)
 
 
 def init_params(dim: int) -> np.ndarray:
@@ -71,9 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     logging.basicConfig(level=getattr(logging, a.log_level.upper()), stream=sys.stderr,
                         format=f"%(asctime)s [{a.name}] %(name)s %(levelname)s %(message)s")
-    cfg = SimpleNamespace(coordinator=a.coordinator, secret_file=a.secret_file, island_name=a.name, listen=a.listen,
-                          advertise_host="", heartbeat_s=a.heartbeat_s, dead_after_s=a.dead_after_s,
-                          streams=a.streams, chunk_bytes=a.chunk_bytes, max_frame_bytes=64 << 20, reduce_retries=3)
+    cfg = ElasticConfig(coordinator=a.coordinator, secret_file=a.secret_file, island_name=a.name, listen=a.listen,
+                        heartbeat_s=a.heartbeat_s, dead_after_s=a.dead_after_s, streams=a.streams,
+                        chunk_bytes=a.chunk_bytes, coordinator_timeout_s=60.0, barrier_timeout_s=120.0,
+                        serve_bytes_per_s=a.serve_bytes_per_s)
+    cfg.validate()
     out = open(a.out, "a", buffering=1)
 
     def emit(**kw):
@@ -93,9 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             st["step"] = int(state.meta["outer_step"])
         emit(event="fetched", step=st["step"], hash=state.meta["params_hash"], report=client.last_stats.get("fetch"))
 
-    client = IslandClient(cfg, a.run_id, snapshot, compression=a.compression, block_size=256,
-                          coordinator_timeout_s=60.0, barrier_timeout_s=120.0,
-                          serve_bytes_per_s=a.serve_bytes_per_s)
+    client = IslandClient(cfg, a.run_id, snapshot, compression=a.compression, block_size=BLOCK_SIZE)
     if a.die_in_ring:
         die_step, die_frames = (int(v) for v in a.die_in_ring.split(":"))
 
