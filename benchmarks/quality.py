@@ -135,7 +135,7 @@ def sync_wire_bytes_from_hlo(trainer) -> int | None:
     from intellect_jax import collective
 
     try:
-        hlo = trainer._sync.lower(trainer.state).compile().as_text()
+        hlo = trainer.sync._sync.lower(trainer.state).compile().as_text()
     except Exception:  # noqa: BLE001 - a private attribute; report n/a rather than fail the benchmark
         return None
     n = trainer.num_islands
@@ -163,7 +163,7 @@ def run_arm(name: str, cfg, args, evaluate, eval_set, devices) -> dict:
     trainer = Trainer(cfg, mesh=mesh)
     n = trainer.num_islands
     nparams = count_params(cfg.model).total_params
-    H = cfg.diloco.inner_steps if trainer.diloco else 1
+    diloco = trainer.sync.mode == "diloco"
     every = args.eval_every
     curve, train_losses = [], []
     pending = []
@@ -173,8 +173,7 @@ def run_arm(name: str, cfg, args, evaluate, eval_set, devices) -> dict:
             # One program in flight at a time: with several queued, the simulated CPU devices (jax 0.10.2, 2 busy
             # cores) twice deadlocked in an all-gather (3 of 4 device threads waiting); timing is not measured here.
             pending.append(jax.block_until_ready(trainer.inner_step(trainer.make_batch(next(loader)))["loss"]))
-            if trainer.diloco and (step + 1) % H == 0:
-                jax.block_until_ready(trainer.sync())
+            trainer.sync.maybe(step + 1, report=lambda record, ready_at: None)  # the outer step when due
             if (step + 1) % every == 0 or step + 1 == cfg.run.steps:
                 train_losses += [float(jax.numpy.mean(x)) for x in jax.device_get(pending)]
                 pending = []
@@ -184,10 +183,10 @@ def run_arm(name: str, cfg, args, evaluate, eval_set, devices) -> dict:
     finally:
         loader.close()
     tokens = cfg.run.steps * n * cfg.data.batch_size * cfg.data.seq_len
-    if trainer.diloco:
-        per_outer = trainer.wire_bytes
+    if diloco:
+        per_outer = trainer.sync.wire_bytes
         hlo_bytes = sync_wire_bytes_from_hlo(trainer)
-        wire = per_outer * (cfg.run.steps // H)
+        wire = per_outer * (cfg.run.steps // cfg.diloco.inner_steps)
     else:
         workers = args.islands  # the baseline stands for `islands` data-parallel workers
         per_outer = collective.ring_allreduce_bytes_per_island(nparams, workers)
@@ -196,7 +195,7 @@ def run_arm(name: str, cfg, args, evaluate, eval_set, devices) -> dict:
     return {"name": name, "eval_loss": curve[-1][1], "curve": curve, "train_losses": train_losses,
             "final_train_loss": sum(train_losses[-every:]) / len(train_losses[-every:]),
             "tokens": tokens, "wire_bytes": wire, "bytes_per_sync": per_outer, "hlo_bytes_per_sync": hlo_bytes,
-            "H": H, "params": nparams, "seconds": time.perf_counter() - t0}
+            "H": cfg.diloco.inner_steps if diloco else 1, "params": nparams, "seconds": time.perf_counter() - t0}
 
 
 def report(results: list[dict], args, seconds: float) -> str:

@@ -1,4 +1,4 @@
-"""DiLoCo (Douillard et al., arXiv 2311.08455) around any inner step, any cross-island mean, any optax outer optimizer.
+"""DiLoCo (Douillard et al., arXiv 2311.08105) around any inner step, any cross-island mean, any optax outer optimizer.
 
     every island i:   params_i <- global;  H x params_i <- inner_step(params_i, batch_i)
     pseudo_grad_i  = global - params_i
@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from intellect_jax import quant
 from intellect_jax.config import DilocoConfig
 from intellect_jax.train_step import TrainState
 
@@ -73,10 +74,21 @@ def outer_update(state: DilocoState, reduce_mean: ReduceMean, outer: optax.Gradi
 
 def apply_outer(state: DilocoState, delta: Any, outer: optax.GradientTransformation,
                 ) -> tuple[DilocoState, dict[str, jax.Array]]:
-    """Applies the mean pseudo-gradient `delta` with the outer optimizer; every island restarts from the result."""
+    """Applies the mean pseudo-gradient `delta` with the outer optimizer; every island restarts from the result.
+
+    A `delta` holding a NaN or Inf (an island diverged, or a corrupted contribution: a non-finite block decodes to
+    NaN, see quant.py) is not applied: the global params and the outer optimizer state stay as they were, every
+    island restarts from them, the outer step still counts (so every island's schedule stays aligned) and the
+    metric ``skipped_nonfinite`` is 1. Every island decodes the same bytes, so all of them skip together.
+    """
     num_islands = jax.tree.leaves(state.inner.params)[0].shape[0]
-    updates, outer_opt_state = outer.update(delta, state.outer_opt_state, state.global_params)
-    global_params = optax.apply_updates(state.global_params, updates)
+    bad = jnp.any(jnp.stack([quant.has_nonfinite(x) for x in jax.tree.leaves(delta)]))
+    safe_delta = jax.tree.map(lambda x: jnp.where(bad, jnp.zeros_like(x), x), delta)
+    updates, outer_opt_state = outer.update(safe_delta, state.outer_opt_state, state.global_params)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(bad, b, a), new, old)  # noqa: E731
+    global_params = keep(optax.apply_updates(state.global_params, updates), state.global_params)
+    outer_opt_state = keep(outer_opt_state, state.outer_opt_state)
     inner = state.inner._replace(params=broadcast_islands(global_params, num_islands))
-    metrics = {"delta_norm": optax.tree.norm(delta), "outer_update_norm": optax.tree.norm(updates)}
+    metrics = {"delta_norm": optax.tree.norm(delta), "outer_update_norm": jnp.where(bad, 0.0, optax.tree.norm(updates)),
+               "skipped_nonfinite": bad.astype(jnp.float32)}
     return DilocoState(inner, global_params, outer_opt_state, state.outer_step + 1), metrics

@@ -1,9 +1,9 @@
 """One island of an elastic run: the JAX trainer's side of intellect_jax/elastic.
 
-Each island is its own JAX program (its mesh has ``mesh.islands = 1``). At every outer-step boundary it sends its
-pseudo-gradient (a flat fp32 vector) through the TCP ring (int8 codes, fp32 accumulation, verbatim all-gather), so
-every island receives the same bytes and applies the same outer update; then the islands vote on a hash of the
-new global state and a loser re-syncs from a peer. A new or restarted island pulls the global params and outer
+Each island is its own JAX program (its mesh has ``mesh.islands = 1``; sync.ElasticSync drives this module). At
+every outer-step boundary it sends its pseudo-gradient (a flat fp32 vector) through the TCP ring (int8 codes, fp32
+accumulation, verbatim all-gather), so every island receives the same bytes and applies the same outer update; then
+the islands vote on a hash of the new global state and a loser re-syncs from a peer. A new or restarted island pulls the global params and outer
 optimizer state live from a peer while the others train.
 
 Limitation: an island is one JAX process (single-host islands); multi-host islands would need process 0 to talk to
@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
 
-from intellect_jax.config import Config, ConfigError
+from intellect_jax.config import Config
 from intellect_jax.elastic.client import IslandClient, StaleStep
 from intellect_jax.elastic.recovery import State, params_hash
+
+if TYPE_CHECKING:
+    from intellect_jax.sync import ElasticSync
 
 log = logging.getLogger("intellect_jax.island")
 
@@ -32,14 +35,11 @@ def _flat(tree: Any) -> dict[str, np.ndarray]:
 
 
 class ElasticIsland:
-    """Wraps the trainer's DiLoCo state (one local island) with the cross-island client."""
+    """Wraps the DiLoCo state of an ElasticSync (one local island) with the cross-island client."""
 
-    def __init__(self, cfg: Config, trainer):
-        if trainer.num_islands != 1:
-            raise ConfigError(f"elastic.coordinator is set and mesh.islands={trainer.num_islands}; an elastic island "
-                              "is one island per program: set mesh.islands=1 (islands join over TCP)")
+    def __init__(self, cfg: Config, sync: "ElasticSync"):
         self.cfg = cfg
-        self.trainer = trainer
+        self.local = sync  # the ElasticSync whose DiLoCo state this island shares
         self._lock = threading.Lock()
         self._snapshot: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None
         self.client = IslandClient(cfg.elastic, cfg.elastic.run_id or cfg.run.name, self._provide,
@@ -49,13 +49,13 @@ class ElasticIsland:
     # -- state as the elastic layer sees it: global params + outer optimizer state, as named numpy arrays ----------
 
     def _global_tree(self) -> dict[str, Any]:
-        s = self.trainer.state
+        s = self.local.state
         return {"global_params": s.global_params, "outer_opt_state": s.outer_opt_state}
 
     def refresh_snapshot(self) -> str:
         """Copies the global state to the host (served to joiners from a background thread); returns its hash."""
         arrays = _flat(jax.device_get(self._global_tree()))
-        meta = {"outer_step": int(self.trainer.state.outer_step), "step": int(self.trainer.state.inner.step[0])}
+        meta = {"outer_step": int(self.local.state.outer_step), "step": int(self.local.state.inner.step[0])}
         meta["params_hash"] = params_hash(arrays)
         with self._lock:
             self._snapshot = (arrays, meta)
@@ -75,7 +75,7 @@ class ElasticIsland:
             raise RuntimeError(f"the peer's state lacks {missing[:3]}: is it running the same model and optimizer?")
         values = [state.arrays[jax.tree_util.keystr(p)].reshape(np.shape(x)) for p, x in leaves]
         new = jax.tree_util.tree_unflatten(treedef, values)
-        self.trainer.install_global(new["global_params"], new["outer_opt_state"], int(state.meta["outer_step"]),
+        self.local.install_global(new["global_params"], new["outer_opt_state"], int(state.meta["outer_step"]),
                                     int(state.meta.get("step", 0)))
         got = self.refresh_snapshot()
         if got != state.meta["params_hash"]:
@@ -96,15 +96,15 @@ class ElasticIsland:
     def sync(self) -> tuple[dict, str]:
         """The outer step over TCP. Returns (metrics, hash of the committed global state)."""
         while True:
-            s = int(self.trainer.state.outer_step)
-            vec = self.trainer.pseudo_gradient_vector()
+            s = int(self.local.state.outer_step)
+            vec = self.local.pseudo_gradient_vector()
             try:
                 delta = self.client.all_reduce_mean(s, vec)
             except StaleStep as e:
                 log.warning("outer step %d completed without this island (%s): re-syncing from a peer", s, e)
                 self.install(self.client.fetch_state())
                 return {"resynced": 1.0}, self._provide()[1]["params_hash"]
-            metrics = self.trainer.apply_delta_vector(delta)
+            metrics = self.local.apply_delta_vector(delta)
             h = self.refresh_snapshot()
             if self.client.commit(s, h):
                 return metrics, h

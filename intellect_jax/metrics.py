@@ -1,8 +1,10 @@
-"""Run metrics: a JSONL writer (one object per line in <run dir>/metrics.jsonl) and throughput arithmetic."""
+"""Run metrics: a JSONL writer (one object per line in <run dir>/metrics.jsonl), TensorBoard / W&B / progress bar,
+and the training loop's metric cadence and step timing (StepLogger)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -150,3 +152,97 @@ class RunLogger:
             w.close()
         if self.bar is not None:
             self.bar.close()
+
+
+def summarise(metrics: dict[str, Any], num_islands: int) -> dict[str, Any]:
+    """Host metrics of one step: per-island values become their mean (tokens: their sum), plus the islands' losses."""
+    out: dict[str, Any] = {}
+    for k, v in metrics.items():
+        v = np.asarray(v)
+        if v.ndim:  # one value per island
+            out[k] = float(v.sum() if k == "tokens" else v.mean())
+            if k == "loss" and num_islands > 1:
+                out["loss_per_island"] = [float(x) for x in v]
+        else:
+            out[k] = float(v)
+    return out
+
+
+class StepLogger:
+    """The loop's metric cadence and step timing, on top of a RunLogger.
+
+    Step N's metrics are pulled to the host only after step N+1 has been dispatched (`pipelined`), so the host never
+    stalls the device queue; a step's time is the interval between consecutive pulls, which in steady state is the
+    device time of one step. Where the backend runs one program at a time (``pipelined=False``, simulated CPU
+    devices) each step is written as soon as it returns. An outer step (``outer``) tells when the inner steps had
+    finished, so the sync's time is never counted as a step's.
+    """
+
+    def __init__(self, run_dir: str | Path, *, total_steps: int, start_step: int, tokens_per_step: int,
+                 num_islands: int, log_every: int, pipelined: bool, flops_per_token: float = 0.0,
+                 peak_flops: float | None = None, enabled: bool = True, **writer_options: Any):
+        self.out = RunLogger(run_dir, total_steps=total_steps, start_step=start_step, enabled=enabled,
+                             **writer_options)
+        self.total, self.start, self.log_every = total_steps, start_step, log_every
+        self.tokens_per_step, self.num_islands, self.pipelined = tokens_per_step, num_islands, pipelined
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self._pending: tuple[int, Any] | None = None
+        self.t_start = self._t_last = time.perf_counter()
+        self.compute_s = 0.0  # time in inner steps (what utilization counts as useful)
+        self.first_loss: float | None = None
+        self.last_loss: float | None = None
+
+    def maybe_flush(self, step: int, metrics: Any) -> None:
+        """Called once `step` (0-based) is dispatched: writes the previous step's metrics (or this one's when not
+        pipelined)."""
+        if self._pending is not None:
+            self._write(*self._pending)
+        self._pending = (step, metrics)
+        if not self.pipelined:
+            self._write(step, metrics)
+            self._pending = None
+
+    def outer(self, record: dict[str, Any], ready_at: float) -> None:
+        """An outer step's record; the inner steps before it had finished at `ready_at`."""
+        if self._pending is not None:
+            self._write(*self._pending, end=ready_at)
+            self._pending = None
+        self.out.write(record)
+        self._t_last = time.perf_counter()
+
+    def flush(self) -> None:
+        if self._pending is not None:
+            self._write(*self._pending)
+            self._pending = None
+
+    def _write(self, step: int, metrics: Any, *, end: float | None = None) -> None:
+        """`end`: when the step had finished (default: now, once its metrics have reached the host)."""
+        import jax
+
+        m = summarise(jax.device_get(metrics), self.num_islands)
+        end = time.perf_counter() if end is None else end
+        dt = max(end - self._t_last, 0.0)
+        self._t_last = max(end, self._t_last)
+        self.compute_s += dt
+        m.update(step=step + 1, step_seconds=dt, tokens_per_s=self.tokens_per_step / dt if dt > 0 else 0.0,
+                 islands=self.num_islands)
+        if self.peak_flops:
+            m["mfu"] = self.flops_per_token * m["tokens_per_s"] / self.peak_flops
+        self.first_loss = m["loss"] if self.first_loss is None else self.first_loss
+        self.last_loss = m["loss"]
+        self.out.write({"kind": "inner", **m})
+        if not self.out.interactive and ((step + 1) % self.log_every == 0 or step == self.start
+                                         or step + 1 == self.total):
+            logging.getLogger("intellect_jax").info(
+                "step %d/%d loss %.4f z %.3g gnorm %.3f lr %.3g %.0f tok/s", step + 1, self.total, m["loss"],
+                m["z_loss"], m["grad_norm"], m["lr"], m["tokens_per_s"])
+
+    def summary(self, end_step: int) -> dict[str, Any]:
+        elapsed = time.perf_counter() - self.t_start
+        done = max(end_step - self.start, 1)
+        return {"steps": end_step, "first_loss": self.first_loss, "last_loss": self.last_loss, "seconds": elapsed,
+                "tokens_per_s": done * self.tokens_per_step / elapsed,
+                "compute_utilization": self.compute_s / elapsed if elapsed > 0 else 1.0}
+
+    def close(self) -> None:
+        self.out.close()

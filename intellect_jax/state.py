@@ -33,17 +33,23 @@ class ModelSetup:
         return cls(graphdef, shapes, axes, make_optimizer(optim_cfg, axes))
 
 
-def train_state_specs(setup: ModelSetup, mesh: Mesh, abstract_state: TrainState, *, per_island: bool = False):
-    """PartitionSpecs for a TrainState: optimizer moments follow their parameters, scalars are replicated."""
-    pspecs = sh.param_specs(setup.axes, setup.shapes, mesh, per_island=per_island)
-    scalar = PartitionSpec(sh.ISLAND) if per_island else PartitionSpec()
+def opt_state_specs(optimizer: optax.GradientTransformation, abstract_opt_state: Any, param_specs: Any, *,
+                    per_island: bool = False) -> Any:
+    """PartitionSpecs for an optax state: param-shaped leaves follow their params, everything else is replicated
+    (over the island axis too when `per_island`, where every leaf has a leading island dimension)."""
 
     def non_param(x):
         return PartitionSpec(*([sh.ISLAND] if per_island else []), *([None] * (x.ndim - int(per_island))))
 
-    opt_specs = optax.tree_map_params(setup.optimizer, lambda _, s: s, abstract_state.opt_state, pspecs,
-                                      transform_non_params=non_param,
-                                      is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt_state, param_specs,
+                                 transform_non_params=non_param, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def train_state_specs(setup: ModelSetup, mesh: Mesh, abstract_state: TrainState, *, per_island: bool = False):
+    """PartitionSpecs for a TrainState: optimizer moments follow their parameters, scalars are replicated."""
+    pspecs = sh.param_specs(setup.axes, setup.shapes, mesh, per_island=per_island)
+    scalar = PartitionSpec(sh.ISLAND) if per_island else PartitionSpec()
+    opt_specs = opt_state_specs(setup.optimizer, abstract_state.opt_state, pspecs, per_island=per_island)
     return TrainState(params=pspecs, opt_state=opt_specs, step=scalar)
 
 

@@ -16,7 +16,7 @@ import optax
 from jax.sharding import PartitionSpec
 
 from intellect_jax import model as model_lib
-from intellect_jax.config import ModelConfig, OptimConfig
+from intellect_jax.config import OptimConfig
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -100,8 +100,8 @@ def make_loss_fn(graphdef, z_loss_weight: float, constrain=None):
     return loss_fn
 
 
-def make_train_step(graphdef, model_cfg: ModelConfig, optim_cfg: OptimConfig,
-                    optimizer: optax.GradientTransformation, constrain=None) -> Callable[[TrainState, Batch], tuple]:
+def make_train_step(graphdef, optim_cfg: OptimConfig, optimizer: optax.GradientTransformation,
+                    constrain=None) -> Callable[[TrainState, Batch], tuple]:
     """Returns the pure step. The loss is the mean over all unmasked tokens of the whole (accumulated) batch."""
     loss_fn = make_loss_fn(graphdef, optim_cfg.z_loss_weight, constrain)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

@@ -18,7 +18,7 @@ def test_one_island_h1_plain_sgd_equals_plain_training():
     cfg = tiny_config()
     mesh1 = sh.make_mesh(MeshConfig(islands=1, fsdp=1), jax.devices()[:1])
     setup = ModelSetup.build(cfg.model, cfg.optim)
-    step = make_train_step(setup.graphdef, cfg.model, cfg.optim, setup.optimizer)
+    step = make_train_step(setup.graphdef, cfg.optim, setup.optimizer)
     plain, _ = init_train_state(setup, cfg.model, mesh1, seed=0)
     outer = diloco.make_outer_optimizer(DilocoConfig(outer_optimizer="sgd", outer_lr=1.0, outer_momentum=0.0))
     state = diloco.init_state(plain.params, lambda p: init_state(p, setup.optimizer), outer, 1)
@@ -105,10 +105,10 @@ def test_islands_bit_identical_after_sync_and_s8_on_the_wire():
     # islands diverged during the inner steps
     q = np.asarray(tr.state.inner.params["layers"]["q_proj"])
     assert not np.array_equal(q[0], q[1])
-    hlo = tr._sync.lower(tr.state).compile().as_text()
-    tr.sync()
+    hlo = tr.sync._sync.lower(tr.state).compile().as_text()
+    tr.sync.outer_now()
     # the outer state lives in pinned host memory between syncs (the CPU backend has that memory kind too)
-    assert tr.host_offload
+    assert tr.sync.host_offload
     assert all(x.sharding.memory_kind == "pinned_host" for x in jax.tree.leaves(tr.state.global_params))
     assert all(x.sharding.memory_kind == "device" for x in jax.tree.leaves(tr.state.inner.params))
     # every device's copy of the global params equals every other copy of the same slice, bit for bit
@@ -139,8 +139,8 @@ def test_int8_sync_close_to_exact_fp32_sync():
     for b in _synthetic_batches(cfg, 4, 5):
         tr8.inner_step(tr8.make_batch(b))
         tr32.inner_step(tr32.make_batch(b))
-    tr8.sync()
-    m32 = tr32.sync()
+    tr8.sync.outer_now()
+    m32 = tr32.sync.outer_now()
     d8 = jax.tree.leaves(jax.device_get(tr8.state.global_params))
     d32 = jax.tree.leaves(jax.device_get(tr32.state.global_params))
     # global params differ only by lr_outer * (1 + mu) * int8 error of the mean pseudo-gradient
@@ -155,24 +155,42 @@ def test_four_islands_train_with_falling_loss_and_wire_ratio():
     for i, b in enumerate(_synthetic_batches(cfg, 4, 30)):
         losses.append(float(np.mean(tr.inner_step(tr.make_batch(b))["loss"])))
         if (i + 1) % cfg.diloco.inner_steps == 0:
-            tr.sync()
+            tr.sync.outer_now()
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0, losses
     assert int(tr.state.outer_step) == 6
     # bytes on the wire vs data-parallel fp32 at H=100, scales and padding included
     n = 10_211_381_248
     ratio = collective.ring_allreduce_bytes_per_island(n, 4) * 100 / collective.wire_bytes_per_island(n, 4)
     assert ratio >= 0.98 * 4 * 100, ratio
-    assert tr.wire_ratio_vs_ddp >= 0.98 * 4 * cfg.diloco.inner_steps * 0.9
+    assert tr.sync.wire_ratio_vs_ddp >= 0.98 * 4 * cfg.diloco.inner_steps * 0.9
 
 
 def test_host_offload_changes_nothing_numerically():
     cfg, on = _diloco_trainer(islands=2, fsdp=4)
     _, off = _diloco_trainer(islands=2, fsdp=4, diloco=dict(inner_steps=5, block_size=64, outer_state_on_host=False))
-    assert on.host_offload and not off.host_offload
+    assert on.sync.host_offload and not off.sync.host_offload
     for i, b in enumerate(_synthetic_batches(cfg, 2, 10)):
         for tr in (on, off):
             tr.inner_step(tr.make_batch(b))
             if (i + 1) % 5 == 0:
-                tr.sync()
+                tr.sync.outer_now()
     for a, b in zip(jax.tree.leaves(jax.device_get(on.state)), jax.tree.leaves(jax.device_get(off.state))):
         assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
+def test_nonfinite_mean_is_not_applied():
+    """A NaN in the mean pseudo-gradient keeps the global state, restarts every island from it, counts the step."""
+    outer = optax.sgd(0.7, momentum=0.9, nesterov=True)
+    state = diloco.init_state({"w": jnp.asarray([0.2, -0.3], jnp.float32)},
+                              lambda p: TrainState(p, (), jnp.zeros((), jnp.int32)), outer, 2)
+    state, _ = diloco.apply_outer(state, {"w": jnp.asarray([0.1, 0.1], jnp.float32)}, outer)  # momentum != 0
+    diverged = state._replace(inner=state.inner._replace(params={"w": jnp.asarray([[9.0, 9.0], [8.0, 7.0]])}))
+    after, m = diloco.apply_outer(diverged, {"w": jnp.asarray([jnp.nan, 0.5], jnp.float32)}, outer)
+    assert float(m["skipped_nonfinite"]) == 1.0 and float(m["outer_update_norm"]) == 0.0
+    for a, b in zip(jax.tree.leaves((after.global_params, after.outer_opt_state)),
+                    jax.tree.leaves((state.global_params, state.outer_opt_state))):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+    np.testing.assert_array_equal(after.inner.params["w"], np.stack([state.global_params["w"]] * 2))
+    assert int(after.outer_step) == int(state.outer_step) + 1
+    ok, m = diloco.apply_outer(state, {"w": jnp.asarray([0.1, 0.1], jnp.float32)}, outer)
+    assert float(m["skipped_nonfinite"]) == 0.0 and not np.array_equal(ok.global_params["w"], state.global_params["w"])

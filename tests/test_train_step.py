@@ -14,7 +14,7 @@ def _run_one_step(cfg, mesh_cfg, devices, batch, steps=1):
     mesh = sh.make_mesh(mesh_cfg, devices)
     setup = ModelSetup.build(cfg.model, cfg.optim)
     state, shardings = init_train_state(setup, cfg.model, mesh, seed=0)
-    step = make_train_step(setup.graphdef, cfg.model, cfg.optim, setup.optimizer, sh.activation_constraint(mesh))
+    step = make_train_step(setup.graphdef, cfg.optim, setup.optimizer, sh.activation_constraint(mesh))
     batch_sharding = jax.sharding.NamedSharding(mesh, sh.batch_spec())
     jstep = jax.jit(step, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
                     donate_argnums=0)

@@ -1,0 +1,433 @@
+"""How a run's islands meet: one interface, three implementations, chosen once when the run is built.
+
+    NoSync       one island: data-parallel training inside the island's mesh; no outer state is allocated.
+    MeshSync     DiLoCo across the islands of this program's mesh (the ``island`` axis); the int8 mean is an XLA
+                 collective inside one jitted program (collective.make_island_mean).
+    ElasticSync  DiLoCo across separate programs joined over TCP (intellect_jax/elastic, through island.py).
+
+A Sync owns what differs between the modes: the layout of the run's state (a TrainState, or a DilocoState whose
+global params and outer optimizer state may live in pinned host memory), the jitted inner step over that layout,
+the outer-step schedule, and the state's checkpoint items. The training loop only calls
+
+    sync.start(step) -> step              once, before the first step (an elastic island joins the run here)
+    sync.inner_step(batch) -> metrics     every step (dispatched asynchronously on accelerators)
+    sync.maybe(step, report) -> step      after every inner step: runs the outer step when the schedule says so
+                                          and hands its record to `report`; returns the run's position (an
+                                          elastic island that re-synced from a peer ahead is moved there)
+    sync.at_boundary(step) -> bool        a point where every island holds the global state (final checkpoints)
+
+and never asks which mode it is in. A schedule that syncs parts of the model at different steps (streaming DiLoCo
+fragments, overlapped reduces) is a Sync whose ``maybe`` decides which fragment is due.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import time
+from typing import Any, Callable
+
+import jax
+import jax.flatten_util
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from intellect_jax import collective, diloco
+from intellect_jax import sharding as sh
+from intellect_jax.checkpoint import Checkpointer, CheckpointError
+from intellect_jax.config import Config
+from intellect_jax.info import count_params
+from intellect_jax.metrics import summarise
+from intellect_jax.state import ModelSetup, init_params, init_train_state, opt_state_specs, train_state_specs
+from intellect_jax.train_step import init_state as inner_init_state
+
+log = logging.getLogger("intellect_jax")
+
+Report = Callable[[dict[str, Any], float], None]  # (outer-step record, time.perf_counter() when the inner steps
+#                                                   before it had finished: the sync's time starts there)
+
+
+class Sync(abc.ABC):
+    """The strategy interface; see the module docstring."""
+
+    mode: str  # the checkpoint layout this sync writes and reads ("single" or "diloco")
+
+    def __init__(self, cfg: Config, mesh: Mesh, setup: ModelSetup, inner_step: Callable, batch_sharding,
+                 params: Any = None):
+        self.cfg, self.mesh, self.setup = cfg, mesh, setup
+        self.num_islands = sh.island_count(mesh)
+        self.batch_sharding = batch_sharding
+        # Metrics come back replicated so that every process can read them (multi-host runs).
+        self.replicated = NamedSharding(mesh, PartitionSpec())
+        # Simulated CPU devices: two programs with collectives in flight at once can deadlock XLA:CPU's rendezvous
+        # (seen intermittently on a loaded 2-core machine), so CPU runs execute one program at a time.
+        # Accelerators keep asynchronous dispatch (step N+1 is queued before step N's metrics are read).
+        self.serialized = jax.default_backend() == "cpu" and mesh.devices.size > 1
+        self.state: Any = None
+
+    # -- the training loop's interface -------------------------------------------------------------------------------
+
+    def start(self, step: int) -> int:
+        return step
+
+    @abc.abstractmethod
+    def inner_step(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        ...
+
+    def maybe(self, step: int, report: Report) -> int:
+        return step
+
+    def at_boundary(self, step: int) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+    # -- build-time facts --------------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """One log line: what this run's islands are and how they meet."""
+
+    def data_islands(self, local: list[int]) -> tuple[int, list[int]]:
+        """(streams in the run, this process's streams) for the data loader, given its local island rows."""
+        return self.num_islands, local
+
+    @abc.abstractmethod
+    def compile(self, batch: dict[str, jax.ShapeDtypeStruct]) -> None:
+        """Compiles the programs of the loop ahead of time."""
+
+    # -- state -------------------------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def global_params(self) -> Any:
+        ...
+
+    @abc.abstractmethod
+    def checkpoint_arrays(self) -> dict[str, Any]:
+        ...
+
+    @abc.abstractmethod
+    def restore(self, ckpt: Checkpointer, step: int, meta: dict[str, Any]) -> bool:
+        """Loads checkpoint `step`'s arrays; returns whether its data-iterator state applies to this run."""
+
+    def outer_step(self) -> int:
+        return 0
+
+    def meta(self, step: int) -> dict[str, Any]:
+        return {"step": step, "islands": self.num_islands, "mesh": dict(self.mesh.shape),
+                "outer_step": self.outer_step(), "mode": self.mode}
+
+    def _check_mode(self, step: int, meta: dict[str, Any]) -> None:
+        if meta["mode"] != self.mode:
+            raise CheckpointError(
+                f"checkpoint step {step} was written by a {meta['mode']} run ({meta['islands']} island(s)) and this "
+                f"run is {self.mode} ({self.num_islands} island(s)); resume with mesh.islands "
+                f"{'> 1' if meta['mode'] == 'diloco' else '= 1'} or start a new --run.dir")
+
+    def _abstract(self, arrays: Any, shardings: Any) -> Any:
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), arrays, shardings)
+
+    def _block(self, out):
+        if self.serialized:
+            jax.block_until_ready((self.state, out))
+        return out
+
+
+class NoSync(Sync):
+    """One island: the state is a TrainState of the island's mesh; there is no outer step."""
+
+    mode = "single"
+
+    def __init__(self, cfg, mesh, setup, inner_step, batch_sharding, params=None):
+        super().__init__(cfg, mesh, setup, inner_step, batch_sharding)
+        self.state, self.shardings = init_train_state(setup, cfg.model, mesh, cfg.run.seed, params)
+        squeeze = lambda b: jax.tree.map(lambda x: x[0], b)  # noqa: E731 - the island dim is 1
+        self._inner = jax.jit(lambda s, b: inner_step(s, squeeze(b)),
+                              in_shardings=(self.shardings, batch_sharding),
+                              out_shardings=(self.shardings, self.replicated), donate_argnums=0)
+
+    def describe(self) -> str:
+        return "one island"
+
+    def compile(self, batch) -> None:
+        self._inner = self._inner.lower(self.state, batch).compile()
+
+    def inner_step(self, batch):
+        self.state, metrics = self._inner(self.state, batch)
+        return self._block(metrics)
+
+    def global_params(self):
+        return self.state.params
+
+    def checkpoint_arrays(self):
+        return {"train": self.state}
+
+    def restore(self, ckpt, step, meta) -> bool:
+        self._check_mode(step, meta)
+        self.state = ckpt.restore(step, {"train": self._abstract(self.state, self.shardings)}, ())["train"]
+        return True
+
+
+class DilocoSync(Sync):
+    """DiLoCo state and schedule shared by both transports: H inner steps per island, then an outer step.
+
+    Subclasses say how the mean pseudo-gradient is formed (`_outer`).
+    """
+
+    mode = "diloco"
+
+    def __init__(self, cfg, mesh, setup, inner_step, batch_sharding, params=None, *, wire_islands: int):
+        super().__init__(cfg, mesh, setup, inner_step, batch_sharding)
+        n = self.num_islands
+        self.H = cfg.diloco.inner_steps
+        self.outer = diloco.make_outer_optimizer(cfg.diloco)
+        global_params, _ = init_params(setup, cfg.model, mesh, cfg.run.seed, params)
+        self._inner_init = lambda p: inner_init_state(p, setup.optimizer)  # noqa: E731
+        abstract_inner = jax.eval_shape(jax.vmap(self._inner_init, axis_size=n),
+                                        jax.eval_shape(lambda g: diloco.broadcast_islands(g, n), global_params))
+        inner_specs = train_state_specs(setup, mesh, abstract_inner, per_island=True)
+        gspecs = sh.param_specs(setup.axes, setup.shapes, mesh)
+        outer_specs = opt_state_specs(self.outer, jax.eval_shape(self.outer.init, global_params), gspecs)
+        self.inner_specs = inner_specs
+        self.device_shardings = sh.named(mesh, diloco.DilocoState(inner_specs, gspecs, outer_specs, PartitionSpec()))
+        # Global params + outer optimizer state live in pinned host memory between syncs where the backend has
+        # memory kinds (as PRIME kept them on the CPU); every jitted function moves them in (`_on_device`) and out.
+        self.host_offload = cfg.diloco.outer_state_on_host and _has_pinned_host()
+        d = self.device_shardings
+        if self.host_offload:
+            host = lambda t: jax.tree.map(lambda x: x.with_memory_kind("pinned_host"), t)  # noqa: E731
+            self.shardings = d._replace(global_params=host(d.global_params), outer_opt_state=host(d.outer_opt_state))
+            log.info("global params and outer optimizer state are kept in pinned host memory between syncs")
+        else:
+            self.shardings = d
+            if cfg.diloco.outer_state_on_host:
+                log.info("the %s backend has no pinned_host memory: the outer state stays in device memory",
+                         jax.default_backend())
+        self.state = jax.jit(lambda g: diloco.init_state(g, self._inner_init, self.outer, n),
+                             out_shardings=self.shardings)(global_params)
+        del global_params  # now inside the state
+        self._inner = jax.jit(diloco.island_inner_step(inner_step), in_shardings=(self.shardings.inner, batch_sharding),
+                              out_shardings=(self.shardings.inner, self.replicated), donate_argnums=0)
+        self._install = jax.jit(
+            lambda g, o, outer_step, step: diloco.DilocoState(
+                jax.vmap(lambda p: self._inner_init(p)._replace(step=step), axis_size=n)(
+                    diloco.broadcast_islands(g, n)), g, o, outer_step),
+            in_shardings=(d.global_params, d.outer_opt_state, None, None), out_shardings=self.shardings)
+        nparams = count_params(cfg.model).total_params
+        self.wire_bytes = collective.wire_bytes_per_island(nparams, wire_islands, cfg.diloco.compression,
+                                                           cfg.diloco.block_size)
+        # Data-parallel training all-reduces fp32 gradients every inner step: H of them per outer step.
+        ddp = collective.ring_allreduce_bytes_per_island(nparams, n) * self.H
+        self.wire_ratio_vs_ddp = ddp / self.wire_bytes if self.wire_bytes else float("inf")
+        self._t_outer = time.perf_counter()
+
+    def _on_device(self, s: diloco.DilocoState) -> diloco.DilocoState:
+        """Inside jit: the outer state moved from pinned host memory to the devices (no-op without offload)."""
+        if not self.host_offload:
+            return s
+        d = self.device_shardings
+        return s._replace(global_params=jax.device_put(s.global_params, d.global_params),
+                          outer_opt_state=jax.device_put(s.outer_opt_state, d.outer_opt_state))
+
+    # -- the loop ----------------------------------------------------------------------------------------------------
+
+    def start(self, step):
+        self._t_outer = time.perf_counter()
+        return step
+
+    def inner_step(self, batch):
+        inner, metrics = self._inner(self.state.inner, batch)
+        self.state = self.state._replace(inner=inner)
+        return self._block(metrics)
+
+    def at_boundary(self, step: int) -> bool:
+        return step % self.H == 0
+
+    def maybe(self, step: int, report: Report) -> int:
+        if not self.at_boundary(step):
+            return step
+        jax.block_until_ready(self.state.inner)  # the sync's time starts when the inner steps are done
+        ready_at = time.perf_counter()
+        metrics, extra = self._outer()
+        metrics = jax.device_get(metrics)
+        sync_s = time.perf_counter() - ready_at
+        wall, self._t_outer = time.perf_counter() - self._t_outer, time.perf_counter()
+        outer = self.outer_step()
+        record = {"kind": "outer", "outer_step": outer, "step": step, "sync_seconds": sync_s,
+                  "outer_wall_seconds": wall, "compute_utilization": (wall - sync_s) / wall if wall > 0 else 1.0,
+                  "bytes_sent_per_island": self.wire_bytes, "wire_ratio_vs_ddp": self.wire_ratio_vs_ddp,
+                  "islands": self.num_islands, **summarise(metrics, self.num_islands), **extra}
+        log.info("outer step %d: synced %d islands in %.2fs, |delta| %.4g%s", outer, record["islands"], sync_s,
+                 float(np.asarray(metrics.get("delta_norm", 0.0))),
+                 f", global hash {extra['params_hash'][:12]}" if "params_hash" in extra else "")
+        if record.get("skipped_nonfinite"):
+            log.warning("outer step %d: the mean pseudo-gradient is not finite (an island diverged or sent a bad "
+                        "contribution); the global params were kept and every island restarts from them", outer)
+        report(record, ready_at)
+        return step
+
+    @abc.abstractmethod
+    def _outer(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Runs one outer step on self.state; returns (metrics, extra fields for the outer record)."""
+
+    def outer_now(self) -> dict[str, Any]:
+        """Runs the outer step now, outside the schedule (tests and benchmarks); returns its metrics."""
+        return self._outer()[0]
+
+    # -- state -------------------------------------------------------------------------------------------------------
+
+    def outer_step(self) -> int:
+        return int(self.state.outer_step)
+
+    def global_params(self):
+        return self.state.global_params
+
+    def install_global(self, global_params, outer_opt_state, outer_step: int, step: int) -> None:
+        """Every island restarts from these global params (fresh inner optimizer state) at `step`."""
+        self.state = self._install(global_params, outer_opt_state, jax.numpy.int32(outer_step), jax.numpy.int32(step))
+
+    def checkpoint_arrays(self):
+        s = self.state
+        return {"inner": s.inner, "outer": {"global_params": s.global_params, "outer_opt_state": s.outer_opt_state,
+                                            "outer_step": s.outer_step}}
+
+    def restore(self, ckpt, step, meta) -> bool:
+        """The same island count restores everything (resharded onto the current inner mesh if it changed).
+
+        Another island count keeps the global params and the outer optimizer state and re-initialises every
+        island's inner state from the global params (logged); the data streams then restart.
+        """
+        self._check_mode(step, meta)
+        d = self.device_shardings  # restored into device memory, then placed
+        abstract = self._abstract(self.checkpoint_arrays(), {
+            "inner": d.inner, "outer": {"global_params": d.global_params, "outer_opt_state": d.outer_opt_state,
+                                        "outer_step": d.outer_step}})
+        if meta["islands"] != self.num_islands:
+            o = ckpt.restore(step, {"outer": abstract["outer"]}, ())["outer"]
+            log.info("checkpoint step %d has %d islands and this run has %d: restored the global params and outer "
+                     "optimizer state; every island's inner state (AdamW moments) is re-initialised from the global "
+                     "params", step, meta["islands"], self.num_islands)
+            self.install_global(o["global_params"], o["outer_opt_state"], int(o["outer_step"]), meta["step"])
+            return False
+        out = ckpt.restore(step, abstract, ())
+        o = out["outer"]
+        self.state = jax.device_put(diloco.DilocoState(out["inner"], o["global_params"], o["outer_opt_state"],
+                                                       o["outer_step"]), self.shardings)
+        return True
+
+
+class MeshSync(DilocoSync):
+    """DiLoCo over the island axis of this program's mesh: pseudo-gradients -> compressed island mean -> outer
+    optimizer, all in one jitted program (only int8 codes and their scales cross the island axis)."""
+
+    def __init__(self, cfg, mesh, setup, inner_step, batch_sharding, params=None):
+        super().__init__(cfg, mesh, setup, inner_step, batch_sharding, params, wire_islands=sh.island_count(mesh))
+        reduce_mean = collective.make_island_mean(mesh, self.inner_specs.params, compression=cfg.diloco.compression,
+                                                  block_size=cfg.diloco.block_size)
+        self._sync = jax.jit(lambda s: diloco.outer_update(self._on_device(s), reduce_mean, self.outer),
+                             in_shardings=(self.shardings,), out_shardings=(self.shardings, self.replicated),
+                             donate_argnums=0)
+
+    def describe(self) -> str:
+        c = self.cfg.diloco
+        return (f"DiLoCo over {self.num_islands} islands, H={c.inner_steps}, {c.compression} reduce, "
+                f"{self.wire_bytes / 1e6:.2f} MB sent per island per outer step "
+                f"({self.wire_ratio_vs_ddp:.0f}x less than data-parallel fp32)")
+
+    def compile(self, batch) -> None:
+        self._inner = self._inner.lower(self.state.inner, batch).compile()
+        self._sync = self._sync.lower(self.state).compile()
+
+    def _outer(self):
+        self.state, metrics = self._sync(self.state)
+        return self._block(metrics), {}
+
+
+class ElasticSync(DilocoSync):
+    """DiLoCo across separate island programs: the pseudo-gradient leaves the device as one flat fp32 vector, the
+    TCP ring (island.ElasticIsland) returns the mean the same way on every island, the outer step is applied here;
+    then the islands vote on a hash of the new global state."""
+
+    def __init__(self, cfg, mesh, setup, inner_step, batch_sharding, params=None):
+        if sh.island_count(mesh) != 1:
+            from intellect_jax.config import ConfigError
+
+            raise ConfigError(f"elastic.coordinator is set and mesh.islands={sh.island_count(mesh)}; an elastic "
+                              "island is one island per program: set mesh.islands=1 (islands join over TCP)")
+        super().__init__(cfg, mesh, setup, inner_step, batch_sharding, params, wire_islands=2)
+        full = self.shardings
+        flat0 = lambda s: jax.flatten_util.ravel_pytree(jax.tree.map(  # noqa: E731
+            lambda x: x[0], diloco.pseudo_gradients(self._on_device(s).global_params, s.inner.params)))[0]
+        self._pseudo_vec = jax.jit(flat0, in_shardings=(full,), out_shardings=self.replicated)
+        self._apply_delta = jax.jit(
+            lambda s, vec: diloco.apply_outer(self._on_device(s), _unravel_like(s.global_params, vec), self.outer),
+            in_shardings=(full, self.replicated), out_shardings=(full, self.replicated), donate_argnums=0)
+        self.island = None
+
+    def describe(self) -> str:
+        c = self.cfg
+        return (f"elastic island {c.elastic.data_shard} of a run coordinated at {c.elastic.coordinator}, "
+                f"H={c.diloco.inner_steps}, {c.diloco.compression} ring all-reduce over TCP")
+
+    def data_islands(self, local):
+        return self.cfg.elastic.data_shards, [self.cfg.elastic.data_shard]
+
+    def compile(self, batch) -> None:
+        self._inner = self._inner.lower(self.state.inner, batch).compile()
+
+    def start(self, step):
+        """Joins the run (after compiling: a joiner must not fetch the state and then compile for minutes)."""
+        from intellect_jax.island import ElasticIsland
+
+        self.island = ElasticIsland(self.cfg, self)
+        self.island.join()
+        return super().start(max(step, self.outer_step() * self.H))  # a peer's state may be ahead
+
+    def maybe(self, step: int, report: Report) -> int:
+        step = super().maybe(step, report)
+        return max(step, self.outer_step() * self.H)  # re-synced from a peer that was ahead: continue from there
+
+    def _outer(self):
+        metrics, h = self.island.sync()
+        stats = self.island.client.last_stats
+        return metrics, {"params_hash": h, "bytes_sent_per_island": stats.get("bytes_sent", 0),
+                         "islands": len(stats.get("members", [])) or 1, "ring_order": stats.get("order"),
+                         "reduce_aborts": stats.get("aborts", 0)}
+
+    # island.py drives these
+    def pseudo_gradient_vector(self) -> np.ndarray:
+        return np.asarray(jax.device_get(self._pseudo_vec(self.state)), np.float32)
+
+    def apply_delta_vector(self, delta: np.ndarray) -> dict:
+        self.state, metrics = self._apply_delta(self.state, jax.device_put(delta, self.replicated))
+        return self._block(metrics)
+
+    def close(self) -> None:
+        if self.island is not None:
+            self.island.close()
+
+
+def make_sync(cfg: Config, mesh: Mesh, setup: ModelSetup, inner_step: Callable, batch_sharding,
+              params: Any = None) -> Sync:
+    """The one place that chooses the mode: elastic.coordinator set -> ElasticSync; several islands in the mesh ->
+    MeshSync; otherwise NoSync."""
+    if cfg.elastic.coordinator:
+        cls: type[Sync] = ElasticSync
+    elif sh.island_count(mesh) > 1:
+        cls = MeshSync
+    else:
+        cls = NoSync
+    return cls(cfg, mesh, setup, inner_step, batch_sharding, params)
+
+
+def _has_pinned_host() -> bool:
+    try:
+        return "pinned_host" in {m.kind for m in jax.devices()[0].addressable_memories()}
+    except Exception:  # noqa: BLE001 - backends without memory-kind support
+        return False
+
+
+def _unravel_like(tree, vec):
+    """The inverse of ravel_pytree for a tree shaped like `tree` (inside jit)."""
+    return jax.flatten_util.ravel_pytree(tree)[1](vec)
