@@ -42,6 +42,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from intellect_jax import quant
+from intellect_jax.sharding import ISLAND
 
 COMPRESSION_BITS = {"none": 32, "int8": 8, "int4": 4}
 
@@ -52,7 +53,7 @@ def _bits(compression: str) -> int:
     return COMPRESSION_BITS[compression]
 
 
-def inner_spec(spec: P, island_axis: str = "island") -> P:
+def inner_spec(spec: P, island_axis: str = ISLAND) -> P:
     """The PartitionSpec of one island's copy: ``spec`` without its leading island entry."""
     if len(spec) == 0 or spec[0] != island_axis:
         raise ValueError(f"every spec must start with {island_axis!r}, got {spec}")
@@ -60,7 +61,7 @@ def inner_spec(spec: P, island_axis: str = "island") -> P:
 
 
 def make_island_mean(mesh, specs, *, compression: str = "int8", block_size: int = 256,
-                     island_axis: str = "island") -> Callable[[Any], Any]:
+                     island_axis: str = ISLAND) -> Callable[[Any], Any]:
     """Build ``reduce_mean(tree) -> tree``: the mean over the leading island dim of every leaf.
 
     Args:
@@ -243,7 +244,7 @@ def axis_groups(mesh, axis: str) -> frozenset[frozenset[int]]:
     return frozenset(frozenset(int(i) for i in g) for g in moved)
 
 
-def island_traffic(hlo_text: str, mesh, island_axis: str = "island") -> dict[tuple[str, str], int]:
+def island_traffic(hlo_text: str, mesh, island_axis: str = ISLAND) -> dict[tuple[str, str], int]:
     """Per-device result elements of the collectives in ``hlo_text``, keyed (op, dtype).
 
     Collectives whose device groups are exactly the island-axis groups of ``mesh`` are keyed by their op name;

@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import optax
 
 from intellect_jax import quant
+from intellect_jax.sharding import ISLAND
 from intellect_jax.config import DilocoConfig
 from intellect_jax.train_step import TrainState
 
-ISLAND_AXIS = "island"
 ReduceMean = Callable[[Any], Any]  # tree with leading island dim -> tree without it (identical on every island)
 
 
@@ -52,7 +52,7 @@ def init_state(global_params: Any, inner_init: Callable[[Any], TrainState], oute
     return DilocoState(inner, global_params, outer.init(global_params), jnp.zeros((), jnp.int32))
 
 
-def island_inner_step(inner_step: Callable, spmd_axis_name: str | None = ISLAND_AXIS) -> Callable:
+def island_inner_step(inner_step: Callable, spmd_axis_name: str | None = ISLAND) -> Callable:
     """The inner step of every island at once: (inner [n,...], batch [n,...]) -> (inner, metrics [n])."""
     return jax.vmap(inner_step, spmd_axis_name=spmd_axis_name)
 
