@@ -1,12 +1,7 @@
 """``intellect-jax prepare-data``: text / JSONL / Parquet -> token shards + manifest.json.
 
-Output directory layout (read by :class:`intellect_jax.data.ShardSource`)::
-
-    manifest.json                 format, dtype, eos_id, vocab_size, tokenizer sha256, documents, tokens,
-                                  sources (path, sha256, bytes, documents), shards (files, counts, sha256)
-    tokenizer.json                the tokenizer used (copied or trained), shipped later with HF exports
-    shard-00000.tokens.bin        raw uint16 (vocab <= 65536) or uint32 token ids, documents back to back, no EOS
-    shard-00000.offsets.bin       raw uint64 document start offsets into the tokens file, plus the end
+Writes the format described in :mod:`intellect_jax.shards` (read back by its ``ShardSource``); the
+tokenizer.json used (copied or trained) is kept beside the shards and shipped later with HF exports.
 
 Re-running with the same inputs, tokenizer and options finds the manifest's ``input_fingerprint`` unchanged and
 the shards intact, and does nothing. Tokenization runs in the tokenizers library's thread pool (``--workers``).
@@ -34,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from intellect_jax import tokenizer as toklib
-from intellect_jax.data import FORMAT, FORMAT_VERSION, MANIFEST, DataError, read_manifest, sha256_file
+from intellect_jax.shards import FORMAT, FORMAT_VERSION, MANIFEST, DataError, read_manifest, sha256_file
 
 log = logging.getLogger(__name__)
 

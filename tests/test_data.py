@@ -1,5 +1,7 @@
-"""Tests for intellect_jax.data: layout independence, packing, disjoint coverage, mixture, exact resume, errors."""
+"""Tests for intellect_jax.data: layout independence, packing, disjoint coverage, mixture, exact resume (also through
+Orbax checkpoints), errors."""
 
+import dataclasses
 import json
 import math
 
@@ -7,6 +9,7 @@ import numpy as np
 import pytest
 
 from intellect_jax import data
+from intellect_jax.checkpoint import CheckpointError
 from intellect_jax.config import ConfigError, DataConfig, SourceConfig, load_config
 from intellect_jax.data import (BATCH_KEYS, DataError, SyntheticSource, ensure_prepared, make_iterator, merge_states,
                                 tokenizer_path)
@@ -394,3 +397,81 @@ def test_tokenizer_and_vocab_mismatches(tmp_path):
 def test_empty_dataset_is_refused(tmp_path):
     with pytest.raises(DataError, match="no non-empty documents"):
         write(tmp_path, "a", [[], np.zeros(0, int)])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpointing the loader through Orbax (Grain's handler).
+
+
+def _two_island_cfg():
+    return DataConfig(seq_len=32, batch_size=3, prefetch=2, synthetic_docs=300)
+
+
+def test_checkpointer_saves_and_restores_the_loader(tmp_path):
+    from intellect_jax.checkpoint import Checkpointer
+    from intellect_jax.config import CheckpointConfig
+
+    cfg, kw = _two_island_cfg(), dict(vocab_size=128, num_islands=2)
+    with make_iterator(cfg, **kw) as it:
+        uninterrupted = take(it, 12)
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(async_save=True))
+    try:
+        with make_iterator(cfg, **kw) as it:
+            take(it, 5)
+            ckpt.save(5, {}, {"meta": {"step": 5}}, data=it)
+            take(it, 4)  # the loader runs on while the save completes; the saved position stays at step 5
+            ckpt.wait()
+        assert ckpt.item_names(5) == {"meta", "data"}
+        with make_iterator(cfg, **kw) as it:
+            ckpt.restore_data(5, it)
+            assert it.get_state()["step"] == 5
+            assert_same(take(it, 7), uninterrupted[5:])
+        # Another process layout of the same run: one process loading only island 1, rows 1-2.
+        with make_iterator(cfg, **kw, islands=[1], row_start=1, row_stop=3) as part:
+            ckpt.restore_data(5, part)
+            assert_same(take(part, 3), [{k: b[k][1:2, 1:3] for k in BATCH_KEYS} for b in uninterrupted[5:8]])
+        with make_iterator(dataclasses.replace(cfg, seed=9), **kw) as other:
+            with pytest.raises(DataError, match="different data config"):
+                ckpt.restore_data(5, other)
+    finally:
+        ckpt.close()
+
+
+def test_restore_merges_the_states_of_every_saving_process(tmp_path):
+    """A checkpoint written by two processes (one island each) restores onto one process loading both."""
+    from intellect_jax.checkpoint import DataCheckpointHandler
+
+    cfg, kw = _two_island_cfg(), dict(vocab_size=128, num_islands=2)
+    with make_iterator(cfg, **kw) as it:
+        uninterrupted = take(it, 10)
+    for island in (0, 1):
+        with make_iterator(cfg, **kw, islands=[island]) as p:
+            take(p, 6)
+            (tmp_path / f"process_{island}-of-2.json").write_text(json.dumps(p.get_state()))
+    with make_iterator(cfg, **kw) as it:
+        DataCheckpointHandler().restore(tmp_path, item=it)
+        assert_same(take(it, 4), uninterrupted[6:])
+    (tmp_path / "process_1-of-2.json").unlink()
+    with make_iterator(cfg, **kw) as it, pytest.raises(CheckpointError, match="not one per process"):
+        DataCheckpointHandler().restore(tmp_path, item=it)
+
+
+def test_restore_data_refuses_checkpoints_without_a_loader_state(tmp_path):
+    from intellect_jax.checkpoint import Checkpointer
+    from intellect_jax.config import CheckpointConfig
+
+    old = Checkpointer(tmp_path, CheckpointConfig(async_save=False))
+    old.save(1, {}, {"meta": {"step": 1}})
+    old.save(2, {}, {"meta": {"step": 2}, "data": {"version": 1}})  # how older versions stored the data state
+    old.close()
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(), read_only=True)
+    try:
+        with make_iterator(_two_island_cfg(), vocab_size=128, num_islands=2) as it:
+            with pytest.raises(CheckpointError, match="has no 'data' item"):
+                ckpt.restore_data(1, it)
+            with pytest.raises(CheckpointError, match="older intellect-jax"):
+                ckpt.restore_data(2, it)
+            with pytest.raises(CheckpointError, match="step 3 not found"):
+                ckpt.restore_data(3, it)
+    finally:
+        ckpt.close()
