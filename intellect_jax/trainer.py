@@ -131,10 +131,10 @@ class RunCheckpointer:
         _check_compatible(self.ckpt.read_json(step, "config"), self.cfg, step)
         meta = self.ckpt.read_json(step, "meta")
         if self.trainer.sync.restore(self.ckpt, step, meta):
-            if hasattr(self.ckpt, "restore_data"):  # TEMP-LEAD
+            try:
                 self.ckpt.restore_data(step, self.loader)
-            else:
-                self.loader.set_state(self.ckpt.read_json(step, "data"))
+            except CheckpointError as e:  # e.g. written by an older intellect-jax: keep the model, restart the data
+                log.warning("the data streams restart from the beginning: %s", e)
         else:
             log.warning("the data streams restart: the checkpoint's data state is laid out for %d islands and this "
                         "run has %d", meta["islands"], self.trainer.num_islands)
@@ -145,12 +145,8 @@ class RunCheckpointer:
 
     def save(self, step: int) -> None:
         sync = self.trainer.sync
-        if hasattr(self.ckpt, "restore_data"):  # TEMP-LEAD
-            self.ckpt.save(step, sync.checkpoint_arrays(), {"meta": sync.meta(step), "config": self.cfg.to_dict()},
-                           data=self.loader)
-        else:
-            self.ckpt.save(step, sync.checkpoint_arrays(), {"meta": sync.meta(step), "config": self.cfg.to_dict(),
-                                                            "data": self.loader.get_state()})
+        self.ckpt.save(step, sync.checkpoint_arrays(), {"meta": sync.meta(step), "config": self.cfg.to_dict()},
+                       data=self.loader)
         self.last_saved = step
         log.info("checkpoint step %d saving (async) to %s", step, self.ckpt.dir)
 
