@@ -42,9 +42,8 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from intellect_jax import quant
+from intellect_jax.config import COMPRESSION_BITS
 from intellect_jax.sharding import ISLAND
-
-COMPRESSION_BITS = {"none": 32, "int8": 8, "int4": 4}
 
 
 def _bits(compression: str) -> int:
@@ -61,7 +60,7 @@ def inner_spec(spec: P, island_axis: str = ISLAND) -> P:
 
 
 def make_island_mean(mesh, specs, *, compression: str = "int8", block_size: int = 256,
-                     island_axis: str = ISLAND) -> Callable[[Any], Any]:
+                     island_axis: str = ISLAND, return_sent: bool = False) -> Callable[[Any], Any]:
     """Build ``reduce_mean(tree) -> tree``: the mean over the leading island dim of every leaf.
 
     Args:
@@ -69,9 +68,11 @@ def make_island_mean(mesh, specs, *, compression: str = "int8", block_size: int 
       specs: pytree of PartitionSpecs (same structure as the input), each starting with ``island_axis``.
       compression: "int8" (default), "int4", or "none" (exact float32 pmean baseline).
       block_size: elements per quantization block (one float32 scale each).
+      return_sent: also return what each island actually contributed (its own codes, decoded), for error feedback.
     Returns:
       A function (jit-able, pure) mapping a tree of [n_islands, ...] arrays to a tree of [...] arrays sharded by
-      the inner specs and replicated over the island axis, every island's copy bit-identical.
+      the inner specs and replicated over the island axis, every island's copy bit-identical. With
+      ``return_sent``: ``(mean, sent)``, ``sent`` float32 shaped and sharded like the input (``none``: the input).
     """
     bits = _bits(compression)
     if island_axis not in mesh.axis_names:
@@ -81,7 +82,8 @@ def make_island_mean(mesh, specs, *, compression: str = "int8", block_size: int 
     out_specs = jax.tree.unflatten(spec_def, [inner_spec(s, island_axis) for s in spec_leaves])
 
     def local_mean_exact(tree):
-        return jax.tree.map(lambda x: jax.lax.pmean(x[0], island_axis), tree)
+        mean = jax.tree.map(lambda x: jax.lax.pmean(x[0], island_axis), tree)
+        return (mean, jax.tree.map(lambda x: x.astype(jnp.float32), tree)) if return_sent else mean
 
     # Leaves are grouped by the inner axes they are replicated over (a norm under fsdp, every leaf under a "data"
     # axis that replicates params). The r replicas of a group split its vector r ways, each sends only its part
@@ -92,9 +94,8 @@ def make_island_mean(mesh, specs, *, compression: str = "int8", block_size: int 
         used = set(_mentioned_axes(inner_spec(s, island_axis)))
         groups.setdefault(tuple(a for a in inner_axes if a not in used and mesh.shape[a] > 1), []).append(k)
 
-    def island_mean_codes(v):
-        """Codes and scales of the mean over islands of v [n * C], the same bytes on every island."""
-        codes, scales = quant.pack(v, bits=bits, block_size=block_size)
+    def island_mean_codes(codes, scales):
+        """Codes and scales of the mean over islands of v [n * C] (given packed), the same bytes on every island."""
         # Row j after the all_to_all: the chunk this island owns, as island j quantized it.
         codes = jax.lax.all_to_all(codes.reshape(n, -1), island_axis, 0, 0, tiled=True)
         scales = jax.lax.all_to_all(scales.reshape(n, -1), island_axis, 0, 0, tiled=True)
@@ -118,6 +119,7 @@ def make_island_mean(mesh, specs, *, compression: str = "int8", block_size: int 
             split = quant.padded_size(length, block_size, n * r) // r < quant.padded_size(length, block_size, n)
             plan.setdefault(rep_axes if split else (), []).extend(members)
         out = [None] * len(leaves)
+        sent = [None] * len(leaves)
         for rep_axes, members in plan.items():
             members = sorted(members)  # tree-flatten order
             starts = np.cumsum([0] + [padded[k] for k in members])
@@ -125,18 +127,30 @@ def make_island_mean(mesh, specs, *, compression: str = "int8", block_size: int 
                                  for k in members])
             r = int(np.prod([mesh.shape[a] for a in rep_axes]))
             v = jnp.pad(v, (0, quant.padded_size(v.shape[0], block_size, n * r) - v.shape[0]))
-            if r > 1:
-                part = v.shape[0] // r
-                v = jax.lax.dynamic_slice_in_dim(v, jax.lax.axis_index(rep_axes) * part, part)
-            codes, scales = island_mean_codes(v)
+            part = lambda a: a if r == 1 else jax.lax.dynamic_slice_in_dim(  # noqa: E731 - this replica's share
+                a, jax.lax.axis_index(rep_axes) * (a.shape[0] // r), a.shape[0] // r)
+            if return_sent:
+                # Packed whole, so every replica knows what its island sent; a part is a whole number of blocks
+                # (and bytes), so the sliced codes are exactly the part's codes.
+                codes, scales = quant.pack(v, bits=bits, block_size=block_size)
+                own = quant.unpack(codes, scales, bits=bits, block_size=block_size)
+                for j, k in enumerate(members):
+                    sent[k] = own[starts[j]:starts[j] + local[k].size].reshape((1,) + local[k].shape)
+                codes, scales = part(codes), part(scales)
+            else:
+                codes, scales = quant.pack(part(v), bits=bits, block_size=block_size)
+            codes, scales = island_mean_codes(codes, scales)
             if r > 1:
                 codes = jax.lax.all_gather(codes, rep_axes, axis=0, tiled=True)
                 scales = jax.lax.all_gather(scales, rep_axes, axis=0, tiled=True)
             mean = quant.unpack(codes, scales, bits=bits, block_size=block_size)
             for j, k in enumerate(members):
                 out[k] = mean[starts[j]:starts[j] + local[k].size].reshape(local[k].shape).astype(local[k].dtype)
-        return jax.tree.unflatten(treedef, out)
+        mean = jax.tree.unflatten(treedef, out)
+        return (mean, jax.tree.unflatten(treedef, sent)) if return_sent else mean
 
+    if return_sent:
+        out_specs = (out_specs, specs)
     if bits == 32:
         return jax.shard_map(local_mean_exact, mesh=mesh, in_specs=(specs,), out_specs=out_specs)
     # check_vma=False: the type system cannot see that every island (and every replica) decodes the same gathered

@@ -175,6 +175,10 @@ class DataConfig:
                 raise ConfigError(f"data.sources weights sum to {total}; give at least one source a positive weight")
 
 
+COMPRESSIONS = ("none", "int8", "int4")
+COMPRESSION_BITS = {"none": 32, "int8": 8, "int4": 4}
+
+
 @dataclass(frozen=True)
 class DilocoConfig:
     """DiLoCo (Douillard et al. 2023, arXiv 2311.08105): H inner steps per island, then an outer step on the mean
@@ -184,14 +188,24 @@ class DilocoConfig:
     outer_optimizer: str = "nesterov"  # "nesterov" (SGD + Nesterov momentum) | "sgd" | "adam"
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
-    compression: str = "int8"  # cross-island payload: "none" (fp32) | "int8"
+    compression: str = "int8"  # cross-island payload: "none" (fp32) | "int8" | "int4" (codes + fp32 block scales)
     block_size: int = 256  # elements per quantization scale
+    # Each island keeps what quantization dropped from its contribution (fp32, per island, checkpointed) and adds it
+    # to its next pseudo-gradient (error feedback; needs compression int8 or int4).
+    error_feedback: bool = False
     outer_state_on_host: bool = True  # keep global params + outer state in pinned host memory where supported
 
     def validate(self) -> None:
         _positive(self, "inner_steps", "outer_lr", "block_size")
         _choice(self, "outer_optimizer", ("nesterov", "sgd", "adam"))
-        _choice(self, "compression", ("none", "int8"))
+        _choice(self, "compression", COMPRESSIONS)
+        if self.error_feedback and self.compression == "none":
+            raise ConfigError("diloco.error_feedback=true needs a lossy payload, and diloco.compression='none' sends "
+                              "exact fp32 (nothing to feed back); set diloco.compression to 'int8' or 'int4', or "
+                              "error_feedback=false")
+        if self.compression == "int4" and self.block_size % 2:
+            raise ConfigError(f"diloco.block_size={self.block_size} is odd; int4 packs two codes per byte, so a "
+                              "block must hold an even number of elements (e.g. 256)")
         if not 0 <= self.outer_momentum < 1:
             raise ConfigError("diloco.outer_momentum must be in [0, 1)")
 
@@ -357,9 +371,12 @@ class Config:
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings="
                 f"{self.model.max_position_embeddings}; shorten the sequence or raise the limit")
-        # A ring frame carries one chunk: chunk_bytes of int8 codes plus an fp32 scale per block (fp32: chunk_bytes).
+        # A ring frame carries one chunk: chunk_bytes of codes plus an fp32 scale per block (fp32: chunk_bytes).
         e = self.elastic
-        ring_frame = e.chunk_bytes + 4 * (e.chunk_bytes // self.diloco.block_size) + FRAME_HEADER_ALLOWANCE
+        bits = COMPRESSION_BITS[self.diloco.compression]
+        elems = max(e.chunk_bytes * 8 // bits, self.diloco.block_size)  # the ring rounds chunks to whole blocks
+        scales = 0 if bits == 32 else 4 * -(-elems // self.diloco.block_size)
+        ring_frame = elems * bits // 8 + scales + FRAME_HEADER_ALLOWANCE
         if ring_frame > e.peer_max_frame_bytes:
             raise ConfigError(
                 f"elastic.chunk_bytes={e.chunk_bytes} makes ring frames of up to {ring_frame} bytes, more than "

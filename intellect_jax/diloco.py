@@ -5,6 +5,17 @@
     delta          = reduce_mean_i(pseudo_grad_i)        # the only cross-island traffic
     global         <- outer_optimizer(global, delta)    # default SGD + Nesterov momentum, lr 0.7, momentum 0.9
 
+Error feedback (``diloco.error_feedback``; Seide et al. 2014, Karimireddy et al. 2019, arXiv 1901.09847): island i
+keeps the part of its contribution that the lossy payload dropped and adds it to its next pseudo-gradient::
+
+    p_i       = pseudo_grad_i + residual_i
+    sent_i    = decode(encode(p_i))                       # what the transport actually carried for island i
+    delta     = reduce_mean_i(sent_i) (re-quantized once by the chunk owner, identical on every island)
+    residual_i <- p_i - sent_i                            # float32, per island, checkpointed with the state
+
+The re-quantization of the mean (and, in the TCP ring, of partial sums) is shared by all islands and is not fed
+back. A non-finite mean skips the outer step and keeps every residual as it was.
+
 Per-island state carries a leading island dimension and runs under ``jax.vmap(..., spmd_axis_name="island")``, so
 the inner step and the model never mention islands (MaxText's DiLoCo layout). The inner AdamW state is kept across
 outer steps, as INTELLECT-1 did.
@@ -31,6 +42,7 @@ class DilocoState(NamedTuple):
     global_params: Any  # one copy, replicated over islands
     outer_opt_state: Any
     outer_step: jax.Array  # int32 scalar: outer steps applied
+    residual: Any = None  # error feedback: float32 like inner.params ([islands, ...]); None when it is off
 
 
 def make_outer_optimizer(cfg: DilocoConfig) -> optax.GradientTransformation:
@@ -46,10 +58,15 @@ def broadcast_islands(tree: Any, num_islands: int) -> Any:
 
 
 def init_state(global_params: Any, inner_init: Callable[[Any], TrainState], outer: optax.GradientTransformation,
-               num_islands: int) -> DilocoState:
-    """Every island starts from the same global params (and a fresh inner optimizer state)."""
+               num_islands: int, error_feedback: bool = False) -> DilocoState:
+    """Every island starts from the same global params (and a fresh inner optimizer state, a zero residual)."""
     inner = jax.vmap(inner_init, axis_size=num_islands)(broadcast_islands(global_params, num_islands))
-    return DilocoState(inner, global_params, outer.init(global_params), jnp.zeros((), jnp.int32))
+    return DilocoState(inner, global_params, outer.init(global_params), jnp.zeros((), jnp.int32),
+                       zero_residual(inner.params) if error_feedback else None)
+
+
+def zero_residual(island_params: Any) -> Any:
+    return jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), island_params)
 
 
 def island_inner_step(inner_step: Callable, spmd_axis_name: str | None = ISLAND) -> Callable:
@@ -64,17 +81,32 @@ def pseudo_gradients(global_params: Any, island_params: Any) -> Any:
 
 def outer_update(state: DilocoState, reduce_mean: ReduceMean, outer: optax.GradientTransformation,
                  ) -> tuple[DilocoState, dict[str, jax.Array]]:
-    """The synchronisation at an outer-step boundary. Pure; jit it with the state's shardings."""
+    """The synchronisation at an outer-step boundary. Pure; jit it with the state's shardings.
+
+    With error feedback (``state.residual`` set) `reduce_mean` must return ``(mean, sent)``
+    (collective.make_island_mean(..., return_sent=True)).
+    """
     pseudo = pseudo_gradients(state.global_params, state.inner.params)
-    state, metrics = apply_outer(state, reduce_mean(pseudo), outer)
+    residual = None
+    if state.residual is not None:
+        pseudo = jax.tree.map(jnp.add, pseudo, state.residual)
+        delta, sent = reduce_mean(pseudo)
+        residual = jax.tree.map(jnp.subtract, pseudo, sent)
+    else:
+        delta = reduce_mean(pseudo)
+    state, metrics = apply_outer(state, delta, outer, residual)
+    if residual is not None:
+        metrics["residual_norm"] = optax.tree.norm(state.residual)
     metrics["pseudo_grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim)))
                                                for x in jax.tree.leaves(pseudo)))  # [islands]
     return state, metrics
 
 
-def apply_outer(state: DilocoState, delta: Any, outer: optax.GradientTransformation,
+def apply_outer(state: DilocoState, delta: Any, outer: optax.GradientTransformation, residual: Any = None,
                 ) -> tuple[DilocoState, dict[str, jax.Array]]:
     """Applies the mean pseudo-gradient `delta` with the outer optimizer; every island restarts from the result.
+
+    `residual` (error feedback) replaces ``state.residual`` when the step is applied.
 
     A `delta` holding a NaN or Inf (an island diverged, or a corrupted contribution: a non-finite block decodes to
     NaN, see quant.py) is not applied: the global params and the outer optimizer state stay as they were, every
@@ -88,7 +120,10 @@ def apply_outer(state: DilocoState, delta: Any, outer: optax.GradientTransformat
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(bad, b, a), new, old)  # noqa: E731
     global_params = keep(optax.apply_updates(state.global_params, updates), state.global_params)
     outer_opt_state = keep(outer_opt_state, state.outer_opt_state)
+    if residual is not None:
+        residual = keep(residual, state.residual)
     inner = state.inner._replace(params=broadcast_islands(global_params, num_islands))
     metrics = {"delta_norm": optax.tree.norm(delta), "outer_update_norm": jnp.where(bad, 0.0, optax.tree.norm(updates)),
                "skipped_nonfinite": bad.astype(jnp.float32)}
-    return DilocoState(inner, global_params, outer_opt_state, state.outer_step + 1), metrics
+    return DilocoState(inner, global_params, outer_opt_state, state.outer_step + 1,
+                       state.residual if residual is None else residual), metrics

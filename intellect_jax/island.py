@@ -104,7 +104,7 @@ class ElasticIsland:
                 log.warning("outer step %d completed without this island (%s): re-syncing from a peer", s, e)
                 self.install(self.client.fetch_state())
                 return {"resynced": 1.0}, self._provide()[1]["params_hash"]
-            metrics = self.local.apply_delta_vector(delta)
+            metrics = self.local.apply_delta_vector(delta, sent_from=vec)
             h = self.refresh_snapshot()
             if self.client.commit(s, h):
                 return metrics, h

@@ -190,30 +190,31 @@ class DilocoSync(Sync):
         gspecs = sh.param_specs(setup.axes, setup.shapes, mesh)
         outer_specs = opt_state_specs(self.outer, jax.eval_shape(self.outer.init, global_params), gspecs)
         self.inner_specs = inner_specs
-        self.device_shardings = sh.named(mesh, diloco.DilocoState(inner_specs, gspecs, outer_specs, PartitionSpec()))
-        # Global params + outer optimizer state live in pinned host memory between syncs where the backend has
-        # memory kinds (as PRIME kept them on the CPU); every jitted function moves them in (`_on_device`) and out.
+        self.error_feedback = cfg.diloco.error_feedback
+        self.device_shardings = sh.named(mesh, diloco.DilocoState(
+            inner_specs, gspecs, outer_specs, PartitionSpec(), inner_specs.params if self.error_feedback else None))
+        # Global params + outer optimizer state (+ the error-feedback residual) live in pinned host memory between
+        # syncs where the backend has memory kinds (as PRIME kept them on the CPU); every jitted function moves them
+        # in (`_on_device`) and out.
         self.host_offload = cfg.diloco.outer_state_on_host and _has_pinned_host()
         d = self.device_shardings
         if self.host_offload:
             host = lambda t: jax.tree.map(lambda x: x.with_memory_kind("pinned_host"), t)  # noqa: E731
-            self.shardings = d._replace(global_params=host(d.global_params), outer_opt_state=host(d.outer_opt_state))
+            self.shardings = d._replace(global_params=host(d.global_params), outer_opt_state=host(d.outer_opt_state),
+                                        residual=host(d.residual))
             log.info("global params and outer optimizer state are kept in pinned host memory between syncs")
         else:
             self.shardings = d
             if cfg.diloco.outer_state_on_host:
                 log.info("the %s backend has no pinned_host memory: the outer state stays in device memory",
                          jax.default_backend())
-        self.state = jax.jit(lambda g: diloco.init_state(g, self._inner_init, self.outer, n),
+        self.state = jax.jit(lambda g: diloco.init_state(g, self._inner_init, self.outer, n, self.error_feedback),
                              out_shardings=self.shardings)(global_params)
         del global_params  # now inside the state
         self._inner = jax.jit(diloco.island_inner_step(inner_step), in_shardings=(self.shardings.inner, batch_sharding),
                               out_shardings=(self.shardings.inner, self.replicated), donate_argnums=0)
-        self._install = jax.jit(
-            lambda g, o, outer_step, step: diloco.DilocoState(
-                jax.vmap(lambda p: self._inner_init(p)._replace(step=step), axis_size=n)(
-                    diloco.broadcast_islands(g, n)), g, o, outer_step),
-            in_shardings=(d.global_params, d.outer_opt_state, None, None), out_shardings=self.shardings)
+        self._install = jax.jit(self._fresh_islands, in_shardings=(d.global_params, d.outer_opt_state, None, None),
+                                out_shardings=self.shardings)
         nparams = count_params(cfg.model).total_params
         self.wire_bytes = collective.wire_bytes_per_island(nparams, wire_islands, cfg.diloco.compression,
                                                            cfg.diloco.block_size)
@@ -222,13 +223,21 @@ class DilocoSync(Sync):
         self.wire_ratio_vs_ddp = ddp / self.wire_bytes if self.wire_bytes else float("inf")
         self._t_outer = time.perf_counter()
 
+    def _fresh_islands(self, global_params, outer_opt_state, outer_step, step) -> diloco.DilocoState:
+        """Every island restarts from the global params: fresh inner optimizer state at `step`, zero residual."""
+        inner = jax.vmap(lambda p: self._inner_init(p)._replace(step=step), axis_size=self.num_islands)(
+            diloco.broadcast_islands(global_params, self.num_islands))
+        return diloco.DilocoState(inner, global_params, outer_opt_state, outer_step,
+                                  diloco.zero_residual(inner.params) if self.error_feedback else None)
+
     def _on_device(self, s: diloco.DilocoState) -> diloco.DilocoState:
         """Inside jit: the outer state moved from pinned host memory to the devices (no-op without offload)."""
         if not self.host_offload:
             return s
         d = self.device_shardings
         return s._replace(global_params=jax.device_put(s.global_params, d.global_params),
-                          outer_opt_state=jax.device_put(s.outer_opt_state, d.outer_opt_state))
+                          outer_opt_state=jax.device_put(s.outer_opt_state, d.outer_opt_state),
+                          residual=jax.device_put(s.residual, d.residual))
 
     # -- the loop ----------------------------------------------------------------------------------------------------
 
@@ -289,8 +298,14 @@ class DilocoSync(Sync):
 
     def checkpoint_arrays(self):
         s = self.state
-        return {"inner": s.inner, "outer": {"global_params": s.global_params, "outer_opt_state": s.outer_opt_state,
-                                            "outer_step": s.outer_step}}
+        items = {"inner": s.inner, "outer": {"global_params": s.global_params, "outer_opt_state": s.outer_opt_state,
+                                             "outer_step": s.outer_step}}
+        if s.residual is not None:
+            items["residual"] = s.residual
+        return items
+
+    def meta(self, step: int) -> dict[str, Any]:
+        return super().meta(step) | {"error_feedback": self.error_feedback}
 
     def restore(self, ckpt, step, meta) -> bool:
         """The same island count restores everything (resharded onto the current inner mesh if it changed).
@@ -302,7 +317,12 @@ class DilocoSync(Sync):
         d = self.device_shardings  # restored into device memory, then placed
         abstract = self._abstract(self.checkpoint_arrays(), {
             "inner": d.inner, "outer": {"global_params": d.global_params, "outer_opt_state": d.outer_opt_state,
-                                        "outer_step": d.outer_step}})
+                                        "outer_step": d.outer_step}, **({"residual": d.residual} if d.residual is not None else {})})
+        if meta.get("error_feedback", False) != self.error_feedback:
+            log.info("checkpoint step %d was written with diloco.error_feedback=%s and this run has %s: %s", step,
+                     meta.get("error_feedback", False), self.error_feedback,
+                     "every island's residual starts at zero" if self.error_feedback else "its residuals are dropped")
+            abstract.pop("residual", None)
         if meta["islands"] != self.num_islands:
             o = ckpt.restore(step, {"outer": abstract["outer"]}, ())["outer"]
             log.info("checkpoint step %d has %d islands and this run has %d: restored the global params and outer "
@@ -312,8 +332,11 @@ class DilocoSync(Sync):
             return False
         out = ckpt.restore(step, abstract, ())
         o = out["outer"]
+        residual = out.get("residual")
+        if self.error_feedback and residual is None:
+            residual = diloco.zero_residual(out["inner"].params)
         self.state = jax.device_put(diloco.DilocoState(out["inner"], o["global_params"], o["outer_opt_state"],
-                                                       o["outer_step"]), self.shardings)
+                                                       o["outer_step"], residual), self.shardings)
         return True
 
 
@@ -324,7 +347,7 @@ class MeshSync(DilocoSync):
     def __init__(self, cfg, mesh, setup, inner_step, batch_sharding, params=None):
         super().__init__(cfg, mesh, setup, inner_step, batch_sharding, params, wire_islands=sh.island_count(mesh))
         reduce_mean = collective.make_island_mean(mesh, self.inner_specs.params, compression=cfg.diloco.compression,
-                                                  block_size=cfg.diloco.block_size)
+                                                  block_size=cfg.diloco.block_size, return_sent=self.error_feedback)
         self._sync = jax.jit(lambda s: diloco.outer_update(self._on_device(s), reduce_mean, self.outer),
                              in_shardings=(self.shardings,), out_shardings=(self.shardings, self.replicated),
                              donate_argnums=0)
@@ -357,13 +380,29 @@ class ElasticSync(DilocoSync):
                               "island is one island per program: set mesh.islands=1 (islands join over TCP)")
         super().__init__(cfg, mesh, setup, inner_step, batch_sharding, params, wire_islands=2)
         full = self.shardings
-        flat0 = lambda s: jax.flatten_util.ravel_pytree(jax.tree.map(  # noqa: E731
-            lambda x: x[0], diloco.pseudo_gradients(self._on_device(s).global_params, s.inner.params)))[0]
-        self._pseudo_vec = jax.jit(flat0, in_shardings=(full,), out_shardings=self.replicated)
-        self._apply_delta = jax.jit(
-            lambda s, vec: diloco.apply_outer(self._on_device(s), _unravel_like(s.global_params, vec), self.outer),
-            in_shardings=(full, self.replicated), out_shardings=(full, self.replicated), donate_argnums=0)
+        self._pseudo_vec = jax.jit(self._flat_pseudo, in_shardings=(full,), out_shardings=self.replicated)
+        self._apply_delta = jax.jit(self._apply_flat, in_shardings=(full, self.replicated, self.replicated),
+                                    out_shardings=(full, self.replicated), donate_argnums=0)
+        self._codec = None
+        if self.error_feedback:
+            from intellect_jax.elastic.ring import make_codec
+
+            self._codec = make_codec(cfg.diloco.compression, cfg.diloco.block_size)
         self.island = None
+
+    def _flat_pseudo(self, s):
+        """This island's pseudo-gradient (+ its residual) as one flat fp32 vector, in ravel_pytree order."""
+        s = self._on_device(s)
+        pseudo = diloco.pseudo_gradients(s.global_params, s.inner.params)
+        if s.residual is not None:
+            pseudo = jax.tree.map(jax.numpy.add, pseudo, s.residual)
+        return jax.flatten_util.ravel_pytree(jax.tree.map(lambda x: x[0], pseudo))[0]
+
+    def _apply_flat(self, s, delta, residual):
+        s = self._on_device(s)
+        if residual is not None:
+            residual = jax.tree.map(lambda x: x[None], _unravel_like(jax.tree.map(lambda x: x[0], s.residual), residual))
+        return diloco.apply_outer(s, _unravel_like(s.global_params, delta), self.outer, residual)
 
     def describe(self) -> str:
         c = self.cfg
@@ -399,8 +438,16 @@ class ElasticSync(DilocoSync):
     def pseudo_gradient_vector(self) -> np.ndarray:
         return np.asarray(jax.device_get(self._pseudo_vec(self.state)), np.float32)
 
-    def apply_delta_vector(self, delta: np.ndarray) -> dict:
-        self.state, metrics = self._apply_delta(self.state, jax.device_put(delta, self.replicated))
+    def apply_delta_vector(self, delta: np.ndarray, sent_from: np.ndarray | None = None) -> dict:
+        """Applies the ring's mean. `sent_from` (error feedback): the vector this island put into the ring; its new
+        residual is what the ring's codec dropped from it (the same block grid: blocks start at element 0)."""
+        residual = None
+        if self.error_feedback and sent_from is not None:
+            residual = sent_from - self._codec.roundtrip(sent_from)
+        self.state, metrics = self._apply_delta(self.state, jax.device_put(delta, self.replicated),
+                                                None if residual is None else jax.device_put(residual, self.replicated))
+        if residual is not None:
+            metrics["residual_norm"] = float(np.linalg.norm(residual))
         return self._block(metrics)
 
     def close(self) -> None:

@@ -31,26 +31,31 @@ def _losses(run_dir):
     return [(m["step"], m["loss"]) for m in read_metrics(Path(run_dir) / "metrics.jsonl") if m["kind"] == "inner"]
 
 
-def _arrays(run_dir, step):
+def _arrays(run_dir, step, names=("inner", "outer")):
     ckpt = Checkpointer(run_dir, CheckpointConfig(), read_only=True)
     try:
-        return {name: ckpt.restore_numpy(step, name) for name in ("inner", "outer")}
+        return {name: ckpt.restore_numpy(step, name) for name in names}
     finally:
         ckpt.close()
 
 
-def test_resume_is_bit_exact(tmp_path):
-    train(_cfg(tmp_path / "a", 12))
-    train(_cfg(tmp_path / "b", 6))
+@pytest.mark.parametrize("diloco", [{}, dict(compression="int4", error_feedback=True)], ids=["int8", "int4-ef"])
+def test_resume_is_bit_exact(tmp_path, diloco):
+    train(_cfg(tmp_path / "a", 12, diloco=diloco))
+    train(_cfg(tmp_path / "b", 6, diloco=diloco))
     assert Checkpointer(tmp_path / "b", CheckpointConfig(), read_only=True).latest_step() == 6
-    train(_cfg(tmp_path / "b", 12))  # same run dir: resumes from step 6
+    train(_cfg(tmp_path / "b", 12, diloco=diloco))  # same run dir: resumes from step 6
     la, lb = _losses(tmp_path / "a"), _losses(tmp_path / "b")
     assert [s for s, _ in lb] == list(range(1, 13))
     assert la == lb  # losses identical, bitwise (floats compare exactly)
-    a, b = _arrays(tmp_path / "a", 12), _arrays(tmp_path / "b", 12)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    names = ("inner", "outer", "residual") if diloco else ("inner", "outer")
+    a, b = _arrays(tmp_path / "a", 12, names), _arrays(tmp_path / "b", 12, names)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
     assert int(b["outer"]["outer_step"]) == 4
+    if diloco:  # the residual is real state: nonzero, per island, and restored (else the resumed run would differ)
+        r = jax.tree.leaves(b["residual"])
+        assert all(x.shape[0] == 2 for x in r) and max(float(np.abs(x).max()) for x in r) > 0
 
 
 @pytest.mark.parametrize("mesh", [dict(islands=4, fsdp=2), dict(islands=2, fsdp=2, tensor=2)])

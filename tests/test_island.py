@@ -43,11 +43,12 @@ def coordinator(tmp_path):
     proc.wait()
 
 
-def _island(tmp_path, addr, secret, i, steps, name=None):
+def _island(tmp_path, addr, secret, i, steps, name=None, extra=()):
     name = name or f"island{i}"
     log = open(tmp_path / f"{name}.log", "a")
     return subprocess.Popen(
-        [sys.executable, "-m", "intellect_jax", "train", *TINY, f"--run.steps={steps}", f"--run.dir={tmp_path / name}",
+        [sys.executable, "-m", "intellect_jax", "train", *TINY, *extra, f"--run.steps={steps}",
+         f"--run.dir={tmp_path / name}",
          f"--elastic.coordinator={addr}", f"--elastic.secret_file={secret}", f"--elastic.island_name={name}",
          f"--elastic.data_shard={i}"], cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
 
@@ -56,9 +57,11 @@ def _outer(run_dir):
     return {r["outer_step"]: r for r in read_metrics(Path(run_dir) / "metrics.jsonl") if r["kind"] == "outer"}
 
 
-def test_three_islands_identical_global_state(tmp_path, coordinator):
+@pytest.mark.parametrize("extra", [(), ("--diloco.compression=int4", "--diloco.error_feedback=true")],
+                         ids=["int8", "int4-ef"])
+def test_three_islands_identical_global_state(tmp_path, coordinator, extra):
     addr, secret = coordinator
-    procs = [_island(tmp_path, addr, secret, i, steps=15) for i in range(3)]
+    procs = [_island(tmp_path, addr, secret, i, steps=15, extra=extra) for i in range(3)]
     for p in procs:
         assert p.wait(timeout=400) == 0, (tmp_path / "island0.log").read_text()[-3000:]
     outers = [_outer(tmp_path / f"island{i}") for i in range(3)]
@@ -67,6 +70,10 @@ def test_three_islands_identical_global_state(tmp_path, coordinator):
         hashes = {o[step]["params_hash"] for o in outers}
         assert len(hashes) == 1, (step, hashes)
         assert all(o[step]["islands"] == 3 and o[step]["bytes_sent_per_island"] > 0 for o in outers)
+        # error feedback: every island keeps its own residual (different islands, different residuals)
+        assert all(("residual_norm" in o[step]) == bool(extra) for o in outers)
+        if extra:
+            assert len({o[step]["residual_norm"] for o in outers}) == 3
     for i in range(3):
         inner = [r["loss"] for r in read_metrics(tmp_path / f"island{i}" / "metrics.jsonl") if r["kind"] == "inner"]
         assert sum(inner[-3:]) / 3 < sum(inner[:3]) / 3 - 0.05, inner

@@ -2,7 +2,7 @@
 
 Reduce-scatter then all-gather (Patarasuk & Yuan 2009), with two changes for slow links:
 
-* reduce-scatter moves **int8 codes + fp32 block scales** (``quant.pack_np``); each hop decodes, adds its own fp32
+* reduce-scatter moves **int8 (or int4) codes + fp32 block scales** (``quant.pack_np``); each hop decodes, adds its own fp32
   values, and re-packs the partial sum (accumulation stays fp32). The owner of a segment divides by N and packs the
   mean once.
 * all-gather **forwards the owner's packed bytes verbatim**, and every member (the owner too) decodes those same
@@ -44,7 +44,7 @@ class RingError(RuntimeError):
 
 class Fp32Codec:
     name = "none"
-    bytes_per_elem = 4
+    bits = 32
 
     def encode(self, x: np.ndarray) -> list[memoryview]:
         return [memoryview(np.ascontiguousarray(x, np.float32)).cast("B")]
@@ -57,42 +57,57 @@ class Fp32Codec:
     def wire_bytes(self, n: int) -> int:
         return 4 * n
 
+    def roundtrip(self, x: np.ndarray) -> np.ndarray:
+        return np.array(x, np.float32)
 
-class Int8Codec:
-    """Blockwise absmax int8 via ``intellect_jax.quant`` (codes then fp32 scales, concatenated)."""
 
-    name = "int8"
-    bytes_per_elem = 1
+class BlockCodec:
+    """Blockwise absmax int8 or int4 via ``intellect_jax.quant`` (codes then fp32 scales, concatenated)."""
 
-    def __init__(self, block_size: int, pack: Callable | None = None, unpack: Callable | None = None):
+    def __init__(self, bits: int, block_size: int, pack: Callable | None = None, unpack: Callable | None = None):
         if pack is None or unpack is None:
             from intellect_jax import quant  # numpy twin; imports no jax
             pack, unpack = quant.pack_np, quant.unpack_np
-        self.block_size = block_size
+        if bits not in (4, 8) or block_size < 2 or block_size % 2:
+            raise ValueError(f"bits must be 4 or 8 and block_size even, got bits={bits}, block_size={block_size}")
+        self.name, self.bits, self.block_size = f"int{bits}", bits, block_size
         self._pack, self._unpack = pack, unpack
 
     def encode(self, x: np.ndarray) -> list[memoryview]:
-        codes, scales = self._pack(np.ascontiguousarray(x, np.float32), bits=8, block_size=self.block_size)
-        return [memoryview(np.ascontiguousarray(codes, np.int8)).cast("B"),
+        codes, scales = self._pack(np.ascontiguousarray(x, np.float32), bits=self.bits, block_size=self.block_size)
+        return [memoryview(np.ascontiguousarray(codes)).cast("B"),
                 memoryview(np.ascontiguousarray(scales, np.float32)).cast("B")]
 
     def decode(self, buf: memoryview, n: int) -> np.ndarray:
-        if len(buf) != self.wire_bytes(n):
-            raise wire.MalformedFrame(f"int8 chunk of {len(buf)} bytes, expected {self.wire_bytes(n)}")
-        codes = np.frombuffer(buf, np.int8, n)
-        scales = np.frombuffer(buf, np.float32, n // self.block_size, offset=n)
-        return np.asarray(self._unpack(codes, scales, bits=8, block_size=self.block_size), np.float32)
+        if n % self.block_size or len(buf) != self.wire_bytes(n):
+            raise wire.MalformedFrame(f"{self.name} chunk of {len(buf)} bytes for {n} elements, expected "
+                                      f"{self.wire_bytes(n)}")
+        nbytes = n * self.bits // 8
+        codes = np.frombuffer(buf, np.int8 if self.bits == 8 else np.uint8, nbytes)
+        scales = np.frombuffer(buf, np.float32, n // self.block_size, offset=nbytes)
+        return np.asarray(self._unpack(codes, scales, bits=self.bits, block_size=self.block_size), np.float32)
 
     def wire_bytes(self, n: int) -> int:
-        return n + 4 * (n // self.block_size)
+        return n * self.bits // 8 + 4 * (n // self.block_size)
+
+    def roundtrip(self, x: np.ndarray) -> np.ndarray:
+        """decode(encode(x)) on the ring's block grid (blocks from element 0; the tail zero-padded), len(x) back."""
+        x = np.asarray(x, np.float32).reshape(-1)
+        padded = np.zeros(-(-max(x.size, 1) // self.block_size) * self.block_size, np.float32)
+        padded[:x.size] = x
+        codes, scales = self._pack(padded, bits=self.bits, block_size=self.block_size)
+        return np.asarray(self._unpack(codes, scales, bits=self.bits, block_size=self.block_size))[:x.size]
 
 
-def make_codec(compression: str, block_size: int) -> Fp32Codec | Int8Codec:
+Codec = Fp32Codec | BlockCodec
+
+
+def make_codec(compression: str, block_size: int) -> Codec:
     if compression == "none":
         return Fp32Codec()
-    if compression == "int8":
-        return Int8Codec(block_size)
-    raise ValueError(f"compression={compression!r}: expected 'none' or 'int8'")
+    if compression in ("int8", "int4"):
+        return BlockCodec(int(compression[3:]), block_size)
+    raise ValueError(f"compression={compression!r}: expected 'none', 'int8' or 'int4'")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -119,10 +134,10 @@ class Layout:
         return lo, min(lo + self.chunk, (g + 1) * self.seg)
 
 
-def make_layout(n: int, members: int, block_size: int, chunk_bytes: int, bytes_per_elem: int,
+def make_layout(n: int, members: int, block_size: int, chunk_bytes: int, bits_per_elem: int,
                 streams: int = 1) -> Layout:
     seg = math.ceil(max(n, 1) / members / block_size) * block_size
-    chunk = max(block_size, chunk_bytes // bytes_per_elem // block_size * block_size)
+    chunk = max(block_size, chunk_bytes * 8 // bits_per_elem // block_size * block_size)
     # At least PIPELINE_DEPTH chunks per stream and segment when the segment is big enough: every stream carries
     # data, and a chunk is forwarded (decoded, accumulated, re-packed) while later ones are still on the wire.
     per_stream = math.ceil(seg / (streams * PIPELINE_DEPTH) / block_size) * block_size
@@ -144,7 +159,7 @@ class RingStats:
 
 
 def ring_mean(vec: np.ndarray, rank: int, send: Sequence[wire.Conn], recv: Sequence[wire.Conn], members: int,
-              codec: Fp32Codec | Int8Codec, chunk_bytes: int, block_size: int, timeout: float,
+              codec: Codec, chunk_bytes: int, block_size: int, timeout: float,
               epoch: int = 0) -> tuple[np.ndarray, RingStats]:
     """Mean of `vec` over the ring. `send[k]` goes to the successor, `recv[k]` comes from the predecessor.
 
@@ -155,7 +170,7 @@ def ring_mean(vec: np.ndarray, rank: int, send: Sequence[wire.Conn], recv: Seque
     vec = np.asarray(vec, np.float32).reshape(-1)
     N = members
     S = max(1, len(send))
-    lay = make_layout(vec.size, N, block_size, chunk_bytes, codec.bytes_per_elem, S)
+    lay = make_layout(vec.size, N, block_size, chunk_bytes, codec.bits, S)
     x = np.zeros(lay.padded, np.float32)
     x[:vec.size] = vec
     out = np.empty(lay.padded, np.float32)
@@ -260,7 +275,7 @@ def ring_mean(vec: np.ndarray, rank: int, send: Sequence[wire.Conn], recv: Seque
     return out[:vec.size].copy(), stats
 
 
-def reference_ring_mean(vecs: Sequence[np.ndarray], codec: Fp32Codec | Int8Codec, chunk_bytes: int,
+def reference_ring_mean(vecs: Sequence[np.ndarray], codec: Codec, chunk_bytes: int,
                         block_size: int, streams: int = 1) -> np.ndarray:
     """The same arithmetic as :func:`ring_mean`, sequentially in one process (ring order = list order).
 
@@ -268,7 +283,7 @@ def reference_ring_mean(vecs: Sequence[np.ndarray], codec: Fp32Codec | Int8Codec
     """
     N = len(vecs)
     n = vecs[0].size
-    lay = make_layout(n, N, block_size, chunk_bytes, codec.bytes_per_elem, streams)
+    lay = make_layout(n, N, block_size, chunk_bytes, codec.bits, streams)
     xs = []
     for v in vecs:
         x = np.zeros(lay.padded, np.float32)
