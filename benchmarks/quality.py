@@ -1,35 +1,38 @@
-"""Quality: held-out loss of DiLoCo (fp32 and int8 reduce) vs a data-parallel baseline at equal tokens.
+"""Quality: does DiLoCo reach data-parallel held-out loss at equal tokens, and at what fraction of the bits?
 
-    python benchmarks/quality.py            # ~8-15 min on 2 CPU cores (load-dependent): 5 arms x 250 inner steps
-    python benchmarks/quality.py --quick    # ~2 min smoke version (40 steps, H 10/20, batch 2, small eval)
+    python benchmarks/quality.py            # the protocol: outer-lr sweep, then the arms (~60 min on 2 CPU cores)
+    python benchmarks/quality.py --quick    # ~3 min smoke version of the same code path (RESULTS.md untouched)
 
-The DiLoCo papers' protocol (Douillard et al., arXiv 2311.08105, Table/Fig. "compute budget"), scaled down: the debug
-Llama (configs/debug.toml) on the python-stdlib demo corpus, seq_len 128, the same inner AdamW and schedule in every
-arm, and the same token stream in every arm:
+The DiLoCo papers' comparison (Douillard et al., arXiv 2311.08105; Charles et al., arXiv 2503.09799), scaled to a
+2-core CPU: the debug Llama (configs/debug.toml) on the python-stdlib corpus, the same inner AdamW and WSD schedule
+and the same tokens in every arm, held-out loss on documents never trained on, evaluated every ``--eval-every``
+steps.
 
-* ``ddp``: one island whose batch is ``islands x per-island batch`` (data-parallel training over ``islands`` workers
-  computes exactly this gradient; a 4-island H=1 DiLoCo would instead average parameters after an AdamW step);
-* ``diloco H=.. fp32`` / ``int8``: ``islands`` islands of ``per-island batch`` each, outer SGD + Nesterov (lr 0.7,
-  momentum 0.9, INTELLECT-1's), cross-island reduce in float32 (``diloco.compression="none"``) or int8.
+Arms (``n = --islands`` islands of ``B = --per-island-batch`` sequences):
 
-Both layouts read ``islands x per-island batch`` slots with the same data seed, and slot ``island * B + row`` of a
-DiLoCo run is row ``island * B + row`` of the baseline, so every arm sees exactly the same tokens in the same steps.
+* ``ddp``: one model whose batch is ``n x B`` (n data-parallel workers compute exactly this gradient). Wire: a fp32
+  ring all-reduce of the gradients among n workers every inner step.
+* ``diloco M=1``: DiLoCo with one island of batch ``n x B`` (the ddp batch) and an outer optimizer.
+* ``diloco M=n H=..``: n islands of batch B; outer SGD + Nesterov momentum at the best outer learning rate of the
+  sweep for that H; cross-island mean in fp32, int8, or int4 with error feedback (``diloco.error_feedback``).
 
-Held-out set: the prepared corpus is split by document (every ``--heldout-every``-th document is held out) into two
-prepared datasets with the same tokenizer; training reads only the train split. (The BPE tokenizer itself was trained
-on the whole corpus; no model parameter sees the held-out documents.)
+Same tokens: a DiLoCo run reads ``n`` streams of ``B`` rows, the baseline one stream of ``n x B`` rows, and slot
+``island * B + row`` of the first is row ``island * B + row`` of the second (checked at start-up).
 
-Wire bytes: per island over the whole run. DiLoCo: bytes of one outer step x outer steps, from
-``collective.wire_bytes_per_island`` and cross-checked against the collectives of the compiled sync program. Baseline:
-a float32 ring all-reduce of the gradients every inner step among ``islands`` workers
-(``collective.ring_allreduce_bytes_per_island``).
+Engine: the islands are vmapped on one CPU device (``diloco.island_inner_step`` without a mesh axis) and the
+cross-island mean is ``collective.reference_island_mean``, the collective's arithmetic on one device (tested against
+the compiled collective: the same codes, means within one float32 ulp). Arms run as ``--jobs`` single-threaded
+worker processes side by side. The sweep runs every (H, outer lr) pair for ``--sweep-steps`` steps with the
+schedule compressed to that length; the arms then run ``--steps`` steps at each H's best outer lr.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
+import os
 import shutil
 import sys
 import time
@@ -38,9 +41,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402
-
-ISLAND_DEVICES = 4  # one simulated CPU device per island: the fewest that host a 4-island mesh
-
 
 def split_corpus(src_dir: Path, out_root: Path, every: int) -> tuple[Path, Path]:
     """Writes ``out_root/train`` and ``out_root/heldout`` (documents k % every == 0) from a prepared dataset.
@@ -71,27 +71,6 @@ def split_corpus(src_dir: Path, out_root: Path, every: int) -> tuple[Path, Path]
     return train_dir, held_dir
 
 
-def arm_configs(base, args, train_dir: Path) -> list[tuple[str, object]]:
-    from intellect_jax.config import MeshConfig, SourceConfig
-
-    n, B = args.islands, args.per_island_batch
-    optim = dataclasses.replace(base.optim, total_steps=args.steps, warmup_steps=max(1, args.steps // 15),
-                                decay_start=int(args.steps * 0.8))
-    data = dataclasses.replace(base.data, seq_len=args.seq_len, batch_size=B, prefetch=2,
-                               sources=(SourceConfig(name="stdlib-train", path=str(train_dir)),))
-    run = dataclasses.replace(base.run, steps=args.steps, seed=args.seed)
-    common_cfg = base.replace(optim=optim, run=run)
-    arms = [("ddp (1 island, batch x%d)" % n,
-             common_cfg.replace(data=dataclasses.replace(data, batch_size=n * B),
-                                mesh=MeshConfig(islands=1, data=1, fsdp=1, tensor=1)))]
-    for H in args.H:
-        for comp, label in (("none", "fp32"), ("int8", "int8")):
-            arms.append((f"diloco H={H} {label}", common_cfg.replace(
-                data=data, mesh=MeshConfig(islands=n, data=1, fsdp=1, tensor=1),
-                diloco=dataclasses.replace(base.diloco, inner_steps=H, compression=comp))))
-    return arms
-
-
 def heldout_batches(held_dir: Path, cfg, rows: int, batches: int) -> list[dict]:
     from intellect_jax import data
     from intellect_jax.config import SourceConfig
@@ -103,7 +82,7 @@ def heldout_batches(held_dir: Path, cfg, rows: int, batches: int) -> list[dict]:
 
 
 def make_eval(cfg):
-    """Mean held-out cross-entropy (nats/token, no z-loss) of host params, on the first device."""
+    """Mean held-out cross-entropy (nats/token, no z-loss) of a params tree."""
     import jax
 
     from intellect_jax.state import ModelSetup
@@ -114,7 +93,6 @@ def make_eval(cfg):
     sums = jax.jit(lambda p, b: (loss_fn(p, b)[1][0], b["loss_mask"].sum()))
 
     def evaluate(params, batches) -> float:
-        params = jax.device_put(jax.device_get(params), jax.devices()[0])
         ce = tok = 0.0
         for b in batches:
             c, t = sums(params, b)
@@ -124,117 +102,248 @@ def make_eval(cfg):
     return evaluate
 
 
-def sync_wire_bytes_from_hlo(trainer) -> int | None:
-    """Bytes one island sends per outer step, counted from the compiled sync program's island-axis collectives.
+# --------------------------------------------------------------------------------------------------------------------
+# One arm (runs in a worker process)
 
-    all-to-all / all-gather over n islands send (n-1)/n of their result; a ring all-reduce sends 2 (n-1)/n of it.
-    Valid when one device holds one island (the layout used here).
-    """
+
+def arm_config(args: dict, arm: dict, train_dir: str):
+    """The Config of an arm: the preset's model, the inner schedule compressed to the arm's length, its data."""
+    from intellect_jax.config import DilocoConfig, SourceConfig, load_config
+
+    base = load_config(common.ROOT / "configs" / args["preset"])
+    steps = arm["steps"]
+    optim = dataclasses.replace(base.optim, total_steps=steps, warmup_steps=max(1, steps // 20),
+                                decay_start=int(steps * 0.8))
+    rows = args["per_island_batch"] * (args["islands"] if arm["islands"] <= 1 else 1)
+    data = dataclasses.replace(base.data, seq_len=args["seq_len"], batch_size=rows, prefetch=2, seed=arm["seed"],
+                               sources=(SourceConfig(name="stdlib-train", path=train_dir),))
+    diloco = DilocoConfig(inner_steps=arm["H"], outer_lr=arm["outer_lr"], outer_momentum=args["outer_momentum"],
+                          compression=arm["compression"], error_feedback=arm["error_feedback"],
+                          block_size=args["block_size"])
+    run = dataclasses.replace(base.run, steps=steps, seed=arm["seed"])
+    return base.replace(optim=optim, data=data, diloco=diloco, run=run)
+
+
+def train_arm(args: dict, arm: dict) -> dict:
+    """Trains one arm; returns its held-out curve, train losses and wire bytes."""
+    import jax
     import numpy as np
 
-    from intellect_jax import collective
-
-    try:
-        hlo = trainer.sync._sync.lower(trainer.state).compile().as_text()
-    except Exception:  # noqa: BLE001 - a private attribute; report n/a rather than fail the benchmark
-        return None
-    n = trainer.num_islands
-    total = 0.0
-    for (op, dt), elements in collective.island_traffic(hlo, trainer.mesh).items():
-        if op.startswith("other:"):
-            continue
-        size = np.dtype({"s8": np.int8, "u8": np.uint8, "f32": np.float32, "bf16": np.float16,
-                         "s32": np.int32}.get(dt, np.float32)).itemsize
-        factor = 2 if op == "all-reduce" else 1
-        total += factor * (n - 1) / n * elements * size
-    return int(round(total))
-
-
-def run_arm(name: str, cfg, args, evaluate, eval_set, devices) -> dict:
-    import jax
-
-    from intellect_jax import collective, data
+    from intellect_jax import collective, data, diloco
     from intellect_jax import sharding as sh
+    from intellect_jax.config import MeshConfig
     from intellect_jax.info import count_params
-    from intellect_jax.trainer import Trainer
+    from intellect_jax.state import ModelSetup, init_params
+    from intellect_jax.train_step import init_state, make_train_step
 
     t0 = time.perf_counter()
-    mesh = sh.make_mesh(cfg.mesh, devices=devices[:cfg.mesh.islands])
-    trainer = Trainer(cfg, mesh=mesh)
-    n = trainer.num_islands
+    cfg = arm_config(args, arm, args["train_dir"])
+    eval_set = heldout_batches(Path(args["held_dir"]), cfg, args["eval_rows"], args["eval_batches"])
+    evaluate = make_eval(cfg)
+    setup = ModelSetup.build(cfg.model, cfg.optim)
+    mesh = sh.make_mesh(MeshConfig(islands=1, data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    params, _ = init_params(setup, cfg.model, mesh, cfg.run.seed)
+    step_fn = make_train_step(setup.graphdef, cfg.optim, setup.optimizer)
+    n = arm["islands"]  # 0: ddp (no outer step)
     nparams = count_params(cfg.model).total_params
-    diloco = trainer.sync.mode == "diloco"
-    every = args.eval_every
-    curve, train_losses = [], []
-    pending = []
-    loader = data.make_iterator(cfg.data, vocab_size=cfg.model.vocab_size, num_islands=n)
+    if n == 0:
+        state = jax.jit(lambda p: init_state(p, setup.optimizer))(params)
+        inner = jax.jit(lambda s, b: step_fn(s, {k: v[0] for k, v in b.items()}), donate_argnums=0)
+        sync = None
+        global_params = lambda s: s.params  # noqa: E731
+    else:
+        outer = diloco.make_outer_optimizer(cfg.diloco)
+        state = jax.jit(lambda p: diloco.init_state(p, lambda q: init_state(q, setup.optimizer), outer, n,
+                                                    cfg.diloco.error_feedback))(params)
+        island_step = diloco.island_inner_step(step_fn, spmd_axis_name=None)
+
+        def inner_fn(s, b):
+            new_inner, metrics = island_step(s.inner, b)
+            return s._replace(inner=new_inner), metrics
+
+        inner = jax.jit(inner_fn, donate_argnums=0)
+        reduce_mean = functools.partial(collective.reference_island_mean, compression=cfg.diloco.compression,
+                                        block_size=cfg.diloco.block_size, return_sent=cfg.diloco.error_feedback)
+        sync = jax.jit(lambda s: diloco.outer_update(s, reduce_mean, outer), donate_argnums=0)
+        global_params = lambda s: s.global_params  # noqa: E731
+    curve, train_losses, pending, outer_metrics = [], [], [], []
+    loader = data.make_iterator(cfg.data, vocab_size=cfg.model.vocab_size, num_islands=max(n, 1))
     try:
-        for step in range(cfg.run.steps):
-            # One program in flight at a time: with several queued, the simulated CPU devices (jax 0.10.2, 2 busy
-            # cores) twice deadlocked in an all-gather (3 of 4 device threads waiting); timing is not measured here.
-            pending.append(jax.block_until_ready(trainer.inner_step(trainer.make_batch(next(loader)))["loss"]))
-            trainer.sync.maybe(step + 1, report=lambda record, ready_at: None)  # the outer step when due
-            if (step + 1) % every == 0 or step + 1 == cfg.run.steps:
-                train_losses += [float(jax.numpy.mean(x)) for x in jax.device_get(pending)]
+        for t in range(arm["steps"]):
+            state, m = inner(state, next(loader))
+            pending.append(m["loss"])
+            if sync is not None and (t + 1) % arm["H"] == 0:
+                state, om = sync(state)
+                outer_metrics.append(float(om["delta_norm"]))
+            if (t + 1) % args["eval_every"] == 0 or t + 1 == arm["steps"]:
+                train_losses += [float(np.mean(x)) for x in jax.device_get(pending)]
                 pending = []
-                curve.append((step + 1, evaluate(trainer.global_params(), eval_set)))
-                print(f"  {name}: step {step + 1}/{cfg.run.steps} train {train_losses[-1]:.4f} "
-                      f"held-out {curve[-1][1]:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+                curve.append((t + 1, evaluate(global_params(state), eval_set)))
+                if not np.isfinite(curve[-1][1]):
+                    break  # diverged: the sweep records it
     finally:
         loader.close()
-    tokens = cfg.run.steps * n * cfg.data.batch_size * cfg.data.seq_len
-    if diloco:
-        per_outer = trainer.sync.wire_bytes
-        hlo_bytes = sync_wire_bytes_from_hlo(trainer)
-        wire = per_outer * (cfg.run.steps // cfg.diloco.inner_steps)
+    H = arm["H"] if n else 1
+    workers = args["islands"]
+    if n == 0:
+        per_sync, syncs = collective.ring_allreduce_bytes_per_island(nparams, workers), arm["steps"]
+    elif n == 1:
+        per_sync, syncs = 0, arm["steps"] // H  # one island: nothing crosses islands
     else:
-        workers = args.islands  # the baseline stands for `islands` data-parallel workers
-        per_outer = collective.ring_allreduce_bytes_per_island(nparams, workers)
-        hlo_bytes = None
-        wire = per_outer * cfg.run.steps
-    return {"name": name, "eval_loss": curve[-1][1], "curve": curve, "train_losses": train_losses,
-            "final_train_loss": sum(train_losses[-every:]) / len(train_losses[-every:]),
-            "tokens": tokens, "wire_bytes": wire, "bytes_per_sync": per_outer, "hlo_bytes_per_sync": hlo_bytes,
-            "H": cfg.diloco.inner_steps if diloco else 1, "params": nparams, "seconds": time.perf_counter() - t0}
+        per_sync = collective.wire_bytes_per_island(nparams, n, cfg.diloco.compression, cfg.diloco.block_size)
+        syncs = arm["steps"] // H
+    window = max(1, args["eval_every"])
+    return {**arm, "eval_loss": curve[-1][1], "curve": curve, "train_loss": float(np.mean(train_losses[-window:])),
+            "tokens": arm["steps"] * workers * args["per_island_batch"] * args["seq_len"], "params": nparams,
+            "bytes_per_sync": per_sync, "wire_bytes": per_sync * syncs, "seconds": time.perf_counter() - t0,
+            "delta_norms": outer_metrics}
 
 
-def report(results: list[dict], args, seconds: float) -> str:
+def check_same_tokens(args: dict) -> None:
+    """Slot island * B + row of the n-stream loader is row island * B + row of the 1-stream loader."""
+    import numpy as np
+
+    from intellect_jax import data
+
+    n, B = args["islands"], args["per_island_batch"]
+    arm = dict(steps=10, islands=n, H=1, outer_lr=1.0, compression="none", error_feedback=False, seed=0)
+    per = arm_config(args, arm, args["train_dir"])
+    one = arm_config(args, dict(arm, islands=0), args["train_dir"])
+    with data.make_iterator(per.data, vocab_size=per.model.vocab_size, num_islands=n) as a, \
+            data.make_iterator(one.data, vocab_size=one.model.vocab_size, num_islands=1) as b:
+        for _ in range(2):
+            x, y = next(a), next(b)
+            for k in x:
+                assert np.array_equal(np.asarray(x[k]).reshape((1, n * B) + x[k].shape[2:]), np.asarray(y[k])), k
+
+
+def _worker(payload: str) -> str:
+    args, arm = json.loads(payload)
+    return json.dumps(train_arm(args, arm))
+
+
+def run_all(args: dict, arms: list[dict], jobs: int, label: str) -> list[dict]:
+    """Runs arms in `jobs` worker processes (spawned: each starts its own single-threaded jax)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    results = [None] * len(arms)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_worker, json.dumps([args, arm])): i for i, arm in enumerate(arms)}
+        from concurrent.futures import as_completed
+
+        for f in as_completed(futures):
+            r = json.loads(f.result())
+            results[futures[f]] = r
+            print(f"  [{label}] {r['name']}: held-out {r['eval_loss']:.4f} train {r['train_loss']:.4f} "
+                  f"({r['seconds']:.0f} s)", flush=True)
+    return results
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The protocol
+
+
+def arm(name, steps, islands, H=1, outer_lr=1.0, compression="none", error_feedback=False, seed=0) -> dict:
+    return dict(name=name, steps=steps, islands=islands, H=H, outer_lr=outer_lr, compression=compression,
+                error_feedback=error_feedback, seed=seed)
+
+
+def sweep_arms(args: dict) -> list[dict]:
+    n, S = args["islands"], args["sweep_steps"]
+    arms = [arm("ddp", S, 0)]
+    for lr in args["sweep_lrs"]:
+        arms.append(arm(f"diloco M=1 H={args['m1_H']} lr={lr}", S, 1, args["m1_H"], lr))
+        for H in args["H"]:
+            arms.append(arm(f"diloco M={n} H={H} lr={lr}", S, n, H, lr))
+    return arms
+
+
+def best_lrs(sweep: list[dict], args: dict) -> dict:
+    """(islands, H) -> the outer lr with the lowest final held-out loss in the sweep."""
+    best: dict = {}
+    for r in sweep:
+        if r["islands"] == 0:
+            continue
+        key = (r["islands"], r["H"])
+        if key not in best or r["eval_loss"] < best[key]["eval_loss"]:
+            best[key] = r
+    return {k: v["outer_lr"] for k, v in best.items()}
+
+
+def main_arms(args: dict, lrs: dict, best_H: int | None) -> list[dict]:
+    n, S = args["islands"], args["steps"]
+    arms = [arm("ddp", S, 0), arm(f"diloco M=1 H={args['m1_H']}", S, 1, args["m1_H"], lrs[(1, args["m1_H"])])]
+    arms += [arm(f"diloco M={n} H={H} fp32", S, n, H, lrs[(n, H)]) for H in args["H"]]
+    if best_H is not None:
+        lr = lrs[(n, best_H)]
+        arms += [arm(f"diloco M={n} H={best_H} int8", S, n, best_H, lr, "int8"),
+                 arm(f"diloco M={n} H={best_H} int4 + error feedback", S, n, best_H, lr, "int4", True),
+                 arm(f"diloco M={n} H={best_H} int4 (no error feedback)", S, n, best_H, lr, "int4")]
+    return arms
+
+
+def gap(r: dict, base: dict) -> str:
+    return f"{100.0 * (r['eval_loss'] - base['eval_loss']) / base['eval_loss']:+.2f}%"
+
+
+def report(sweep: list[dict], results: list[dict], args: dict, lrs: dict, best_H: int) -> tuple[str, str, str]:
     from benchmarks.common import table
 
-    base = results[0]
+    n = args["islands"]
+    # The sweep: rows (islands, H), columns outer lr.
+    s_base = next(r for r in sweep if r["islands"] == 0)
+    keys = sorted({(r["islands"], r["H"]) for r in sweep if r["islands"]}, key=lambda k: (k[0], k[1]))
+    cell = {(r["islands"], r["H"], r["outer_lr"]): r for r in sweep if r["islands"]}
+    srows = []
+    for k in keys:
+        row = [f"M={k[0]} H={k[1]}"]
+        for lr in args["sweep_lrs"]:
+            r = cell.get((k[0], k[1], lr))
+            mark = " **best**" if r and lrs.get(k) == lr else ""
+            row.append(f"{r['eval_loss']:.4f} ({gap(r, s_base)}){mark}" if r else "–")
+        srows.append(row)
+    sweep_tab = table(["arm \\ outer lr", *[str(lr) for lr in args["sweep_lrs"]]], srows)
+    sweep_note = (f"Sweep: {args['sweep_steps']} inner steps per run (schedule compressed to that length), held-out "
+                  f"loss at the end (gap vs ddp {s_base['eval_loss']:.4f} at the same length). Outer SGD + Nesterov, "
+                  f"momentum {args['outer_momentum']}; best per row in bold; 'nan' = diverged.")
+    base = next(r for r in results if r["islands"] == 0 and r["seed"] == 0)
     rows = []
     for r in results:
-        gap = 100.0 * (r["eval_loss"] - base["eval_loss"]) / base["eval_loss"]
-        bits = 8.0 * r["wire_bytes"]
-        hlo = f"{r['hlo_bytes_per_sync'] / 1e6:.3f}" if r["hlo_bytes_per_sync"] else "–"
-        rows.append([r["name"], f"{r['tokens']:,}", f"{r['eval_loss']:.4f}",
-                     "–" if r is base else f"{gap:+.2f}%", f"{r['final_train_loss']:.4f}",
-                     f"{bits / 1e9:.3f}", f"{r['bytes_per_sync'] / 1e6:.3f}", hlo,
-                     f"{bits / (r['params'] * args.steps):.3f}",
-                     "1x" if r is base else f"{base['wire_bytes'] / r['wire_bytes']:.0f}x less",
+        seeds = [x for x in results if x["name"] == r["name"]]
+        if r["seed"] != 0:
+            continue
+        other = [x for x in seeds if x["seed"] != 0]
+        bits_step = 8.0 * r["wire_bytes"] / (r["params"] * r["steps"])
+        rows.append([r["name"], "–" if r["islands"] == 0 else f"{r['outer_lr']}",
+                     f"{r['tokens']:,}", f"{r['eval_loss']:.4f}",
+                     "–" if r is base else gap(r, base),
+                     f"{other[0]['eval_loss']:.4f}" if other else "–",
+                     f"{r['train_loss']:.4f}", f"{8.0 * r['wire_bytes'] / 1e9:.3f}", f"{bits_step:.3f}",
+                     "1x" if r is base else ("no WAN" if not r["wire_bytes"] else
+                                             f"{base['wire_bytes'] / r['wire_bytes']:.0f}x less"),
                      f"{r['seconds']:.0f}"])
-    header = ["arm", "tokens", "held-out loss", "gap vs ddp", f"train loss (last {args.eval_every} steps)",
-              "Gbit sent / island",
-              "MB per sync (formula)", "MB per sync (compiled HLO)", "bits / param / inner step", "wire vs ddp",
-              "wall s"]
+    tab = table(["arm", "outer lr", "tokens", "held-out loss", "gap vs ddp", "held-out, seed 1", "train loss",
+                 "Gbit sent / island", "bits / param / inner step", "wire vs ddp", "wall s"], rows)
     p = results[0]["params"]
-    notes = (f"Model: debug Llama ({p / 1e6:.2f}M params), seq_len {args.seq_len}; {args.islands} islands x "
-             f"{args.per_island_batch} sequences (ddp: 1 island x {args.islands * args.per_island_batch}); "
-             f"{args.steps} inner steps per arm, inner AdamW lr 3e-3 WSD-sqrt (warmup {max(1, args.steps // 15)}, "
-             f"decay from step {int(args.steps * 0.8)}); DiLoCo outer SGD+Nesterov lr 0.7 momentum 0.9; seed "
-             f"{args.seed}. Held-out loss: mean cross-entropy (nats/token) of the global params after the last "
-             f"inner step (DiLoCo: after the last outer step) on {args.eval_batches} x {args.eval_rows} x "
-             f"{args.seq_len} tokens of held-out documents (every {args.heldout_every}th document of the corpus, "
-             f"never trained on). Train loss: mean over the last {args.eval_every} inner steps (DiLoCo: the "
-             f"islands' inner losses, i.e. of the diverging island params, not of the global params). Wire: "
-             f"bytes one island sends over the run; ddp = a {args.islands}-worker fp32 ring all-reduce of the "
-             f"gradients every step, 2(n-1)/n x 4 B x params. 'compiled HLO' counts the island-axis collectives of "
-             f"the compiled sync program ((n-1)/n of all-to-all/all-gather results, 2(n-1)/n of all-reduce); the "
-             f"formula omits per-leaf block padding, which the HLO count includes.")
-    return table(header, rows), notes
+    notes = (f"Model: {args['preset']} Llama ({p / 1e6:.2f}M params), seq_len {args['seq_len']}; {n} islands x "
+             f"{args['per_island_batch']} sequences (ddp and M=1: one model, batch {n * args['per_island_batch']}); "
+             f"{args['steps']} inner steps per arm (the same tokens in every arm), inner AdamW WSD-sqrt (warmup "
+             f"{max(1, args['steps'] // 20)}, decay from step {int(args['steps'] * 0.8)}), as the preset otherwise. "
+             f"Outer SGD + Nesterov momentum {args['outer_momentum']} at the sweep's best lr per (M, H); best H "
+             f"(sweep) = {best_H}, used for the int8 / int4 arms. Held-out loss: mean cross-entropy (nats/token) of "
+             f"the global params after the last outer step, on {args['eval_batches']} x {args['eval_rows']} x "
+             f"{args['seq_len']} tokens of held-out documents (every {args['heldout_every']}th document, never "
+             f"trained on). Noise: 'seed 1' reruns an arm with another init and data order (seed 1); the spread of "
+             f"the two seeds is the noise floor for comparing arms. Train loss: mean over the last "
+             f"{args['eval_every']} steps (DiLoCo: the islands' own losses). Wire: bytes one island sends over the "
+             f"run (DiLoCo: collective.wire_bytes_per_island per outer step, codes + one fp32 scale per "
+             f"{args['block_size']} elements; ddp: a {n}-worker fp32 ring all-reduce of the gradients every step, "
+             f"2(n-1)/n x 4 B x params); M=1 sends nothing across islands.")
+    return sweep_tab + "\n\n" + sweep_note, tab, notes
 
 
-def plot(results: list[dict], args) -> str | None:
+def plot(results: list[dict], quick: bool) -> str | None:
     try:
         import matplotlib
 
@@ -244,91 +353,101 @@ def plot(results: list[dict], args) -> str | None:
         return None
     from benchmarks.common import save_plot
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in results:
         steps, losses = zip(*r["curve"])
-        a.plot(steps, losses, marker="o", label=r["name"])
-        b.plot(range(1, len(r["train_losses"]) + 1), r["train_losses"], lw=0.8, label=r["name"])
-    a.set(xlabel="inner step (equal tokens per step in every arm)", ylabel="held-out loss (nats/token)",
+        tokens = [s * r["tokens"] / r["steps"] / 1e6 for s in steps]
+        label = r["name"] + (f" (seed {r['seed']})" if r["seed"] else "")
+        style = "--" if r["seed"] else "-"
+        a.plot(tokens, losses, style, marker=".", label=label)
+        k = len(steps) // 2
+        b.plot(tokens[k:], losses[k:], style, marker=".", label=label)
+    a.set(xlabel="tokens (millions; equal per step in every arm)", ylabel="held-out loss (nats/token)",
           title="Held-out loss")
-    b.set(xlabel="inner step", ylabel="train loss (mean over islands)", title="Training loss")
-    b.set_ylim(top=min(8.5, max(max(r["train_losses"][len(r["train_losses"]) // 10:]) for r in results) + 0.2))
-    a.legend(fontsize=8)
+    b.set(xlabel="tokens (millions)", ylabel="held-out loss", title="Second half, zoomed")
+    a.legend(fontsize=7)
     a.grid(alpha=0.3)
     b.grid(alpha=0.3)
-    name = "quality_quick.png" if args.quick else "quality.png"
-    path = save_plot(fig, name)
+    path = save_plot(fig, "quality_quick.png" if quick else "quality.png")
     plt.close(fig)
     return path
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true",
-                    help="~2 min smoke version (40 steps, H 10 20, batch 2 per island, small eval)")
-    ap.add_argument("--steps", type=int, default=None, help="inner steps per arm (default 250; --quick: 40)")
-    ap.add_argument("--H", type=int, nargs="+", default=None, help="DiLoCo inner steps per outer step (10 50)")
+    ap.add_argument("--quick", action="store_true", help="~3 min smoke version (short runs, 2 lrs, small eval)")
+    ap.add_argument("--preset", default="debug.toml", help="model preset in configs/ (default debug.toml)")
+    ap.add_argument("--steps", type=int, default=None, help="inner steps per arm (default 2000)")
+    ap.add_argument("--sweep-steps", type=int, default=None, help="inner steps per sweep run (default 500)")
+    ap.add_argument("--sweep-lrs", type=float, nargs="+", default=None, help="outer lrs (0.2 0.35 0.5 0.7 1.0)")
+    ap.add_argument("--H", type=int, nargs="+", default=None, help="H for the M=islands arms (10 25 50)")
+    ap.add_argument("--m1-H", type=int, default=25, help="H of the one-island DiLoCo arm")
     ap.add_argument("--islands", type=int, default=4)
-    ap.add_argument("--per-island-batch", type=int, default=None, help="sequences per island per step (4; --quick: 2)")
+    ap.add_argument("--per-island-batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--eval-rows", type=int, default=None, help="held-out sequences per eval batch (32)")
-    ap.add_argument("--eval-batches", type=int, default=None, help="held-out eval batches (8; --quick: 2)")
+    ap.add_argument("--outer-momentum", type=float, default=0.9)
+    ap.add_argument("--block-size", type=int, default=256)
+    ap.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default 100)")
+    ap.add_argument("--eval-rows", type=int, default=32)
+    ap.add_argument("--eval-batches", type=int, default=None, help="held-out batches of eval-rows (default 6)")
     ap.add_argument("--heldout-every", type=int, default=10, help="hold out every k-th document")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--jobs", type=int, default=2, help="worker processes (default 2: one per core)")
     ap.add_argument("--data", default="~/.cache/intellect-jax/python-stdlib-bpe4096",
                     help="the prepared python-stdlib corpus (prepared if missing)")
     ap.add_argument("--split-dir", default="~/.cache/intellect-jax/bench-quality-split")
-    ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone (--quick never "
-                    "writes it)")
-    args = ap.parse_args()
-    args.steps = args.steps or (40 if args.quick else 250)
-    args.H = args.H or ([10, 20] if args.quick else [10, 50])
-    args.per_island_batch = args.per_island_batch or (2 if args.quick else 4)
-    args.eval_rows = args.eval_rows or (16 if args.quick else 32)
-    args.eval_batches = args.eval_batches or (2 if args.quick else 8)
-    bad = [h for h in args.H if args.steps % h]
-    if bad:
-        ap.error(f"--steps {args.steps} must be a multiple of every H (not of {bad}) so each arm ends synced")
-    args.eval_every = max(args.H)
-    for h in args.H:
-        if args.eval_every % h:
-            args.eval_every = args.steps  # evaluate only at the end when the H do not nest
-    common.force_cpu_devices(max(ISLAND_DEVICES, args.islands))
-
-    import jax
-
-    from intellect_jax import data
-    from intellect_jax.config import DataConfig, SourceConfig, load_config
-
+    ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    a = ap.parse_args()
+    q = a.quick
+    a.steps = a.steps or (100 if q else 2000)
+    a.sweep_steps = a.sweep_steps or (50 if q else 500)
+    a.sweep_lrs = a.sweep_lrs or ([0.5, 1.0] if q else [0.2, 0.35, 0.5, 0.7, 1.0])
+    a.H = a.H or ([10, 25] if q else [10, 25, 50])
+    a.eval_every = a.eval_every or (50 if q else 100)
+    a.eval_batches = a.eval_batches or (2 if q else 6)
+    if q:
+        a.m1_H = 25
+    for name, steps in (("--steps", a.steps), ("--sweep-steps", a.sweep_steps), ("--eval-every", a.eval_every)):
+        bad = [h for h in a.H + [a.m1_H] if steps % h]
+        if bad:
+            ap.error(f"{name} {steps} must be a multiple of every H (not of {bad}) so each arm ends synced and every "
+                     "evaluation sees global params")
+    if a.steps % a.eval_every:
+        ap.error(f"--steps {a.steps} must be a multiple of --eval-every {a.eval_every}")
+    # One single-threaded CPU device per worker: `jobs` workers keep the cores busy without fighting.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=1"
+                               " --xla_cpu_multi_thread_eigen=false").strip()
     t_all = time.perf_counter()
-    corpus = SourceConfig(name="python-stdlib", path=args.data, auto_prepare="python-stdlib")
+    from intellect_jax import data
+    from intellect_jax.config import DataConfig, SourceConfig
+
+    corpus = SourceConfig(name="python-stdlib", path=a.data, auto_prepare="python-stdlib")
     data.ensure_prepared(DataConfig(kind="prepared", sources=(corpus,)))
-    train_dir, held_dir = split_corpus(Path(args.data).expanduser(), Path(args.split_dir).expanduser(),
-                                       args.heldout_every)
-    base = load_config(common.ROOT / "configs" / "debug.toml")
-    arms = arm_configs(base, args, train_dir)
-    eval_set = heldout_batches(held_dir, arms[0][1], args.eval_rows, args.eval_batches)
-    evaluate = make_eval(arms[0][1])
-    print(f"{len(arms)} arms x {args.steps} inner steps; held-out set {args.eval_batches} x {args.eval_rows} x "
-          f"{args.seq_len} tokens from {held_dir}", flush=True)
-    results = [run_arm(name, cfg, args, evaluate, eval_set, jax.devices()) for name, cfg in arms]
+    train_dir, held_dir = split_corpus(Path(a.data).expanduser(), Path(a.split_dir).expanduser(), a.heldout_every)
+    args = {k: v for k, v in vars(a).items()} | {"train_dir": str(train_dir), "held_dir": str(held_dir)}
+    check_same_tokens(args)
+    print(f"sweep: {len(sweep_arms(args))} runs x {a.sweep_steps} steps; then arms x {a.steps} steps; "
+          f"{a.jobs} workers", flush=True)
+    sweep = run_all(args, sweep_arms(args), a.jobs, "sweep")
+    lrs = best_lrs(sweep, args)
+    best_H = min(a.H, key=lambda H: min(r["eval_loss"] for r in sweep if r["islands"] == a.islands and r["H"] == H))
+    arms = main_arms(args, lrs, best_H)
+    arms += [dict(x, seed=1) for x in arms if x["islands"] == 0 or
+             (x["islands"] == a.islands and x["H"] == best_H and x["compression"] == "none")]
+    print(f"best outer lr per (M, H): {lrs}; best H {best_H}; {len(arms)} arms x {a.steps} steps", flush=True)
+    results = run_all(args, arms, a.jobs, "arms")
     seconds = time.perf_counter() - t_all
-    tab, notes = report(results, args, seconds)
-    print()
-    print(tab)
-    print()
-    print(notes)
-    print(f"\ntotal {seconds:.0f} s")
-    if args.quick:
-        print("(--quick: a smoke run; RESULTS.md is left alone)")
-    elif not args.no_write:
-        png = plot(results, args)
-        curves = {r["name"]: r["curve"] for r in results}
-        body = "\n\n".join([common.provenance(seconds), tab, notes,
-                            "Held-out loss at every evaluation (inner step, loss): `" + json.dumps(curves) + "`",
-                            f"![quality]({png})" if png else "(matplotlib missing: no plot)"])
-        common.write_section("Quality", body)
-        print(f"wrote {common.RESULTS}")
+    sweep_tab, tab, notes = report(sweep, results, args, lrs, best_H)
+    print("\n" + sweep_tab + "\n\n" + tab + "\n\n" + notes + f"\n\ntotal {seconds:.0f} s")
+    if q or a.no_write:
+        print("(RESULTS.md left alone: --quick or --no-write)")
+        return 0
+    png = plot(results, q)
+    curves = {r["name"] + (f" seed {r['seed']}" if r["seed"] else ""): r["curve"] for r in results}
+    body = "\n\n".join([common.provenance(seconds), "Arms:", tab, notes, "Outer learning-rate sweep:", sweep_tab,
+                        "Held-out loss at every evaluation (inner step, loss): `" + json.dumps(curves) + "`",
+                        f"![quality]({png})" if png else "(matplotlib missing: no plot)"])
+    common.write_section("Quality", body)
+    print(f"wrote {common.RESULTS}")
     return 0
 
 

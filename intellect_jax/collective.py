@@ -159,6 +159,40 @@ def make_island_mean(mesh, specs, *, compression: str = "int8", block_size: int 
     return jax.shard_map(local_mean_packed, mesh=mesh, in_specs=(specs,), out_specs=out_specs, check_vma=False)
 
 
+def reference_island_mean(tree, *, compression: str = "int8", block_size: int = 256, return_sent: bool = False):
+    """`make_island_mean`'s arithmetic on one device: islands are the leading dim of every leaf, no mesh, no
+    collectives, so a benchmark can run many islands vmapped on one device (benchmarks/quality.py). Its sum is
+    sequential in island order with every decoded value rounded first (equal bit for bit to the numpy model in
+    tests/test_error_feedback.py); the collective's compiled sum may fuse differently (XLA may contract the decoding
+    multiply into the additions), so the two agree to about one float32 ulp of the mean's scale (tested), not bitwise.
+
+    Each island's leaves are raveled, zero-padded to whole blocks and concatenated (tree-flatten order); every island
+    packs its vector, the decoded vectors are summed over islands in island order and scaled by 1/n, and the mean is
+    packed once and decoded. ``return_sent``: also ``sent`` (each island's own codes, decoded), like the input.
+    """
+    bits = _bits(compression)
+    leaves, treedef = jax.tree.flatten(tree)
+    n = leaves[0].shape[0]
+    if bits == 32:
+        mean = jax.tree.map(lambda x: jnp.mean(x, axis=0), tree)
+        return (mean, jax.tree.map(lambda x: x.astype(jnp.float32), tree)) if return_sent else mean
+    sizes = [int(np.prod(x.shape[1:])) for x in leaves]
+    padded = [quant.padded_size(k, block_size) for k in sizes]
+    starts = np.cumsum([0] + padded)
+    v = jnp.concatenate([jnp.pad(x.astype(jnp.float32).reshape(n, -1), ((0, 0), (0, p - k)))
+                         for x, k, p in zip(leaves, sizes, padded)], axis=1)
+    roundtrip = lambda u: quant.unpack(*quant.pack(u, bits=bits, block_size=block_size), bits=bits,  # noqa: E731
+                                       block_size=block_size)
+    sent = jax.lax.optimization_barrier(jax.vmap(roundtrip)(v))  # no FMA into the sum, as in make_island_mean
+    mean = roundtrip(jnp.sum(sent, axis=0) * jnp.float32(1.0 / n))
+
+    def split(vec, lead):
+        return jax.tree.unflatten(treedef, [vec[..., starts[j]:starts[j] + k].reshape(lead + x.shape[1:]).astype(
+            jnp.float32 if lead else x.dtype) for j, (x, k) in enumerate(zip(leaves, sizes))])
+
+    return (split(mean, ()), split(sent, (n,))) if return_sent else split(mean, ())
+
+
 def _mentioned_axes(spec: P) -> tuple[str, ...]:
     axes: list[str] = []
     for entry in spec:

@@ -172,3 +172,37 @@ def test_int4_ring_codec_round_trip_and_error_bound(n_members):
 def test_bad_compression_settings_are_named(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         tiny_config(diloco=overrides)
+
+
+@pytest.mark.parametrize("compression", ["int8", "int4", "none"])
+def test_one_device_reference_matches_the_collective(compression):
+    """collective.reference_island_mean (islands vmapped on one device, for benchmarks/quality.py): exactly the numpy
+    model (each island's codes decoded, summed in island order, times 1/n, packed once); the same codes as the
+    collective (each island one device), whose compiled sum may round differently by an ulp."""
+    mesh, n, block = _mesh((4, 1, 1, 1)), 4, 64
+    specs = {"a": P("island", None, None), "b": P("island", None), "c": P("island", None)}
+    rng = np.random.default_rng(11)
+    x = {"a": rng.standard_normal((n, 24, 40)).astype(np.float32) * 0.01,
+         "b": rng.standard_normal((n, 300)).astype(np.float32), "c": rng.standard_normal((n, 7)).astype(np.float32)}
+    xs = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in x.items()}
+    mean, sent = jax.jit(collective.make_island_mean(mesh, specs, compression=compression, block_size=block,
+                                                     return_sent=True))(xs)
+    rmean, rsent = jax.jit(lambda t: collective.reference_island_mean(t, compression=compression, block_size=block,
+                                                                      return_sent=True))(x)
+    bits = collective.COMPRESSION_BITS[compression]
+    for k in x:
+        np.testing.assert_allclose(np.asarray(rmean[k]), np.asarray(mean[k]), rtol=3e-7, atol=0)
+        assert np.asarray(sent[k]).tobytes() == np.asarray(rsent[k]).tobytes()
+    if bits == 32:
+        return
+    rt = lambda u: quant.unpack_np(*quant.pack_np(u, bits=bits, block_size=block), bits=bits,  # noqa: E731
+                                   block_size=block)
+    flat = lambda t, i: np.concatenate([np.pad(t[k][i].reshape(-1), (0, quant.padded_size(t[k][i].size, block)  # noqa
+                                                                     - t[k][i].size)) for k in sorted(t)])
+    acc = rt(flat(x, 0))
+    for i in range(1, n):
+        acc = acc + rt(flat(x, i))
+    want = rt(acc * np.float32(1 / n))
+    got = np.concatenate([np.pad(np.asarray(rmean[k]).reshape(-1), (0, quant.padded_size(x[k][0].size, block)
+                                                                     - x[k][0].size)) for k in sorted(x)])
+    assert got.tobytes() == want.tobytes()
