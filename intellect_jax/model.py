@@ -14,7 +14,7 @@ N layers.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -88,6 +88,20 @@ class DecoderLayers(nnx.Module):
                 x_BLD, _ = body(x_BLD, {name: w[i] for name, w in stacked.items()})
         return x_BLD
 
+    def extend(self, x_BLD, cos_BLK, sin_BLK, mask_B1LS, cache: KVCache, start) -> tuple[Array, Array, Array]:
+        """All layers over L new tokens at cache slots [start, start + L): (output, their keys, their values)."""
+        cfg = self.cfg
+        stacked = {name: getattr(self, name)[...] for name in LAYER_NAMES}
+
+        def body(x, layer_k_v):
+            layer, k_BSKD, v_BSKD = layer_k_v
+            x, k_BLKD, v_BLKD = decoder_layer_cached(cfg, layer, x, cos_BLK, sin_BLK, mask_B1LS, k_BSKD, v_BSKD,
+                                                     start)
+            return x, (k_BLKD, v_BLKD)
+
+        x_BLD, (k_NBLKD, v_NBLKD) = jax.lax.scan(body, x_BLD, (stacked, cache.k, cache.v))
+        return x_BLD, k_NBLKD, v_NBLKD
+
 
 def _remat(fn, policy: str):
     if policy == "none":
@@ -108,15 +122,26 @@ def rms_norm(x: Array, weight: Array, eps: float) -> Array:
 
 
 def decoder_layer(cfg: ModelConfig, p: dict[str, Array], x_BLD: Array, cos, sin, mask, constrain) -> Array:
+    w = _layer_weights(cfg, p)
+    q_BLHD, k_BLKD, v_BLKD = _qkv(cfg, w, x_BLD, cos, sin)
+    attn_BLHD = attention(q_BLHD, k_BLKD, v_BLKD, mask, cfg.attention_impl)
+    return _attn_out_and_mlp(cfg, w, x_BLD, attn_BLHD, constrain)
+
+
+def _layer_weights(cfg: ModelConfig, p: dict[str, Array]) -> dict[str, Array]:
     cdt = _dtype(cfg.compute_dtype)
-    w = {k: v.astype(cdt) for k, v in p.items()}
+    return {k: v.astype(cdt) for k, v in p.items()}
+
+
+def _qkv(cfg: ModelConfig, w: dict[str, Array], x_BLD: Array, cos, sin) -> tuple[Array, Array, Array]:
     h_BLD = rms_norm(x_BLD, w["input_layernorm"], cfg.rms_norm_eps)
     q_BLHD = jnp.einsum("bld,dhk->blhk", h_BLD, w["q_proj"])
     k_BLKD = jnp.einsum("bld,dhk->blhk", h_BLD, w["k_proj"])
     v_BLKD = jnp.einsum("bld,dhk->blhk", h_BLD, w["v_proj"])
-    q_BLHD = apply_rope(q_BLHD, cos, sin)
-    k_BLKD = apply_rope(k_BLKD, cos, sin)
-    attn_BLHD = attention(q_BLHD, k_BLKD, v_BLKD, mask, cfg.attention_impl)
+    return apply_rope(q_BLHD, cos, sin), apply_rope(k_BLKD, cos, sin), v_BLKD
+
+
+def _attn_out_and_mlp(cfg: ModelConfig, w: dict[str, Array], x_BLD: Array, attn_BLHD: Array, constrain) -> Array:
     x_BLD = x_BLD + jnp.einsum("blhk,hkd->bld", attn_BLHD, w["o_proj"])
     x_BLD = constrain(x_BLD, ("batch", "length", "act_embed"))
     h_BLD = rms_norm(x_BLD, w["post_attention_layernorm"], cfg.rms_norm_eps)
@@ -132,6 +157,38 @@ def attention(q_BLHD, k_BLKD, v_BLKD, mask_B1LL, impl: str) -> Array:
     if implementation is None and jax.default_backend() == "gpu" and q_BLHD.dtype in (jnp.bfloat16, jnp.float16):
         implementation = "cudnn"
     return jax.nn.dot_product_attention(q_BLHD, k_BLKD, v_BLKD, mask=mask_B1LL, implementation=implementation)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Incremental decoding with a key/value cache (generate.py). The training forward above does not use any of it.
+
+
+class KVCache(NamedTuple):
+    """Rotated keys and values of every layer, ``[N, B, S, K, Dh]``; slot s holds position s."""
+
+    k: Array
+    v: Array
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
+    shape = (cfg.num_hidden_layers, batch, length, cfg.num_key_value_heads, cfg.resolved_head_dim)
+    zeros = jnp.zeros(shape, _dtype(cfg.compute_dtype))
+    return KVCache(zeros, zeros)
+
+
+def decoder_layer_cached(cfg: ModelConfig, p: dict[str, Array], x_BLD: Array, cos, sin, mask_B1LS: Array,
+                         k_BSKD: Array, v_BSKD: Array, start: Array) -> tuple[Array, Array, Array]:
+    """:func:`decoder_layer` for L new tokens at cache slots [start, start + L) of one layer's cache.
+
+    Returns (output, the new tokens' keys, their values); the caller writes those into the cache. XLA attention:
+    the cuDNN kernel is for training-shaped (square, causal) inputs.
+    """
+    w = _layer_weights(cfg, p)
+    q_BLHD, k_BLKD, v_BLKD = _qkv(cfg, w, x_BLD, cos, sin)
+    k_BSKD = jax.lax.dynamic_update_slice_in_dim(k_BSKD, k_BLKD.astype(k_BSKD.dtype), start, axis=1)
+    v_BSKD = jax.lax.dynamic_update_slice_in_dim(v_BSKD, v_BLKD.astype(v_BSKD.dtype), start, axis=1)
+    attn_BLHD = attention(q_BLHD, k_BSKD, v_BSKD, mask_B1LS, "xla")
+    return _attn_out_and_mlp(cfg, w, x_BLD, attn_BLHD, _no_constraint), k_BLKD, v_BLKD
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -208,10 +265,31 @@ class Llama(nnx.Module):
         x_BLD = inputs_embeds_BLD.astype(cdt)
         x_BLD = constrain(x_BLD, ("batch", "length", "act_embed"))
         x_BLD = self.layers(x_BLD, cos, sin, mask_B1LL, constrain)
+        return constrain(self._head(x_BLD), ("batch", "length", "act_vocab"))
+
+    def _head(self, x_BLD: Array) -> Array:
+        """Final norm and LM head: fp32 logits."""
+        cfg = self.cfg
         x_BLD = rms_norm(x_BLD, self.norm[...], cfg.rms_norm_eps)
         head_DV = self.embed_tokens[...].T if cfg.tie_word_embeddings else self.lm_head[...]
-        logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, head_DV.astype(cdt), preferred_element_type=jnp.float32)
-        return constrain(logits_BLV, ("batch", "length", "act_vocab"))
+        return jnp.einsum("bld,dv->blv", x_BLD, head_DV.astype(_dtype(cfg.compute_dtype)),
+                          preferred_element_type=jnp.float32)
+
+    def extend(self, tokens_BL: Array, cache: KVCache, start: Array) -> tuple[Array, KVCache]:
+        """Incremental forward for generation: tokens_BL are positions [start, start + L) of every row, the cache
+        holds positions [0, start). Returns (fp32 logits [B, L, V], the cache with the new positions added)."""
+        cfg = self.cfg
+        cdt = _dtype(cfg.compute_dtype)
+        B, L = tokens_BL.shape
+        S = cache.k.shape[2]
+        positions_L = start + jnp.arange(L, dtype=jnp.int32)
+        mask_B1LS = jnp.broadcast_to(jnp.arange(S)[None, :] <= positions_L[:, None], (B, 1, L, S))
+        cos, sin = rope_cos_sin(cfg, jnp.broadcast_to(positions_L, (B, L)), cdt)
+        x_BLD = jnp.take(self.embed_tokens[...], tokens_BL, axis=0).astype(cdt)
+        x_BLD, k_NBLKD, v_NBLKD = self.layers.extend(x_BLD, cos, sin, mask_B1LS, cache, start)
+        cache = KVCache(jax.lax.dynamic_update_slice_in_dim(cache.k, k_NBLKD, start, axis=2),
+                        jax.lax.dynamic_update_slice_in_dim(cache.v, v_NBLKD, start, axis=2))
+        return self._head(x_BLD), cache
 
 
 def causal_document_mask(segment_ids_BL: Array | None, B: int, L: int) -> Array:
@@ -255,3 +333,8 @@ def apply(graphdef: nnx.GraphDef, params: dict, tokens_BL, positions_BL=None, se
           constrain: ActivationConstraint | None = None) -> Array:
     """Pure forward: params (nested dict) -> fp32 logits."""
     return nnx.merge(graphdef, params)(tokens_BL, positions_BL, segment_ids_BL, constrain)
+
+
+def apply_cached(graphdef: nnx.GraphDef, params: dict, tokens_BL, cache: KVCache, start) -> tuple[Array, KVCache]:
+    """Pure incremental forward (see :meth:`Llama.extend`): -> (fp32 logits, updated cache)."""
+    return nnx.merge(graphdef, params).extend(tokens_BL, cache, start)
