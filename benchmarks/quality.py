@@ -13,8 +13,11 @@ Arms (``n = --islands`` islands of ``B = --per-island-batch`` sequences):
 * ``ddp``: one model whose batch is ``n x B`` (n data-parallel workers compute exactly this gradient). Wire: a fp32
   ring all-reduce of the gradients among n workers every inner step.
 * ``diloco M=1``: DiLoCo with one island of batch ``n x B`` (the ddp batch) and an outer optimizer.
-* ``diloco M=n H=..``: n islands of batch B; outer SGD + Nesterov momentum at the best outer learning rate of the
+* ``diloco M=n H=..``: n islands of batch B; outer SGD + Nesterov momentum at the best (outer lr, momentum) of the
   sweep for that H; cross-island mean in fp32, int8, or int4 with error feedback (``diloco.error_feedback``).
+
+``--warmup K`` runs the first K steps of every DiLoCo run data-parallel (the ddp arm's exact steps: one model on all
+islands' rows), then every island starts from that model and its AdamW state.
 
 Same tokens: a DiLoCo run reads ``n`` streams of ``B`` rows, the baseline one stream of ``n x B`` rows, and slot
 ``island * B + row`` of the first is row ``island * B + row`` of the second (checked at start-up).
@@ -22,8 +25,9 @@ Same tokens: a DiLoCo run reads ``n`` streams of ``B`` rows, the baseline one st
 Engine: the islands are vmapped on one CPU device (``diloco.island_inner_step`` without a mesh axis) and the
 cross-island mean is ``collective.reference_island_mean``, the collective's arithmetic on one device (tested against
 the compiled collective: the same codes, means within one float32 ulp). Arms run as ``--jobs`` single-threaded
-worker processes side by side. The sweep runs every (H, outer lr) pair for ``--sweep-steps`` steps with the
-schedule compressed to that length; the arms then run ``--steps`` steps at each H's best outer lr.
+worker processes side by side. The sweep runs every (M, H) at every (outer lr, momentum) of ``--sweep-grid`` for
+``--sweep-steps`` steps with the schedule compressed to that length; the arms then run ``--steps`` steps at each
+(M, H)'s best setting.
 """
 
 from __future__ import annotations
@@ -117,7 +121,8 @@ def arm_config(args: dict, arm: dict, train_dir: str):
     rows = args["per_island_batch"] * (args["islands"] if arm["islands"] <= 1 else 1)
     data = dataclasses.replace(base.data, seq_len=args["seq_len"], batch_size=rows, prefetch=2, seed=arm["seed"],
                                sources=(SourceConfig(name="stdlib-train", path=train_dir),))
-    diloco = DilocoConfig(inner_steps=arm["H"], outer_lr=arm["outer_lr"], outer_momentum=args["outer_momentum"],
+    diloco = DilocoConfig(inner_steps=arm["H"], outer_lr=arm["outer_lr"],
+                          outer_momentum=arm["momentum"],
                           compression=arm["compression"], error_feedback=arm["error_feedback"],
                           block_size=args["block_size"])
     run = dataclasses.replace(base.run, steps=steps, seed=arm["seed"])
@@ -155,6 +160,8 @@ def train_arm(args: dict, arm: dict) -> dict:
         outer = diloco.make_outer_optimizer(cfg.diloco)
         state = jax.jit(lambda p: diloco.init_state(p, lambda q: init_state(q, setup.optimizer), outer, n,
                                                     cfg.diloco.error_feedback))(params)
+        if arm["warmup"]:
+            state = ddp_warmup(state, step_fn, setup, loader_for(cfg, n), arm["warmup"], n)
         island_step = diloco.island_inner_step(step_fn, spmd_axis_name=None)
 
         def inner_fn(s, b):
@@ -167,9 +174,9 @@ def train_arm(args: dict, arm: dict) -> dict:
         sync = jax.jit(lambda s: diloco.outer_update(s, reduce_mean, outer), donate_argnums=0)
         global_params = lambda s: s.global_params  # noqa: E731
     curve, train_losses, pending, outer_metrics = [], [], [], []
-    loader = data.make_iterator(cfg.data, vocab_size=cfg.model.vocab_size, num_islands=max(n, 1))
+    loader = loader_for(cfg, max(n, 1), skip=arm["warmup"] if n else 0)
     try:
-        for t in range(arm["steps"]):
+        for t in range(arm["warmup"] if n else 0, arm["steps"]):
             state, m = inner(state, next(loader))
             pending.append(m["loss"])
             if sync is not None and (t + 1) % arm["H"] == 0:
@@ -199,6 +206,35 @@ def train_arm(args: dict, arm: dict) -> dict:
             "delta_norms": outer_metrics}
 
 
+def loader_for(cfg, streams: int, skip: int = 0):
+    """The arm's batch iterator, `skip` batches in (the data-parallel warm-up read them)."""
+    from intellect_jax import data
+
+    it = data.make_iterator(cfg.data, vocab_size=cfg.model.vocab_size, num_islands=streams)
+    for _ in range(skip):
+        next(it)
+    return it
+
+
+def ddp_warmup(state, step_fn, setup, loader, steps: int, n: int):
+    """The first `steps` inner steps data-parallel (one model on all islands' rows: the ddp arm's exact steps), then
+    every island starts from that model and its AdamW state, and the global params are that model."""
+    import jax
+
+    from intellect_jax import diloco
+    from intellect_jax.train_step import init_state
+
+    merge = lambda b: {k: v.reshape((1, -1) + v.shape[2:]) for k, v in b.items()}  # noqa: E731
+    one = jax.jit(lambda s, b: step_fn(s, {k: v[0] for k, v in b.items()}), donate_argnums=0)
+    ddp = jax.jit(lambda p: init_state(p, setup.optimizer))(state.global_params)
+    try:
+        for _ in range(steps):
+            ddp, _ = one(ddp, merge(next(loader)))
+    finally:
+        loader.close()
+    return state._replace(inner=diloco.broadcast_islands(ddp, n), global_params=ddp.params)
+
+
 def check_same_tokens(args: dict) -> None:
     """Slot island * B + row of the n-stream loader is row island * B + row of the 1-stream loader."""
     import numpy as np
@@ -206,9 +242,8 @@ def check_same_tokens(args: dict) -> None:
     from intellect_jax import data
 
     n, B = args["islands"], args["per_island_batch"]
-    arm = dict(steps=10, islands=n, H=1, outer_lr=1.0, compression="none", error_feedback=False, seed=0)
-    per = arm_config(args, arm, args["train_dir"])
-    one = arm_config(args, dict(arm, islands=0), args["train_dir"])
+    per = arm_config(args, arm("check", 10, n), args["train_dir"])
+    one = arm_config(args, arm("check", 10, 0), args["train_dir"])
     with data.make_iterator(per.data, vocab_size=per.model.vocab_size, num_islands=n) as a, \
             data.make_iterator(one.data, vocab_size=one.model.vocab_size, num_islands=1) as b:
         for _ in range(2):
@@ -244,23 +279,26 @@ def run_all(args: dict, arms: list[dict], jobs: int, label: str) -> list[dict]:
 # The protocol
 
 
-def arm(name, steps, islands, H=1, outer_lr=1.0, compression="none", error_feedback=False, seed=0) -> dict:
+def arm(name, steps, islands, H=1, outer_lr=1.0, compression="none", error_feedback=False, seed=0, warmup=0,
+        momentum=0.0) -> dict:
     return dict(name=name, steps=steps, islands=islands, H=H, outer_lr=outer_lr, compression=compression,
-                error_feedback=error_feedback, seed=seed)
+                error_feedback=error_feedback, seed=seed, warmup=warmup, momentum=momentum)
 
 
 def sweep_arms(args: dict) -> list[dict]:
+    """Every (M, H) at every (outer lr, outer momentum) of the grid, plus ddp, at the sweep's length."""
     n, S = args["islands"], args["sweep_steps"]
-    arms = [arm("ddp", S, 0)]
-    for lr in args["sweep_lrs"]:
-        arms.append(arm(f"diloco M=1 H={args['m1_H']} lr={lr}", S, 1, args["m1_H"], lr))
+    arms = [arm("ddp", S, 0, warmup=0)]
+    for lr, mom in args["sweep_grid"]:
+        arms.append(arm(f"diloco M=1 H={args['m1_H']} lr={lr} m={mom}", S, 1, args["m1_H"], lr, momentum=mom,
+                        warmup=args["warmup"]))
         for H in args["H"]:
-            arms.append(arm(f"diloco M={n} H={H} lr={lr}", S, n, H, lr))
+            arms.append(arm(f"diloco M={n} H={H} lr={lr} m={mom}", S, n, H, lr, momentum=mom, warmup=args["warmup"]))
     return arms
 
 
-def best_lrs(sweep: list[dict], args: dict) -> dict:
-    """(islands, H) -> the outer lr with the lowest final held-out loss in the sweep."""
+def best_settings(sweep: list[dict]) -> dict:
+    """(islands, H) -> (outer lr, outer momentum) with the lowest final held-out loss in the sweep."""
     best: dict = {}
     for r in sweep:
         if r["islands"] == 0:
@@ -268,18 +306,22 @@ def best_lrs(sweep: list[dict], args: dict) -> dict:
         key = (r["islands"], r["H"])
         if key not in best or r["eval_loss"] < best[key]["eval_loss"]:
             best[key] = r
-    return {k: v["outer_lr"] for k, v in best.items()}
+    return {k: (v["outer_lr"], v["momentum"]) for k, v in best.items()}
 
 
-def main_arms(args: dict, lrs: dict, best_H: int | None) -> list[dict]:
-    n, S = args["islands"], args["steps"]
-    arms = [arm("ddp", S, 0), arm(f"diloco M=1 H={args['m1_H']}", S, 1, args["m1_H"], lrs[(1, args["m1_H"])])]
-    arms += [arm(f"diloco M={n} H={H} fp32", S, n, H, lrs[(n, H)]) for H in args["H"]]
+def main_arms(args: dict, best: dict, best_H: int | None) -> list[dict]:
+    n, S, w = args["islands"], args["steps"], args["warmup"] * args["steps"] // args["sweep_steps"]
+
+    def dl(name, M, H, compression="none", ef=False):
+        lr, mom = best[(M, H)]
+        return arm(name, S, M, H, lr, compression, ef, momentum=mom, warmup=w)
+
+    arms = [arm("ddp", S, 0), dl(f"diloco M=1 H={args['m1_H']}", 1, args["m1_H"])]
+    arms += [dl(f"diloco M={n} H={H} fp32", n, H) for H in args["H"]]
     if best_H is not None:
-        lr = lrs[(n, best_H)]
-        arms += [arm(f"diloco M={n} H={best_H} int8", S, n, best_H, lr, "int8"),
-                 arm(f"diloco M={n} H={best_H} int4 + error feedback", S, n, best_H, lr, "int4", True),
-                 arm(f"diloco M={n} H={best_H} int4 (no error feedback)", S, n, best_H, lr, "int4")]
+        arms += [dl(f"diloco M={n} H={best_H} int8", n, best_H, "int8"),
+                 dl(f"diloco M={n} H={best_H} int4 + error feedback", n, best_H, "int4", True),
+                 dl(f"diloco M={n} H={best_H} int4 (no error feedback)", n, best_H, "int4")]
     return arms
 
 
@@ -294,19 +336,20 @@ def report(sweep: list[dict], results: list[dict], args: dict, lrs: dict, best_H
     # The sweep: rows (islands, H), columns outer lr.
     s_base = next(r for r in sweep if r["islands"] == 0)
     keys = sorted({(r["islands"], r["H"]) for r in sweep if r["islands"]}, key=lambda k: (k[0], k[1]))
-    cell = {(r["islands"], r["H"], r["outer_lr"]): r for r in sweep if r["islands"]}
+    cell = {(r["islands"], r["H"], r["outer_lr"], r["momentum"]): r for r in sweep if r["islands"]}
     srows = []
     for k in keys:
         row = [f"M={k[0]} H={k[1]}"]
-        for lr in args["sweep_lrs"]:
-            r = cell.get((k[0], k[1], lr))
-            mark = " **best**" if r and lrs.get(k) == lr else ""
+        for lr, mom in args["sweep_grid"]:
+            r = cell.get((k[0], k[1], lr, mom))
+            mark = " **best**" if r and lrs.get(k) == (lr, mom) else ""
             row.append(f"{r['eval_loss']:.4f} ({gap(r, s_base)}){mark}" if r else "–")
         srows.append(row)
-    sweep_tab = table(["arm \\ outer lr", *[str(lr) for lr in args["sweep_lrs"]]], srows)
+    sweep_tab = table(["arm \\ outer lr, momentum", *[f"{lr}, {mom}" for lr, mom in args["sweep_grid"]]], srows)
     sweep_note = (f"Sweep: {args['sweep_steps']} inner steps per run (schedule compressed to that length), held-out "
-                  f"loss at the end (gap vs ddp {s_base['eval_loss']:.4f} at the same length). Outer SGD + Nesterov, "
-                  f"momentum {args['outer_momentum']}; best per row in bold; 'nan' = diverged.")
+                  f"loss at the end (gap vs ddp {s_base['eval_loss']:.4f} at the same length). Outer SGD + Nesterov "
+                  f"(momentum 0: plain SGD on the mean pseudo-gradient; lr 1, momentum 0 is parameter averaging); "
+                  f"best per row in bold; 'nan' = diverged.")
     base = next(r for r in results if r["islands"] == 0 and r["seed"] == 0)
     rows = []
     for r in results:
@@ -315,7 +358,7 @@ def report(sweep: list[dict], results: list[dict], args: dict, lrs: dict, best_H
             continue
         other = [x for x in seeds if x["seed"] != 0]
         bits_step = 8.0 * r["wire_bytes"] / (r["params"] * r["steps"])
-        rows.append([r["name"], "–" if r["islands"] == 0 else f"{r['outer_lr']}",
+        rows.append([r["name"], "–" if r["islands"] == 0 else f"{r['outer_lr']}, {r['momentum']}",
                      f"{r['tokens']:,}", f"{r['eval_loss']:.4f}",
                      "–" if r is base else gap(r, base),
                      f"{other[0]['eval_loss']:.4f}" if other else "–",
@@ -323,14 +366,15 @@ def report(sweep: list[dict], results: list[dict], args: dict, lrs: dict, best_H
                      "1x" if r is base else ("no WAN" if not r["wire_bytes"] else
                                              f"{base['wire_bytes'] / r['wire_bytes']:.0f}x less"),
                      f"{r['seconds']:.0f}"])
-    tab = table(["arm", "outer lr", "tokens", "held-out loss", "gap vs ddp", "held-out, seed 1", "train loss",
+    tab = table(["arm", "outer lr, momentum", "tokens", "held-out loss", "gap vs ddp", "held-out, seed 1", "train loss",
                  "Gbit sent / island", "bits / param / inner step", "wire vs ddp", "wall s"], rows)
     p = results[0]["params"]
     notes = (f"Model: {args['preset']} Llama ({p / 1e6:.2f}M params), seq_len {args['seq_len']}; {n} islands x "
              f"{args['per_island_batch']} sequences (ddp and M=1: one model, batch {n * args['per_island_batch']}); "
              f"{args['steps']} inner steps per arm (the same tokens in every arm), inner AdamW WSD-sqrt (warmup "
              f"{max(1, args['steps'] // 20)}, decay from step {int(args['steps'] * 0.8)}), as the preset otherwise. "
-             f"Outer SGD + Nesterov momentum {args['outer_momentum']} at the sweep's best lr per (M, H); best H "
+             f"Outer SGD + Nesterov at the sweep's best (lr, momentum) per (M, H); data-parallel warm-up: "
+             f"{args['warmup'] * args['steps'] // args['sweep_steps']} steps; best H "
              f"(sweep) = {best_H}, used for the int8 / int4 arms. Held-out loss: mean cross-entropy (nats/token) of "
              f"the global params after the last outer step, on {args['eval_batches']} x {args['eval_rows']} x "
              f"{args['seq_len']} tokens of held-out documents (every {args['heldout_every']}th document, never "
@@ -379,13 +423,15 @@ def main() -> int:
     ap.add_argument("--preset", default="debug.toml", help="model preset in configs/ (default debug.toml)")
     ap.add_argument("--steps", type=int, default=None, help="inner steps per arm (default 2000)")
     ap.add_argument("--sweep-steps", type=int, default=None, help="inner steps per sweep run (default 500)")
-    ap.add_argument("--sweep-lrs", type=float, nargs="+", default=None, help="outer lrs (0.2 0.35 0.5 0.7 1.0)")
+    ap.add_argument("--sweep-grid", nargs="+", default=None, metavar="LR,MOMENTUM",
+                    help="outer (lr, momentum) pairs (default 0.35,0.9 0.7,0.5 1.0,0 1.3,0)")
+    ap.add_argument("--warmup", type=int, default=0, help="data-parallel warm-up steps of a sweep run (the arms "
+                    "scale it to their length); 0 = DiLoCo from the first step")
     ap.add_argument("--H", type=int, nargs="+", default=None, help="H for the M=islands arms (10 25 50)")
     ap.add_argument("--m1-H", type=int, default=25, help="H of the one-island DiLoCo arm")
     ap.add_argument("--islands", type=int, default=4)
     ap.add_argument("--per-island-batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--outer-momentum", type=float, default=0.9)
     ap.add_argument("--block-size", type=int, default=256)
     ap.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default 100)")
     ap.add_argument("--eval-rows", type=int, default=32)
@@ -400,7 +446,12 @@ def main() -> int:
     q = a.quick
     a.steps = a.steps or (100 if q else 2000)
     a.sweep_steps = a.sweep_steps or (50 if q else 500)
-    a.sweep_lrs = a.sweep_lrs or ([0.5, 1.0] if q else [0.2, 0.35, 0.5, 0.7, 1.0])
+    grid = a.sweep_grid or (["0.35,0.9", "1.0,0"] if q else ["0.35,0.9", "0.7,0.5", "1.0,0", "1.3,0"])
+    try:
+        a.sweep_grid = [tuple(float(v) for v in g.split(",")) for g in grid]
+        assert all(len(g) == 2 and g[0] > 0 and 0 <= g[1] < 1 for g in a.sweep_grid)
+    except (ValueError, AssertionError):
+        ap.error(f"--sweep-grid takes LR,MOMENTUM pairs with lr > 0 and 0 <= momentum < 1, got {grid}")
     a.H = a.H or ([10, 25] if q else [10, 25, 50])
     a.eval_every = a.eval_every or (50 if q else 100)
     a.eval_batches = a.eval_batches or (2 if q else 6)
@@ -428,12 +479,12 @@ def main() -> int:
     print(f"sweep: {len(sweep_arms(args))} runs x {a.sweep_steps} steps; then arms x {a.steps} steps; "
           f"{a.jobs} workers", flush=True)
     sweep = run_all(args, sweep_arms(args), a.jobs, "sweep")
-    lrs = best_lrs(sweep, args)
+    lrs = best_settings(sweep)
     best_H = min(a.H, key=lambda H: min(r["eval_loss"] for r in sweep if r["islands"] == a.islands and r["H"] == H))
     arms = main_arms(args, lrs, best_H)
     arms += [dict(x, seed=1) for x in arms if x["islands"] == 0 or
              (x["islands"] == a.islands and x["H"] == best_H and x["compression"] == "none")]
-    print(f"best outer lr per (M, H): {lrs}; best H {best_H}; {len(arms)} arms x {a.steps} steps", flush=True)
+    print(f"best outer (lr, momentum) per (M, H): {lrs}; best H {best_H}; {len(arms)} arms x {a.steps} steps", flush=True)
     results = run_all(args, arms, a.jobs, "arms")
     seconds = time.perf_counter() - t_all
     sweep_tab, tab, notes = report(sweep, results, args, lrs, best_H)
