@@ -2,7 +2,8 @@
 
 One ``CheckpointManager`` per run directory (``<run dir>/checkpoints/<inner step>/``), asynchronous saves (the next
 inner steps overlap the write), ``max_to_keep``. Orbax writes each step into a temporary directory and renames it
-when complete, so a process killed mid-save leaves the previous checkpoint intact.
+when complete, so a process killed mid-save leaves the previous checkpoint intact; the next start reports the
+unfinished ``<step>.orbax-checkpoint-tmp-*`` directory it left and (when writing) removes it.
 
 Items of a checkpoint:
   ``train``  one island: the TrainState (params, AdamW state, step)
@@ -86,15 +87,34 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir).expanduser().absolute() / "checkpoints"
 
 
+def incomplete_saves(directory: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the unfinished saves in a checkpoint directory: Orbax writes ``<step>.orbax-checkpoint-tmp-*``
+    and renames it to ``<step>`` when complete, so one left behind is a save that was killed (or is in flight)."""
+    if not directory.is_dir():
+        return []
+    found = [(m, p) for p in directory.iterdir() if (m := re.fullmatch(r"(\d+)\.orbax-checkpoint-tmp.*", p.name))]
+    return sorted((int(m.group(1)), p) for m, p in found)
+
+
 class Checkpointer:
     def __init__(self, run_dir: str | Path, cfg: CheckpointConfig, *, read_only: bool = False):
         self.dir = checkpoint_dir(run_dir)
-        options = ocp.CheckpointManagerOptions(max_to_keep=cfg.max_to_keep,
-                                               enable_async_checkpointing=cfg.async_save,
-                                               read_only=read_only, create=not read_only)
         if read_only and not self.dir.is_dir():
             raise CheckpointError(f"no checkpoints in {self.dir}; train first or pass the right --run-dir")
+        incomplete = [] if read_only else incomplete_saves(self.dir)  # a reader must not remove a save in flight
+        options = ocp.CheckpointManagerOptions(max_to_keep=cfg.max_to_keep,
+                                               enable_async_checkpointing=cfg.async_save,
+                                               read_only=read_only, create=not read_only,
+                                               cleanup_tmp_directories=bool(incomplete))
         self.manager = ocp.CheckpointManager(self.dir, options=options)
+        self.report_incomplete(incomplete, "now removed")
+
+    def report_incomplete(self, incomplete: list[tuple[int, Path]], what: str) -> None:
+        latest = self.latest_step()
+        for step, path in incomplete:  # e.g. a second Ctrl-C during the final save
+            log.warning("ignoring an incomplete checkpoint at step %d (%s: a save that was interrupted, %s); %s",
+                        step, path.name, what, "there is no complete checkpoint" if latest is None
+                        else f"the latest complete checkpoint is step {latest}")
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -184,11 +204,13 @@ def load_global_params(run_dir: str | Path, step: int | None = None) -> tuple[di
     """(resolved config dict, global params as numpy, step) from a run's checkpoint — for export-hf."""
     ckpt = Checkpointer(run_dir, CheckpointConfig(), read_only=True)
     try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
+        ckpt.report_incomplete(incomplete_saves(ckpt.dir), "or one still running")
+        if not ckpt.steps():
             raise CheckpointError(f"no complete checkpoint in {ckpt.dir}; train (and let a save finish) first")
+        step = ckpt.latest_step() if step is None else step
         if step not in ckpt.steps():
-            raise CheckpointError(f"checkpoint step {step} not found in {ckpt.dir}; available: {ckpt.steps()}")
+            raise CheckpointError(f"there is no checkpoint step {step} in {ckpt.dir}; its steps are "
+                                  f"{', '.join(map(str, ckpt.steps()))} (omit --step for the latest)")
         config = ckpt.read_json(step, "config")
         names = ckpt.item_names(step)
         if "outer" in names:

@@ -1,20 +1,34 @@
 """`intellect-jax` command line: thin wrappers that parse arguments and call one function each.
 
     intellect-jax info --config FILE [--section.key=value ...]
+    intellect-jax config --config FILE [--section.key=value ...]     the resolved config, as TOML
     intellect-jax train --config FILE [--section.key=value ...]
     intellect-jax prepare-data --input GLOB ... --out DIR
     intellect-jax coordinator --bind HOST:PORT --secret-file FILE [--config FILE] [--elastic.key=value ...]
 
 jax is imported only after the config is read, so ``run.host_devices`` / ``run.platform`` can configure it.
+A problem the user can fix (a config, checkpoint, data, Hugging Face or missing-file error) ends the command with
+one line and exit code 2; ``--debug`` (anywhere on the line) or ``INTELLECT_JAX_DEBUG=1`` shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
+import textwrap
+import typing
 
 from intellect_jax.config import Config, ConfigError, load_config
+
+# The error classes whose message is the whole story (it names the problem and the fix), by module. A module that
+# was never imported cannot have raised its error, so they are looked up only when one is being handled: importing
+# checkpoint.py would import jax before the config is read.
+USER_ERRORS = {"intellect_jax.config": "ConfigError", "intellect_jax.checkpoint": "CheckpointError",
+               "intellect_jax.hf": "HFError", "intellect_jax.shards": "DataError",
+               "intellect_jax.tokenizer": "TokenizerError"}
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -55,6 +69,52 @@ def cmd_info(args, overrides) -> int:
     return 0
 
 
+def cmd_config(args, overrides) -> int:
+    cfg = _load(args, overrides)
+    given = " ".join([*(["--config", args.config] if args.config else []), *overrides])
+    print(f"# intellect-jax config {given}".rstrip())
+    print(to_toml(cfg.to_dict()), end="")
+    return 0
+
+
+def to_toml(sections: dict) -> str:
+    """A resolved config as TOML that ``--config`` reads back. Hand-written (no TOML writer among the dependencies):
+    a config holds only scalars, arrays of scalars and arrays of tables (``[[data.sources]]``)."""
+    lines = []
+    for name, table in sections.items():
+        lines.append(f"[{name}]")
+        arrays = {k: v for k, v in table.items() if isinstance(v, (list, tuple)) and v and isinstance(v[0], dict)}
+        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items() if k not in arrays]
+        for key, rows in arrays.items():
+            for row in rows:
+                lines += ["", f"[[{name}.{key}]]", *(f"{k} = {_toml_value(v)}" for k, v in row.items())]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)  # Python's float repr (1e-05, inf, nan) is valid TOML
+    if isinstance(v, str):
+        return json.dumps(v)  # JSON string escapes are valid in a TOML basic string
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(map(_toml_value, v)) + "]"
+    raise TypeError(f"no TOML form for {v!r}")
+
+
+def sections_help() -> str:
+    """The config sections and their keys, for `--help`."""
+    lines = ["config sections and keys (override any with --section.key=value):"]
+    for name, section in typing.get_type_hints(Config).items():
+        keys = ", ".join(f.name for f in dataclasses.fields(section))
+        lines.append(textwrap.fill(keys, width=110, initial_indent=f"  {name:<11} ", subsequent_indent=" " * 14))
+    lines.append("`intellect-jax config --config FILE [--section.key=value ...]` prints every key with its resolved "
+                 "value (as TOML, usable as a --config file).")
+    return "\n".join(lines)
+
+
 def cmd_train(args, overrides) -> int:
     cfg = _load(args, overrides)
     configure_jax_platform(cfg)
@@ -82,19 +142,24 @@ def json_string(text: str) -> str:
 
 
 def cmd_import_hf(args, overrides) -> int:
+    import shutil
+
+    from intellect_jax import hf
+
     cfg = _load(args, [*overrides, f"--run.init_from_hf={json_string(args.hf_dir)}"])
-    configure_jax_platform(cfg)
+    hf_model = hf.read_hf_config(args.hf_dir, base=cfg.model)  # a bad directory fails before anything is created
     if args.model_from_hf:
-        import json
-        from pathlib import Path
-
-        from intellect_jax import hf
-
-        hf_cfg = json.loads((Path(args.hf_dir) / "config.json").read_text())
-        cfg = cfg.replace(model=hf.model_config_from_hf(hf_cfg, base=cfg.model))
+        cfg = cfg.replace(model=hf_model)
+    configure_jax_platform(cfg)
     from intellect_jax.trainer import init_run_from_hf
 
-    init_run_from_hf(cfg)
+    fresh = not cfg.run.resolved_dir.expanduser().exists()
+    try:
+        init_run_from_hf(cfg)
+    except BaseException:
+        if fresh:  # no half-made run directory: the same command works once the problem is fixed
+            shutil.rmtree(cfg.run.resolved_dir.expanduser(), ignore_errors=True)
+        raise
     print(f"imported {args.hf_dir} into {cfg.run.resolved_dir}; continue pre-training with: intellect-jax train "
           f"--config {args.config} --run.dir={cfg.run.resolved_dir}")
     return 0
@@ -102,13 +167,21 @@ def cmd_import_hf(args, overrides) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="intellect-jax", description=__doc__.split("\n")[0])
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (also: INTELLECT_JAX_DEBUG=1); accepted anywhere")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="parameter counts, FLOPs per token, per-device memory (allocates nothing)")
     _config_args(p)
     p.add_argument("--devices", type=int, default=0,
                    help="devices per island program to size the mesh for (default: the devices jax finds)")
     p.set_defaults(func=cmd_info, takes_overrides=True)
-    p = sub.add_parser("train", help="train (DiLoCo across the mesh's islands when mesh.islands > 1)")
+    p = sub.add_parser("config", help="print the resolved config (preset + overrides + defaults) as TOML",
+                       epilog=sections_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    _config_args(p)
+    p.set_defaults(func=cmd_config, takes_overrides=True)
+    p = sub.add_parser("train", help="train (DiLoCo across the mesh's islands when mesh.islands > 1)",
+                       description="Train, resuming from the run directory's latest checkpoint if it has one.",
+                       epilog=sections_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     _config_args(p)
     p.set_defaults(func=cmd_train, takes_overrides=True)
 
@@ -143,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("INTELLECT_JAX_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     overrides = [r for r in rest if r.startswith("--") and "=" in r]
@@ -152,9 +228,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized argument {bad!r}; config overrides are written --section.key=value")
     try:
         return args.func(args, overrides) or 0
-    except ConfigError as e:
-        print(f"intellect-jax: config error: {e}", file=sys.stderr)
+    except (FileNotFoundError, *_user_errors()) as e:
+        if debug:
+            raise
+        what = "config error" if isinstance(e, ConfigError) else "error"
+        print(f"intellect-jax {args.command}: {what}: " + str(e).replace("\n", " "), file=sys.stderr)
         return 2
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    return tuple(getattr(sys.modules[m], name) for m, name in USER_ERRORS.items() if m in sys.modules)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -336,10 +336,28 @@ class RunConfig:
     # (continued pre-training); ignored when the run directory already has a checkpoint.
     init_from_hf: str = ""
     wandb_project: str = ""  # also log to Weights & Biases (needs the `wandb` extra)
+    # "a:b": a jax.profiler trace of the inner steps after step a up to step b into <run dir>/profile (open it with
+    # xprof, TensorBoard's profile plugin); "" traces nothing.
+    profile_steps: str = ""
 
     @property
     def resolved_dir(self) -> Path:
         return Path(self.dir) if self.dir else Path("runs") / self.name
+
+    @property
+    def profile_range(self) -> tuple[int, int] | None:
+        """run.profile_steps as (a, b), or None when profiling is off."""
+        if not self.profile_steps:
+            return None
+        a, sep, b = self.profile_steps.partition(":")
+        try:
+            start, stop = int(a), int(b)
+        except ValueError:
+            start = stop = -1
+        if not sep or not 0 <= start < stop:
+            raise ConfigError(f"run.profile_steps={self.profile_steps!r} must be \"a:b\" with 0 <= a < b (inner "
+                              "steps, e.g. \"10:15\" traces steps 11 to 15), or \"\" for no trace")
+        return start, stop
 
     def validate(self) -> None:
         if self.steps == 0 or self.steps < -1:
@@ -347,6 +365,7 @@ class RunConfig:
         _positive(self, "log_every")
         _nonnegative(self, "host_devices")
         _choice(self, "platform", ("", "cpu", "gpu", "tpu"))
+        self.profile_range  # noqa: B018 (raises ConfigError for a malformed range)
 
 
 @dataclass(frozen=True)

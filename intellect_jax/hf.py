@@ -483,13 +483,13 @@ class _SafetensorsDir(Mapping):
         return len(self.files)
 
 
-def load_hf(hf_dir: str | os.PathLike, base: ModelConfig | None = None) -> tuple[dict, ModelConfig]:
-    """Reads an HF Llama directory (config.json + safetensors, sharded or not, fp32/bf16/fp16).
-
-    Returns (params as a nested dict of fp32 numpy in our layout, ModelConfig); ``base`` supplies the settings
-    config.json does not hold (compute dtype, remat, attention implementation, ...).
-    """
+def read_hf_config(hf_dir: str | os.PathLike, base: ModelConfig | None = None) -> ModelConfig:
+    """The ModelConfig of an HF Llama directory, after checking that it has a supported config.json and safetensors
+    weights (their tensors are read by :func:`load_hf`): ``import-hf`` checks this before it creates anything."""
     path = Path(hf_dir).expanduser()
+    if not path.is_dir():
+        raise HFError(f"{str(path)!r} is not a directory; give a local Hugging Face model directory (config.json "
+                      "+ *.safetensors)")
     config_file = path / "config.json"
     if not config_file.is_file():
         raise HFError(f"{str(path)!r} has no config.json; give a directory written by save_pretrained or export_hf")
@@ -498,7 +498,18 @@ def load_hf(hf_dir: str | os.PathLike, base: ModelConfig | None = None) -> tuple
     except json.JSONDecodeError as e:
         raise HFError(f"{str(config_file)!r} is not valid JSON: {e}") from None
     cfg = model_config_from_hf(hf_config, base)
-    return from_hf_state_dict(_SafetensorsDir(path), cfg), cfg
+    _SafetensorsDir(path)  # raises when the weights are missing
+    return cfg
+
+
+def load_hf(hf_dir: str | os.PathLike, base: ModelConfig | None = None) -> tuple[dict, ModelConfig]:
+    """Reads an HF Llama directory (config.json + safetensors, sharded or not, fp32/bf16/fp16).
+
+    Returns (params as a nested dict of fp32 numpy in our layout, ModelConfig); ``base`` supplies the settings
+    config.json does not hold (compute dtype, remat, attention implementation, ...).
+    """
+    cfg = read_hf_config(hf_dir, base)
+    return from_hf_state_dict(_SafetensorsDir(Path(hf_dir).expanduser()), cfg), cfg
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -528,6 +539,10 @@ def add_export_arguments(parser) -> None:
 
 
 def run_export(args) -> int:
+    target = Path(args.out).expanduser()
+    if target.is_dir() and any(target.iterdir()) and not args.overwrite:  # before reading the checkpoint
+        raise HFError(f"export target {str(target)!r} is not empty; choose a new --out or pass --overwrite to "
+                      "replace it")
     out = export_run(args.run_dir, args.out, step=args.step, dtype=args.dtype, overwrite=args.overwrite)
     print(f"exported to {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
     return 0

@@ -25,8 +25,8 @@ from jax.sharding import Mesh, NamedSharding
 
 from intellect_jax import data
 from intellect_jax import sharding as sh
-from intellect_jax.checkpoint import Checkpointer, CheckpointError
-from intellect_jax.config import Config, ConfigError
+from intellect_jax.checkpoint import Checkpointer, CheckpointError, checkpoint_dir
+from intellect_jax.config import Config, ConfigError, RunConfig
 from intellect_jax.info import count_params, flops_per_token
 from intellect_jax.metrics import StepLogger, device_peak_flops
 from intellect_jax.state import ModelSetup
@@ -115,10 +115,12 @@ class Trainer:
 
 class RunCheckpointer:
     """What a run saves and when: every ``checkpoint.every_outer_steps`` x H inner steps (one island: the same count
-    of steps), at a stop signal (mid-outer-step is fine) and at the end, where the schedule is at a boundary."""
+    of steps) and at the run's last step, whether it ends or stops on a signal. Mid-outer-step is fine: a DiLoCo
+    checkpoint holds every island's inner state, and resuming from it is exact."""
 
     def __init__(self, run_dir, cfg: Config, trainer: Trainer, loader):
         self.cfg, self.trainer, self.loader = cfg, trainer, loader
+        self.run_dir = run_dir
         self.ckpt = Checkpointer(run_dir, cfg.checkpoint)
         self.every = cfg.checkpoint.every_outer_steps * cfg.diloco.inner_steps
         self.last_saved: int | None = None
@@ -127,6 +129,7 @@ class RunCheckpointer:
         """Restores checkpoint.resume_step (default: the latest); returns the step to continue from (0: fresh)."""
         step = self.cfg.checkpoint.resume_step if self.cfg.checkpoint.resume_step >= 0 else self.ckpt.latest_step()
         if step is None:
+            _drop_metrics_after(self.run_dir, 0)
             return 0
         _check_compatible(self.ckpt.read_json(step, "config"), self.cfg, step)
         meta = self.ckpt.read_json(step, "meta")
@@ -141,7 +144,21 @@ class RunCheckpointer:
         log.info("resumed from checkpoint step %d (outer step %d) in %s", meta["step"], meta["outer_step"],
                  self.ckpt.dir)
         self.last_saved = meta["step"]
+        _drop_metrics_after(self.run_dir, meta["step"])
         return meta["step"]
+
+    @staticmethod
+    def finished(run_dir, cfg: Config) -> int | None:
+        """The step of the checkpoint a run would resume from when it is already at the end (else None), read
+        without building anything: a finished run exits before any compilation."""
+        if not checkpoint_dir(run_dir).is_dir():
+            return None
+        with contextlib.closing(Checkpointer(run_dir, cfg.checkpoint, read_only=True)) as ckpt:
+            step = cfg.checkpoint.resume_step if cfg.checkpoint.resume_step >= 0 else ckpt.latest_step()
+            if step is None or step not in ckpt.steps():
+                return None  # restore_latest reports a missing resume_step
+            done = int(ckpt.read_json(step, "meta")["step"])
+        return done if done >= cfg.total_inner_steps else None
 
     def save(self, step: int) -> None:
         sync = self.trainer.sync
@@ -154,9 +171,9 @@ class RunCheckpointer:
         if self.every and step % self.every == 0 and step != self.last_saved:
             self.save(step)
 
-    def finish(self, step: int, stopped: bool) -> None:
-        """The last save of the run (a stop: always; the end: where every island holds the global state)."""
-        if step != self.last_saved and (stopped or self.trainer.sync.at_boundary(step)):
+    def finish(self, step: int) -> None:
+        """The last save of the run, so that the same command run again has nothing to redo."""
+        if step != self.last_saved:
             self.save(step)
         self.ckpt.wait()
 
@@ -205,6 +222,59 @@ class StopRequest:
         return bool(np.any(flags))
 
 
+def _drop_metrics_after(run_dir, step: int) -> None:
+    """Drops the metrics.jsonl rows of steps after `step`, the step a run resumes from: they were written after its
+    last checkpoint (a crash, a second Ctrl-C) and those steps run again, so keeping them would duplicate them."""
+    path = run_dir / "metrics.jsonl"
+    if jax.process_index() != 0 or not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [line for line in lines if _row_step(line) <= step]
+    if len(keep) < len(lines):
+        path.with_suffix(".tmp").write_text("".join(keep))
+        os.replace(path.with_suffix(".tmp"), path)
+        log.info("metrics.jsonl: dropped %d row(s) of steps after %d, written after the last checkpoint (those "
+                 "steps run again)", len(lines) - len(keep), step)
+
+
+def _row_step(line: str) -> float:
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:  # a line cut short by a kill
+        return float("inf")
+
+
+class StepProfiler:
+    """``run.profile_steps = "a:b"``: a jax.profiler trace of the inner steps after step a up to step b, written to
+    <run dir>/profile (xprof or TensorBoard's profile plugin open it). The loop calls :meth:`at` before each step;
+    a range past the run's end is cut there (the trace then includes the final checkpoint)."""
+
+    def __init__(self, cfg: RunConfig, run_dir, sync):
+        self.range, self.sync, self.active = cfg.profile_range, sync, False
+        self.dir = run_dir / "profile"
+        if jax.process_count() > 1:
+            self.dir = self.dir / f"process{jax.process_index()}"
+
+    def at(self, step: int) -> None:
+        """`step`: the inner steps done so far."""
+        if self.range is None:
+            return
+        start, stop = self.range
+        if not self.active and start <= step < stop:
+            log.info("profiling inner steps %d to %d into %s", step + 1, stop, self.dir)
+            jax.profiler.start_trace(str(self.dir))
+            self.active = True
+        elif self.active and step >= stop:
+            self.close()
+
+    def close(self) -> None:
+        if self.active:
+            jax.block_until_ready(self.sync.state)  # the traced steps' device work ends inside the trace
+            jax.profiler.stop_trace()
+            self.active = False
+            log.info("wrote the profile to %s", self.dir)
+
+
 def _check_compatible(saved: dict, cfg: Config, step: int) -> None:
     """A resumed run must train the same model; mesh, islands, steps and most hyper-parameters may change."""
     now = cfg.to_dict()
@@ -219,10 +289,14 @@ def _check_compatible(saved: dict, cfg: Config, step: int) -> None:
 def train(cfg: Config) -> dict[str, Any]:
     """Runs `cfg` to completion (resuming from the run directory's checkpoint if there is one); returns a summary.
 
-    SIGINT/SIGTERM stop the run after the current step with a checkpoint (resumable, also mid-outer-step).
+    SIGINT/SIGTERM stop the run after the current step with a checkpoint (resumable, also mid-outer-step). A run
+    whose checkpoint is already at the last step returns at once (first_loss and final_params None).
     """
     run_dir = cfg.run.resolved_dir.expanduser()
     _start_run(cfg, run_dir)
+    if (done := RunCheckpointer.finished(run_dir, cfg)) is not None:
+        return {"steps": done, "first_loss": None, "last_loss": None, "run_dir": str(run_dir), "stopped": False,
+                "final_params": None}
     with contextlib.ExitStack() as closing:
         trainer = Trainer(cfg)
         sync = closing.enter_context(contextlib.closing(trainer.sync))
@@ -232,15 +306,17 @@ def train(cfg: Config) -> dict[str, Any]:
         trainer.compile()  # before an elastic island joins: it must not fetch the state and then compile for minutes
         step = sync.start(step)
         logger = closing.enter_context(contextlib.closing(_step_logger(cfg, trainer, run_dir, step)))
+        profiler = closing.enter_context(contextlib.closing(StepProfiler(cfg.run, run_dir, sync)))
         stopped, total = False, cfg.total_inner_steps
         with StopRequest() as stop:
             while step < total and not (stopped := stop.agreed()):
+                profiler.at(step)
                 metrics = sync.inner_step(trainer.make_batch(next(loader)))
                 logger.maybe_flush(step, metrics)  # step N-1's metrics, pulled now that step N is queued
                 step = sync.maybe(step + 1, report=logger.outer)  # the outer step when due (elastic: may move ahead)
                 checkpointer.maybe_save(step)
             logger.flush()
-            checkpointer.finish(step, stopped=stopped)
+            checkpointer.finish(step)
     if stopped:
         log.info("stopped by signal at step %d; resume with the same command", step)
     log.info("done: steps %d-%d, loss %s -> %s", logger.start, step, logger.first_loss, logger.last_loss)
@@ -298,7 +374,7 @@ def init_run_from_hf(cfg: Config) -> int:
             raise CheckpointError(f"{checkpointer.ckpt.dir} already holds checkpoints (latest step "
                                   f"{checkpointer.ckpt.latest_step()}); import into a new --run.dir so nothing "
                                   "trained is overwritten")
-        checkpointer.finish(0, stopped=True)
+        checkpointer.finish(0)
     if jax.process_index() == 0:
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     log.info("imported %s into %s (checkpoint step 0)", cfg.run.init_from_hf, run_dir)

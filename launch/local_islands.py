@@ -6,10 +6,12 @@
 Every island gets `mesh.islands=1` (one island per program), its own run directory (<out>/island<i>), its own data
 shard, and CPU devices of its own (`--devices-per-island`). The secret is generated into <out>/secret. Logs go to
 <out>/coordinator.log and <out>/island<i>.log; each island's metrics.jsonl has a params_hash per outer step, the same
-on every island. Ctrl-C stops everything (the islands checkpoint first).
+on every island. Ctrl-C stops everything (the islands checkpoint first). At the end one line sums up: each island's
+final loss and whether the islands' global-state hashes agreed at every outer step.
 """
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -43,7 +45,10 @@ def main() -> int:
     deadline = time.time() + 60
     while not (port_file.exists() and port_file.read_text().strip()):
         if coord.poll() is not None or time.time() > deadline:
-            print(f"the coordinator did not start; see {out / 'coordinator.log'}", file=sys.stderr)
+            coord.kill()
+            tail = (out / "coordinator.log").read_text(errors="replace").splitlines()[-20:]
+            print("\n".join([f"the coordinator did not start; the end of {out / 'coordinator.log'}:", *tail]),
+                  file=sys.stderr)
             return 1
         time.sleep(0.1)
     addr = f"127.0.0.1:{port_file.read_text().strip()}"
@@ -66,8 +71,26 @@ def main() -> int:
     codes = [p.wait() for p in islands]
     coord.terminate()
     coord.wait()
-    print(f"islands exited with {codes}")
+    print(f"islands exited with {codes}; {summary([out / f'island{i}' for i in range(args.islands)])}")
     return next((c for c in codes if c), 0)
+
+
+def summary(run_dirs: list[Path]) -> str:
+    """Each island's final loss, and whether every outer step's global-state hash (params_hash in the islands'
+    metrics.jsonl) was the same on every island that logged it."""
+    losses, hashes = [], {}
+    for d in run_dirs:
+        path = d / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+        inner = [r for r in rows if r.get("kind") == "inner"]
+        losses.append(f"{d.name} {inner[-1]['loss']:.4f}" if inner else f"{d.name} -")
+        for r in rows:
+            if r.get("kind") == "outer" and r.get("params_hash"):
+                hashes.setdefault(r["outer_step"], {})[d.name] = r["params_hash"]  # a rerun's row replaces
+    differ = sorted(step for step, by_island in hashes.items() if len(set(by_island.values())) > 1)
+    agreed = (f"global-state hashes DIFFERED at outer steps {differ}" if differ else
+              f"global-state hashes agreed at all {len(hashes)} outer steps" if hashes else "no outer steps logged")
+    return f"final loss {', '.join(losses)}; {agreed}"
 
 
 if __name__ == "__main__":

@@ -161,7 +161,7 @@ class Coordinator:
                 log.info("island %s is back", name)
                 isl.alive = True
             if op == "bye":
-                self._mark_dead(isl, "left (deathrattle)")
+                self._mark_dead(isl, "left (deathrattle)", clean=True)
                 self._advance()
                 self.cv.notify_all()
                 return {"ok": True}
@@ -244,10 +244,13 @@ class Coordinator:
         want = self.canonical.get(isl.step - 1)
         return want is not None and isl.hash is not None and isl.hash != want
 
-    def _mark_dead(self, isl: Island, why: str) -> None:
+    def _mark_dead(self, isl: Island, why: str, clean: bool = False) -> None:
         isl.alive = False
         self.ready.pop(isl.name, None)
-        log.warning("island %s dead: %s", isl.name, why)
+        if clean:  # an island that said goodbye (finished or stopped) is no alarm
+            log.info("island %s %s", isl.name, why)
+        else:
+            log.warning("island %s dead: %s", isl.name, why)
 
     def _monitor_loop(self) -> None:
         while not self._stop.wait(0.2):
