@@ -139,7 +139,10 @@ class DataConfig:
     batch_size: int = 128  # sequences per island per inner step (over all of the island's devices)
     seed: int = 0
     prefetch: int = 2  # batches prepared ahead in background threads (0: none)
+    # Held-out evaluation (on when run.eval_every > 0): the evaluation set is eval_batches batches of batch_size x
+    # seq_len tokens packed from every eval_holdout_every-th document of each source, which training then never reads.
     eval_batches: int = 0
+    eval_holdout_every: int = 100
     # kind="synthetic": number of distinct generated documents (one epoch), shared by all islands.
     synthetic_docs: int = 65536
     # kind="prepared": check every shard's sha256 against its manifest when it is first opened (sizes and document
@@ -150,6 +153,9 @@ class DataConfig:
         _choice(self, "kind", ("synthetic", "prepared"))
         _positive(self, "seq_len", "batch_size", "synthetic_docs")
         _nonnegative(self, "prefetch", "eval_batches")
+        if self.eval_holdout_every < 2:
+            raise ConfigError(f"data.eval_holdout_every={self.eval_holdout_every} must be >= 2 (every N-th document "
+                              "of each source is held out for evaluation; 1 would leave none to train on)")
         if self.kind == "prepared":
             if not self.sources:
                 raise ConfigError("data.kind='prepared' needs at least one [[data.sources]] entry with a path")
@@ -336,6 +342,9 @@ class RunConfig:
     # (continued pre-training); ignored when the run directory already has a checkpoint.
     init_from_hf: str = ""
     wandb_project: str = ""  # also log to Weights & Biases (needs the `wandb` extra)
+    # Held-out loss of the global params every eval_every inner steps (DiLoCo: at the first outer step at or after
+    # each multiple) and at the end of the run, on data.eval_batches batches; 0: no evaluation, nothing held out.
+    eval_every: int = 0
     # "a:b": a jax.profiler trace of the inner steps after step a up to step b into <run dir>/profile (open it with
     # xprof, TensorBoard's profile plugin); "" traces nothing.
     profile_steps: str = ""
@@ -363,7 +372,7 @@ class RunConfig:
         if self.steps == 0 or self.steps < -1:
             raise ConfigError(f"run.steps={self.steps} must be positive (or -1 for optim.total_steps)")
         _positive(self, "log_every")
-        _nonnegative(self, "host_devices")
+        _nonnegative(self, "host_devices", "eval_every")
         _choice(self, "platform", ("", "cpu", "gpu", "tpu"))
         self.profile_range  # noqa: B018 (raises ConfigError for a malformed range)
 
@@ -386,6 +395,10 @@ class Config:
             raise ConfigError(
                 f"optim.grad_accum_steps={self.optim.grad_accum_steps} must divide "
                 f"data.batch_size={self.data.batch_size}")
+        if self.run.eval_every and not self.data.eval_batches:
+            raise ConfigError(f"run.eval_every={self.run.eval_every} needs an evaluation set: set "
+                              "data.eval_batches > 0 (batches of held-out documents), or run.eval_every=0 for no "
+                              "evaluation")
         if self.data.seq_len > self.model.max_position_embeddings:
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings="

@@ -38,6 +38,13 @@ per-document attention masking never lets a token see another document. The lead
 predicts a document's first token, and a document's last token predicts the next EOS. ``loss_mask`` is 1
 everywhere; ``segment_ids == 0`` would mark padding.
 
+Held-out evaluation. With evaluation on (``run.eval_every > 0``; the trainer passes ``hold_out=True``), every
+``data.eval_holdout_every``-th document of each source (``k % m == m - 1``) is held out: the training streams read
+the other documents exactly as above (slot ``s`` owns every ``num_slots``-th of *them*), and :func:`make_eval_set`
+packs the held-out ones into a fixed evaluation set, the same in every process and every run (its order is seeded
+by a constant, not ``data.seed``, so runs of different seeds are scored on the same tokens). With evaluation off
+nothing is held out and the streams are exactly those of a run without this feature.
+
 State. ``get_state()`` is a small JSON dict: per slot, the packer's state (the mixer's documents and tokens drawn
 per source before the document under the cursor, and the cursor's offset in it). Every process holds only its slots;
 :func:`merge_states` joins the states of several processes into one that restores any process layout of the run.
@@ -62,14 +69,15 @@ from intellect_jax.config import DataConfig, SourceConfig
 from intellect_jax.shards import MANIFEST, DataError, Manifest, ShardSource, read_manifest, sha256_file
 
 __all__ = ["BATCH_KEYS", "BatchIterator", "DataError", "Manifest", "ShardSource", "SyntheticSource",
-           "ensure_prepared", "make_iterator", "merge_states", "open_sources", "read_manifest", "sha256_file",
-           "tokenizer_path"]
+           "ensure_prepared", "make_eval_set", "make_iterator", "merge_states", "open_sources", "read_manifest",
+           "sha256_file", "tokenizer_path"]
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 2
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 _SMALL_EPOCH = 8192  # documents per slot and source up to which an epoch's permutation is materialised
+_EVAL_SEED = 0x5EED0E7A  # the evaluation set's document order (fixed: independent of data.seed)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -120,6 +128,26 @@ class SyntheticSource:
         noise = rng.random(n) < 0.1
         x[noise] = rng.integers(0, v, int(noise.sum()))
         return np.where(x >= self.eos_id, x + 1, x).astype(np.int32)
+
+
+class _EveryKth:
+    """The held-out documents of a source (``k % m == m - 1``) or the others (``held_out=False``), in source order.
+
+    A random-access source like the one it wraps, so the slots slice and shuffle it exactly as they would the source.
+    """
+
+    def __init__(self, src: DocumentSource, m: int, *, held_out: bool):
+        self._src, self._m, self._held_out = src, m, held_out
+        self.name = f"{src.name} (held out)" if held_out else src.name
+        n_held = len(src) // m  # documents m-1, 2m-1, ... below len(src)
+        self.num_docs = n_held if held_out else len(src) - n_held
+
+    def __len__(self) -> int:
+        return self.num_docs
+
+    def __getitem__(self, j: int) -> np.ndarray:
+        j, m = int(j), self._m
+        return self._src[j * m + m - 1 if self._held_out else (j // (m - 1)) * m + j % (m - 1)]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -348,8 +376,9 @@ class BatchIterator(grain.DatasetIterator):
                             "continue; resume without the data state (the streams restart) or use that version")
         if state.get("fingerprint") != self.fingerprint:
             raise DataError("the data iterator state was saved with a different data config (sources, weights, "
-                            "seq_len, batch_size, seed or number of islands); resume with the same data.* settings "
-                            "and islands, or start the data stream afresh")
+                            "seq_len, batch_size, seed, number of islands, or the held-out split of evaluation: "
+                            "run.eval_every on or off, data.eval_holdout_every); resume with the same data.* settings, "
+                            "islands and evaluation, or start the data stream afresh")
         missing = [s for s in self.slots if str(s) not in state["slots"]]
         if missing:
             raise DataError(f"the data iterator state has no position for slots {missing[:8]} "
@@ -444,12 +473,14 @@ def open_sources(cfg: DataConfig) -> tuple[list[ShardSource], list[float]]:
 
 
 def make_iterator(cfg: DataConfig, *, vocab_size: int, num_islands: int = 1, islands: Sequence[int] | None = None,
-                  row_start: int = 0, row_stop: int | None = None, eos_id: int | None = None) -> BatchIterator:
+                  row_start: int = 0, row_stop: int | None = None, eos_id: int | None = None,
+                  hold_out: bool = False) -> BatchIterator:
     """The batch iterator for ``islands`` (default: all) and rows ``[row_start, row_stop)`` of each island's batch.
 
     Batches are ``[len(islands), row_stop - row_start, seq_len]``; the content of (step, island, row) depends only
-    on ``cfg``, ``vocab_size`` and ``num_islands``. For ``kind="prepared"`` the EOS id comes from the manifests
-    (an ``eos_id`` that disagrees is an error); for ``kind="synthetic"`` it defaults to 0.
+    on ``cfg``, ``vocab_size``, ``num_islands`` and ``hold_out``. For ``kind="prepared"`` the EOS id comes from the
+    manifests (an ``eos_id`` that disagrees is an error); for ``kind="synthetic"`` it defaults to 0. ``hold_out``
+    (evaluation on): never read the documents of :func:`make_eval_set`.
     """
     cfg.validate()
     islands = list(range(num_islands)) if islands is None else [int(i) for i in islands]
@@ -461,27 +492,63 @@ def make_iterator(cfg: DataConfig, *, vocab_size: int, num_islands: int = 1, isl
     if not 0 <= row_start < row_stop <= cfg.batch_size:
         raise ValueError(f"rows [{row_start}, {row_stop}) must be a non-empty range within data.batch_size="
                          f"{cfg.batch_size}")
-    if cfg.kind == "synthetic":
-        eos = 0 if eos_id is None else eos_id
-        sources: list[DocumentSource] = [SyntheticSource(vocab_size, eos, cfg.synthetic_docs)]
-        weights = [1.0]
-        extra: list[Any] = [vocab_size, eos]
-    else:
-        srcs, weights = open_sources(cfg)
-        eos = srcs[0].manifest.eos_id
-        if eos_id is not None and eos_id != eos:
-            raise DataError(f"eos_id={eos_id} differs from the EOS id {eos} recorded in the prepared data; the "
-                            "data and tokenizer do not match")
-        big = max(src.manifest.vocab_size for src in srcs)
-        if big > vocab_size:
-            raise DataError(f"the prepared data's tokenizer has {big} tokens but model.vocab_size={vocab_size}; "
-                            f"set model.vocab_size >= {big}")
-        sources = list(srcs)
-        extra = [[src.manifest.raw.get("tokens"), src.manifest.tokenizer_sha256] for src in srcs]
+    sources, weights, eos, extra = _documents(cfg, vocab_size, eos_id)
+    if hold_out:
+        sources = [_EveryKth(src, cfg.eval_holdout_every, held_out=False) for src in sources]
+        extra = [*extra, ["hold_out", cfg.eval_holdout_every]]  # only then: without evaluation, the old fingerprint
     pipeline, slots = _pipeline(sources, weights, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
                                 eos_id=eos, num_islands=num_islands, islands=islands,
                                 rows=range(row_start, row_stop), prefetch=cfg.prefetch)
     return BatchIterator(pipeline, slots, _fingerprint(cfg, num_islands, extra))
+
+
+def make_eval_set(cfg: DataConfig, *, vocab_size: int, eos_id: int | None = None) -> list[dict[str, np.ndarray]]:
+    """The evaluation set: ``data.eval_batches`` batches of ``[batch_size, seq_len]`` rows, packed like training rows
+    from the held-out documents (every ``data.eval_holdout_every``-th of each source, mixed by the same token shares).
+
+    Deterministic: the same for every process, process layout, island count and ``data.seed``. Where the set needs
+    more tokens than the held-out documents hold, documents repeat (logged).
+    """
+    cfg.validate()
+    if cfg.eval_batches < 1:
+        raise ValueError("make_eval_set needs data.eval_batches >= 1")
+    sources, weights, eos, _ = _documents(cfg, vocab_size, eos_id)
+    m = cfg.eval_holdout_every
+    held = [_EveryKth(src, m, held_out=True) for src in sources]
+    for src, h in zip(sources, held):
+        if h.num_docs == 0:
+            raise DataError(f"source {src.name!r} has {len(src)} documents, fewer than data.eval_holdout_every={m}, "
+                            "so none is held out for evaluation; lower data.eval_holdout_every, or turn evaluation "
+                            "off (run.eval_every=0)")
+    it = _slot_rows(held, weights, 0, 1, _EVAL_SEED, eos, cfg.seq_len).__iter__()
+    B = cfg.batch_size
+    batches = [_stack([next(it) for _ in range(B)], (B, cfg.seq_len)) for _ in range(cfg.eval_batches)]
+    drawn = it._parent.get_state()["drawn"]  # documents the mixer has handed to the packer, per source
+    over = [f"{h.name}: {d} of {h.num_docs}" for h, d in zip(held, drawn) if d > h.num_docs]
+    if over:
+        log.warning("the evaluation set (%d batches of %d x %d tokens) needs more documents than are held out, so "
+                    "some repeat (%s); lower data.eval_batches or data.eval_holdout_every", cfg.eval_batches, B,
+                    cfg.seq_len, ", ".join(over))
+    return batches
+
+
+def _documents(cfg: DataConfig, vocab_size: int,
+               eos_id: int | None) -> tuple[list[DocumentSource], list[float], int, list[Any]]:
+    """(sources, token weights, EOS id, what identifies their content for the fingerprint) of a data config."""
+    if cfg.kind == "synthetic":
+        eos = 0 if eos_id is None else eos_id
+        return [SyntheticSource(vocab_size, eos, cfg.synthetic_docs)], [1.0], eos, [vocab_size, eos]
+    srcs, weights = open_sources(cfg)
+    eos = srcs[0].manifest.eos_id
+    if eos_id is not None and eos_id != eos:
+        raise DataError(f"eos_id={eos_id} differs from the EOS id {eos} recorded in the prepared data; the "
+                        "data and tokenizer do not match")
+    big = max(src.manifest.vocab_size for src in srcs)
+    if big > vocab_size:
+        raise DataError(f"the prepared data's tokenizer has {big} tokens but model.vocab_size={vocab_size}; "
+                        f"set model.vocab_size >= {big}")
+    extra = [[src.manifest.raw.get("tokens"), src.manifest.tokenizer_sha256] for src in srcs]
+    return list(srcs), weights, eos, extra
 
 
 def ensure_prepared(cfg: DataConfig) -> None:

@@ -1,5 +1,9 @@
 """Run metrics: a JSONL writer (one object per line in <run dir>/metrics.jsonl), TensorBoard / W&B / progress bar,
-and the training loop's metric cadence and step timing (StepLogger)."""
+and the training loop's metric cadence and step timing (StepLogger).
+
+Rows have a ``kind``: ``inner`` (one per inner step), ``outer`` (one per DiLoCo outer step) and ``eval`` (the
+held-out loss of the global params: ``step``, ``outer_step``, ``eval_loss``, ``eval_tokens``, ``eval_seconds``).
+"""
 
 from __future__ import annotations
 
@@ -115,6 +119,7 @@ class RunLogger:
         self.enabled = enabled
         self.writers: list[Any] = []
         self.bar = None
+        self.eval_loss: float | None = None  # the latest held-out loss, shown on the progress bar
         if not enabled:
             return
         self.writers.append(MetricsWriter(Path(run_dir) / "metrics.jsonl"))
@@ -143,9 +148,12 @@ class RunLogger:
             return
         for w in self.writers:
             w.write(record)
+        if record.get("kind") == "eval":
+            self.eval_loss = record["eval_loss"]
         if self.bar is not None and record.get("kind") == "inner":
             self.bar.update(int(record["step"]) - self.bar.n)
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            extra = {} if self.eval_loss is None else {"eval": f"{self.eval_loss:.4f}"}
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", **extra)
 
     def close(self) -> None:
         for w in self.writers:
@@ -174,8 +182,8 @@ class StepLogger:
     Step N's metrics are pulled to the host only after step N+1 has been dispatched (`pipelined`), so the host never
     stalls the device queue; a step's time is the interval between consecutive pulls, which in steady state is the
     device time of one step. Where the backend runs one program at a time (``pipelined=False``, simulated CPU
-    devices) each step is written as soon as it returns. An outer step (``outer``) tells when the inner steps had
-    finished, so the sync's time is never counted as a step's.
+    devices) each step is written as soon as it returns. An outer step (``outer``) or an evaluation (``eval``) tells
+    when the inner steps had finished, so neither the sync's time nor the evaluation's is counted as a step's.
     """
 
     def __init__(self, run_dir: str | Path, *, total_steps: int, start_step: int, tokens_per_step: int,
@@ -191,6 +199,7 @@ class StepLogger:
         self.compute_s = 0.0  # time in inner steps (what utilization counts as useful)
         self.first_loss: float | None = None
         self.last_loss: float | None = None
+        self.eval_loss: float | None = None  # the latest held-out loss
 
     def maybe_flush(self, step: int, metrics: Any) -> None:
         """Called once `step` (0-based) is dispatched: writes the previous step's metrics (or this one's when not
@@ -204,6 +213,18 @@ class StepLogger:
 
     def outer(self, record: dict[str, Any], ready_at: float) -> None:
         """An outer step's record; the inner steps before it had finished at `ready_at`."""
+        self._between_steps(record, ready_at)
+
+    def eval(self, record: dict[str, Any], ready_at: float) -> None:
+        """An evaluation's record (kind "eval"); the inner steps before it had finished at `ready_at`."""
+        self._between_steps(record, ready_at)
+        self.eval_loss = record["eval_loss"]
+        logging.getLogger("intellect_jax").info(
+            "eval at step %d (outer step %d): held-out loss %.4f on %d tokens (%.2fs)", record["step"],
+            record["outer_step"], record["eval_loss"], record["eval_tokens"], record["eval_seconds"])
+
+    def _between_steps(self, record: dict[str, Any], ready_at: float) -> None:
+        """Writes `record`; the time from `ready_at` to now is nobody's step time."""
         if self._pending is not None:
             self._write(*self._pending, end=ready_at)
             self._pending = None
@@ -240,7 +261,8 @@ class StepLogger:
     def summary(self, end_step: int) -> dict[str, Any]:
         elapsed = time.perf_counter() - self.t_start
         done = max(end_step - self.start, 1)
-        return {"steps": end_step, "first_loss": self.first_loss, "last_loss": self.last_loss, "seconds": elapsed,
+        return {"steps": end_step, "first_loss": self.first_loss, "last_loss": self.last_loss,
+                "eval_loss": self.eval_loss, "seconds": elapsed,
                 "tokens_per_s": done * self.tokens_per_step / elapsed,
                 "compute_utilization": self.compute_s / elapsed if elapsed > 0 else 1.0}
 

@@ -1,4 +1,7 @@
-"""`intellect-jax plot --run-dir DIR`: PNG plots of a run's metrics.jsonl (loss, throughput, sync, utilization)."""
+"""`intellect-jax plot --run-dir DIR`: PNG plots of a run's metrics.jsonl (loss, throughput, sync, utilization).
+
+The loss plot also shows the held-out loss of the global params (``kind="eval"`` rows) where the run evaluated.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     run_dir = Path(run_dir)
     path = run_dir / "metrics.jsonl"
@@ -21,6 +25,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     records = read_metrics(path)
     inner = [r for r in records if r.get("kind") == "inner"]
     outer = [r for r in records if r.get("kind") == "outer"]
+    evals = [r for r in records if r.get("kind") == "eval"]
     if not inner:
         raise ValueError(f"{path} has no training steps yet")
     out = Path(out_dir) if out_dir else run_dir / "plots"
@@ -43,6 +48,9 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
         per = list(zip(*[r["loss_per_island"] for r in inner]))
         for i, series in enumerate(per):
             ax.plot(tokens, series, lw=0.6, alpha=0.5, label=f"island {i}")
+    if evals:  # at the tokens trained when each evaluation ran
+        at = np.interp([r["step"] for r in evals], [r["step"] for r in inner], tokens)
+        ax.plot(at, [r["eval_loss"] for r in evals], "ko-", ms=4, lw=1, label="held-out loss (global params)")
     ax.set(xlabel="tokens", ylabel="cross-entropy", title=f"loss vs tokens — {run_dir.name}")
     ax.legend(fontsize=7)
     save(fig, "loss.png")

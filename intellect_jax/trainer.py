@@ -1,7 +1,7 @@
 """The training loop. ``train(cfg)`` is what ``intellect-jax train`` calls.
 
     build (mesh, model, sync, data, checkpointer) -> restore -> compile -> sync.start (elastic: join)
-    for each step: batch -> inner step -> logger.maybe_flush -> sync.maybe -> checkpointer.maybe_save
+    for each step: batch -> inner step -> logger.maybe_flush -> sync.maybe -> evaluator.maybe -> checkpointer.maybe_save
 
 The loop never asks which mode it runs in: the Sync chosen at build time (sync.py: one island, DiLoCo over the
 mesh's island axis, or elastic islands over TCP) owns the state layout and the outer-step schedule, the
@@ -27,6 +27,7 @@ from intellect_jax import data
 from intellect_jax import sharding as sh
 from intellect_jax.checkpoint import Checkpointer, CheckpointError, checkpoint_dir
 from intellect_jax.config import Config, ConfigError, RunConfig
+from intellect_jax.evaluate import Evaluator
 from intellect_jax.info import count_params, flops_per_token
 from intellect_jax.metrics import StepLogger, device_peak_flops
 from intellect_jax.state import ModelSetup
@@ -305,6 +306,7 @@ def train(cfg: Config) -> dict[str, Any]:
         step = checkpointer.restore_latest()
         trainer.compile()  # before an elastic island joins: it must not fetch the state and then compile for minutes
         step = sync.start(step)
+        evaluator = Evaluator(cfg, trainer, step)  # run.eval_every = 0: does nothing
         logger = closing.enter_context(contextlib.closing(_step_logger(cfg, trainer, run_dir, step)))
         profiler = closing.enter_context(contextlib.closing(StepProfiler(cfg.run, run_dir, sync)))
         stopped, total = False, cfg.total_inner_steps
@@ -314,6 +316,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 metrics = sync.inner_step(trainer.make_batch(next(loader)))
                 logger.maybe_flush(step, metrics)  # step N-1's metrics, pulled now that step N is queued
                 step = sync.maybe(step + 1, report=logger.outer)  # the outer step when due (elastic: may move ahead)
+                evaluator.maybe(step, report=logger.eval)  # held-out loss of the global params when due, and at the end
                 checkpointer.maybe_save(step)
             logger.flush()
             checkpointer.finish(step)
@@ -356,7 +359,7 @@ def make_loader(cfg: Config, trainer: Trainer):
     islands, rows = local_rows(trainer.batch_sharding, (n, cfg.data.batch_size, cfg.data.seq_len))
     streams, local = trainer.sync.data_islands(list(range(n))[islands])
     return data.make_iterator(cfg.data, vocab_size=cfg.model.vocab_size, num_islands=streams, islands=local,
-                              row_start=rows.start, row_stop=rows.stop)
+                              row_start=rows.start, row_stop=rows.stop, hold_out=cfg.run.eval_every > 0)
 
 
 def init_run_from_hf(cfg: Config) -> int:
