@@ -4,6 +4,7 @@
     intellect-jax config --config FILE [--section.key=value ...]     the resolved config, as TOML
     intellect-jax train --config FILE [--section.key=value ...]
     intellect-jax prepare-data --input GLOB ... --out DIR
+    intellect-jax generate --run-dir DIR --prompt TEXT [--max-new-tokens N --temperature T --top-p P --step S]
     intellect-jax coordinator --bind HOST:PORT --secret-file FILE [--config FILE] [--elastic.key=value ...]
 
 jax is imported only after the config is read, so ``run.host_devices`` / ``run.platform`` can configure it.
@@ -203,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take the model.* architecture keys from the checkpoint's config.json")
     p.set_defaults(func=cmd_import_hf, takes_overrides=True)
 
+    from intellect_jax import generate
+
+    generate.add_parser(sub)  # intellect-jax generate --run-dir D --prompt TEXT [...]
     p = sub.add_parser("plot", help="PNG plots of a run's metrics (loss, throughput, sync time, utilization)")
     plot.add_arguments(p)
     p.set_defaults(func=lambda a, _: plot.run(a), takes_overrides=False)
