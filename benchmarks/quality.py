@@ -260,13 +260,11 @@ def _worker(payload: str) -> str:
 def run_all(args: dict, arms: list[dict], jobs: int, label: str) -> list[dict]:
     """Runs arms in `jobs` worker processes (spawned: each starts its own single-threaded jax)."""
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, as_completed
 
     results = [None] * len(arms)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
         futures = {pool.submit(_worker, json.dumps([args, arm])): i for i, arm in enumerate(arms)}
-        from concurrent.futures import as_completed
-
         for f in as_completed(futures):
             r = json.loads(f.result())
             results[futures[f]] = r

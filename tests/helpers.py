@@ -28,6 +28,16 @@ def tiny_config(**sections) -> Config:
     return from_dict(raw)
 
 
+def tiny_run_config(run_dir, steps: int, *, every_outer_steps: int = 1, **sections) -> Config:
+    """A tiny 2-island DiLoCo run (H=3, fsdp 4) writing to run_dir; checkpoints every `every_outer_steps` syncs."""
+    base = dict(mesh=dict(islands=2, fsdp=4), diloco=dict(inner_steps=3, block_size=64),
+                checkpoint=dict(every_outer_steps=every_outer_steps, max_to_keep=10),
+                run=dict(steps=steps, dir=str(run_dir)), optim=dict(total_steps=40, warmup_steps=2))
+    for k, v in sections.items():
+        base.setdefault(k, {}).update(v)
+    return tiny_config(**base)
+
+
 def random_batch(rng: np.random.Generator, batch: int, length: int, vocab: int, docs_per_row: int = 1) -> dict:
     """Rows of packed random documents with EOS-free segment ids and per-document positions."""
     tokens = rng.integers(0, vocab, size=(batch, length + 1), dtype=np.int32)

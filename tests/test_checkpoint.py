@@ -15,16 +15,11 @@ from intellect_jax.checkpoint import Checkpointer, load_global_params
 from intellect_jax.config import CheckpointConfig
 from intellect_jax.metrics import read_metrics
 from intellect_jax.trainer import train
-from tests.helpers import tiny_config
+from tests.helpers import tiny_run_config
 
 
 def _cfg(run_dir, steps, **sections):
-    base = dict(mesh=dict(islands=2, fsdp=4), diloco=dict(inner_steps=3, block_size=64),
-                checkpoint=dict(every_outer_steps=1, max_to_keep=10), run=dict(steps=steps, dir=str(run_dir)),
-                optim=dict(total_steps=40, warmup_steps=2))
-    for k, v in sections.items():
-        base.setdefault(k, {}).update(v)
-    return tiny_config(**base)
+    return tiny_run_config(run_dir, steps, **sections)
 
 
 def _losses(run_dir):

@@ -26,6 +26,21 @@ def _f32(x):
     return np.asarray(x, np.float32)
 
 
+def _np_roundtrip(v, bits, block):
+    """decode(encode(v)) with the numpy twin, v zero-padded to whole blocks and cut back."""
+    pad = np.zeros(quant.padded_size(v.size, block), np.float32)
+    pad[:v.size] = v
+    return quant.unpack_np(*quant.pack_np(pad, bits=bits, block_size=block), bits=bits, block_size=block)[:v.size]
+
+
+def _mean_and_sent(mesh, specs, x, compression, block):
+    """The collective's (mean, sent) for host leaves x [n, ...] placed by specs."""
+    xs = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in x.items()}
+    reduce_mean = collective.make_island_mean(mesh, specs, compression=compression, block_size=block,
+                                              return_sent=True)
+    return xs, jax.jit(reduce_mean)(xs)
+
+
 def _two_island_outer(mesh, compression, error_feedback):
     """outer_update with plain SGD lr 1 (global <- global - delta) on one 4-element leaf, block size 4."""
     specs = {"w": P("island", None)}
@@ -106,20 +121,14 @@ def test_sent_is_each_islands_own_codes(shape, compression):
     rng = np.random.default_rng(3)
     x = {"w": rng.standard_normal((n, 32, 48)).astype(np.float32) * 0.02,
          "norm": rng.standard_normal((n, 200)).astype(np.float32), "odd": rng.standard_normal((n, 5)).astype(np.float32)}
-    xs = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in x.items()}
-    mean, sent = jax.jit(collective.make_island_mean(mesh, specs, compression=compression, block_size=block,
-                                                     return_sent=True))(xs)
+    xs, (mean, sent) = _mean_and_sent(mesh, specs, x, compression, block)
     plain = jax.jit(collective.make_island_mean(mesh, specs, compression=compression, block_size=block))(xs)
     bits = collective.COMPRESSION_BITS[compression]
     for k in x:
         assert np.asarray(mean[k]).tobytes() == np.asarray(plain[k]).tobytes()
         assert sent[k].sharding.is_equivalent_to(NamedSharding(mesh, specs[k]), x[k].ndim)
         for shard in sent[k].addressable_shards:  # one island's local slice, as the device packed it
-            local = x[k][shard.index].reshape(-1)
-            pad = np.zeros(quant.padded_size(local.size, block), np.float32)
-            pad[:local.size] = local
-            want = quant.unpack_np(*quant.pack_np(pad, bits=bits, block_size=block), bits=bits,
-                                   block_size=block)[:local.size]
+            want = _np_roundtrip(x[k][shard.index].reshape(-1), bits, block)
             assert np.asarray(shard.data).reshape(-1).tobytes() == want.tobytes()
 
 
@@ -184,9 +193,7 @@ def test_one_device_reference_matches_the_collective(compression):
     rng = np.random.default_rng(11)
     x = {"a": rng.standard_normal((n, 24, 40)).astype(np.float32) * 0.01,
          "b": rng.standard_normal((n, 300)).astype(np.float32), "c": rng.standard_normal((n, 7)).astype(np.float32)}
-    xs = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in x.items()}
-    mean, sent = jax.jit(collective.make_island_mean(mesh, specs, compression=compression, block_size=block,
-                                                     return_sent=True))(xs)
+    _, (mean, sent) = _mean_and_sent(mesh, specs, x, compression, block)
     rmean, rsent = jax.jit(lambda t: collective.reference_island_mean(t, compression=compression, block_size=block,
                                                                       return_sent=True))(x)
     bits = collective.COMPRESSION_BITS[compression]

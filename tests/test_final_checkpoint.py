@@ -13,17 +13,12 @@ from intellect_jax.checkpoint import Checkpointer
 from intellect_jax.config import CheckpointConfig, ConfigError
 from intellect_jax.metrics import read_metrics
 from intellect_jax.trainer import train
-from tests.helpers import tiny_config
+from tests.helpers import tiny_config, tiny_run_config
 
 
 def _cfg(run_dir, steps, **sections):
     # every_outer_steps far away: the only checkpoint a run writes is its final one
-    base = dict(mesh=dict(islands=2, fsdp=4), diloco=dict(inner_steps=3, block_size=64),
-                checkpoint=dict(every_outer_steps=100, max_to_keep=10), run=dict(steps=steps, dir=str(run_dir)),
-                optim=dict(total_steps=40, warmup_steps=2))
-    for k, v in sections.items():
-        base.setdefault(k, {}).update(v)
-    return tiny_config(**base)
+    return tiny_run_config(run_dir, steps, every_outer_steps=100, **sections)
 
 
 def _rows(run_dir):
