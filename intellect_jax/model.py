@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec
 
+from intellect_jax import attention
 from intellect_jax.config import ModelConfig
 
 Array = jax.Array
@@ -73,12 +74,12 @@ class DecoderLayers(nnx.Module):
         self.up_proj = param(normal((n, d, f)), ("embed", "mlp"))
         self.down_proj = param(normal((n, f, d), out_scale), ("mlp", "embed"))
 
-    def __call__(self, x_BLD, cos_BLK, sin_BLK, mask_B1LL, constrain: ActivationConstraint) -> Array:
+    def __call__(self, x_BLD, cos_BLK, sin_BLK, segment_ids_BL, constrain: ActivationConstraint) -> Array:
         cfg = self.cfg
         stacked = {name: getattr(self, name)[...] for name in LAYER_NAMES}
 
         def body(x, layer):
-            return decoder_layer(cfg, layer, x, cos_BLK, sin_BLK, mask_B1LL, constrain), None
+            return decoder_layer(cfg, layer, x, cos_BLK, sin_BLK, segment_ids_BL, constrain), None
 
         body = _remat(body, cfg.remat)
         if cfg.scan_layers:
@@ -121,10 +122,10 @@ def rms_norm(x: Array, weight: Array, eps: float) -> Array:
     return weight.astype(x.dtype) * x32.astype(x.dtype)
 
 
-def decoder_layer(cfg: ModelConfig, p: dict[str, Array], x_BLD: Array, cos, sin, mask, constrain) -> Array:
+def decoder_layer(cfg: ModelConfig, p: dict[str, Array], x_BLD: Array, cos, sin, segment_ids_BL, constrain) -> Array:
     w = _layer_weights(cfg, p)
     q_BLHD, k_BLKD, v_BLKD = _qkv(cfg, w, x_BLD, cos, sin)
-    attn_BLHD = attention(q_BLHD, k_BLKD, v_BLKD, mask, cfg.attention_impl)
+    attn_BLHD = attention.attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, cfg.attention_impl)
     return _attn_out_and_mlp(cfg, w, x_BLD, attn_BLHD, constrain)
 
 
@@ -150,13 +151,6 @@ def _attn_out_and_mlp(cfg: ModelConfig, w: dict[str, Array], x_BLD: Array, attn_
     act_BLF = constrain(jax.nn.silu(gate_BLF) * up_BLF, ("batch", "length", "act_mlp"))
     x_BLD = x_BLD + jnp.einsum("blf,fd->bld", act_BLF, w["down_proj"])
     return constrain(x_BLD, ("batch", "length", "act_embed"))
-
-
-def attention(q_BLHD, k_BLKD, v_BLKD, mask_B1LL, impl: str) -> Array:
-    implementation = {"auto": None, "xla": "xla", "cudnn": "cudnn"}[impl]
-    if implementation is None and jax.default_backend() == "gpu" and q_BLHD.dtype in (jnp.bfloat16, jnp.float16):
-        implementation = "cudnn"
-    return jax.nn.dot_product_attention(q_BLHD, k_BLKD, v_BLKD, mask=mask_B1LL, implementation=implementation)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -187,7 +181,7 @@ def decoder_layer_cached(cfg: ModelConfig, p: dict[str, Array], x_BLD: Array, co
     q_BLHD, k_BLKD, v_BLKD = _qkv(cfg, w, x_BLD, cos, sin)
     k_BSKD = jax.lax.dynamic_update_slice_in_dim(k_BSKD, k_BLKD.astype(k_BSKD.dtype), start, axis=1)
     v_BSKD = jax.lax.dynamic_update_slice_in_dim(v_BSKD, v_BLKD.astype(v_BSKD.dtype), start, axis=1)
-    attn_BLHD = attention(q_BLHD, k_BSKD, v_BSKD, mask_B1LS, "xla")
+    attn_BLHD = jax.nn.dot_product_attention(q_BLHD, k_BSKD, v_BSKD, mask=mask_B1LS, implementation="xla")
     return _attn_out_and_mlp(cfg, w, x_BLD, attn_BLHD, _no_constraint), k_BLKD, v_BLKD
 
 
@@ -260,11 +254,10 @@ class Llama(nnx.Module):
         B, L = inputs_embeds_BLD.shape[:2]
         if positions_BL is None:
             positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
-        mask_B1LL = causal_document_mask(segment_ids_BL, B, L)
         cos, sin = rope_cos_sin(cfg, positions_BL, cdt)
         x_BLD = inputs_embeds_BLD.astype(cdt)
         x_BLD = constrain(x_BLD, ("batch", "length", "act_embed"))
-        x_BLD = self.layers(x_BLD, cos, sin, mask_B1LL, constrain)
+        x_BLD = self.layers(x_BLD, cos, sin, segment_ids_BL, constrain)
         return constrain(self._head(x_BLD), ("batch", "length", "act_vocab"))
 
     def _head(self, x_BLD: Array) -> Array:
@@ -290,15 +283,6 @@ class Llama(nnx.Module):
         cache = KVCache(jax.lax.dynamic_update_slice_in_dim(cache.k, k_NBLKD, start, axis=2),
                         jax.lax.dynamic_update_slice_in_dim(cache.v, v_NBLKD, start, axis=2))
         return self._head(x_BLD), cache
-
-
-def causal_document_mask(segment_ids_BL: Array | None, B: int, L: int) -> Array:
-    """[B, 1, L, L] boolean: query i sees key j iff j <= i and both lie in the same document."""
-    causal = jnp.tril(jnp.ones((L, L), dtype=jnp.bool_))
-    if segment_ids_BL is None:
-        return jnp.broadcast_to(causal, (B, 1, L, L))
-    same_doc = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
-    return (same_doc & causal)[:, None, :, :]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

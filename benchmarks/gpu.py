@@ -1,0 +1,281 @@
+"""The GPU numbers in one run (issue 14, item 4): run by benchmarks/gpu.sh on one H100/H200 in under ~8 minutes.
+
+    bash benchmarks/gpu.sh                 # on the GPU machine; writes the "GPU" section of RESULTS.md
+    python benchmarks/gpu.py --quick       # a CPU smoke test of every section at toy sizes (writes nothing)
+
+Sections, each in its own subprocess (an out-of-memory or a kernel that does not build costs that row only, and
+every row's peak memory is its own):
+
+1. **memory bandwidth**: a jitted ``x * 2`` over 4 GiB of fp32, bytes read + written per second (the ceiling for
+   the codec rows).
+2. **int8 / int4 codec on the device**: ``quant.pack`` and ``quant.unpack`` (the jitted twin of the wire codec) on a
+   1 GiB fp32 pseudo-gradient; GB/s counts bytes read + written, as the bandwidth row does.
+3. **attention at the 10B preset's shape** (H 32, K 8, Dh 128, L 8192, one row, bf16, forward + backward) for each
+   implementation: time and the compiled temporary memory (XLA's memory analysis), with documents in the row.
+4. **1B preset training step** (throughput.measure: the real Trainer, fwd + bwd + clip + AdamW, bf16 compute, fp32
+   master weights) per attention implementation: tokens/s, MFU against the dense bf16 peak in metrics.PEAK_FLOPS,
+   and the step's peak device memory (``memory_stats()['peak_bytes_in_use']``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import common  # noqa: E402
+
+GiB = 2**30
+
+
+def _timed(fn, *args, reps: int = 10) -> float:
+    """Median seconds of ``fn(*args)`` after one warm-up call (compile)."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _peak_bytes() -> int | None:
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def section_env(quick: bool) -> list[dict]:
+    import jax
+
+    d = jax.devices()[0]
+    row = {"jax": jax.__version__, "backend": jax.default_backend(), "device": d.device_kind,
+           "devices": len(jax.devices())}
+    try:
+        from jax._src.lib import cuda_versions
+
+        row["cudnn"] = cuda_versions.cudnn_get_version() if cuda_versions else None
+    except Exception as e:  # noqa: BLE001 - informational only
+        row["cudnn"] = f"n/a ({type(e).__name__})"
+    return [row]
+
+
+def section_bandwidth(quick: bool) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+
+    n = (1 << 20) if quick else GiB  # fp32 elements: 4 GiB on the GPU
+    x = jnp.ones((n,), jnp.float32)
+    s = _timed(jax.jit(lambda x: x * 2.0), x)
+    return [{"what": "x * 2 (fp32)", "bytes": 8 * n, "seconds": s, "GB/s": 8 * n / s / 1e9}]
+
+
+def section_codec(quick: bool) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+
+    from intellect_jax import quant
+
+    n = (1 << 20) if quick else GiB // 4  # 1 GiB of fp32
+    x = jax.random.normal(jax.random.key(0), (n,), jnp.float32)
+    rows = []
+    for bits in (8, 4):
+        pack = jax.jit(lambda x, b=bits: quant.pack(x, bits=b))
+        unpack = jax.jit(lambda c, s, b=bits: quant.unpack(c, s, bits=b))
+        codes, scales = pack(x)
+        wire = codes.nbytes + scales.nbytes
+        s_pack = _timed(pack, x)
+        s_unpack = _timed(unpack, codes, scales)
+        rows.append({"what": f"pack int{bits}", "bytes": 4 * n + wire, "seconds": s_pack,
+                     "GB/s": (4 * n + wire) / s_pack / 1e9, "fp32 GB/s": 4 * n / s_pack / 1e9})
+        rows.append({"what": f"unpack int{bits}", "bytes": 4 * n + wire, "seconds": s_unpack,
+                     "GB/s": (4 * n + wire) / s_unpack / 1e9, "fp32 GB/s": 4 * n / s_unpack / 1e9})
+    return rows
+
+
+def section_attention(quick: bool, impls: list[str]) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from intellect_jax import attention as attn
+
+    B, L, H, K, D = (1, 512, 4, 2, 32) if quick else (1, 8192, 32, 8, 128)  # 10B preset: 32 heads, 8 kv heads
+    dt = jnp.bfloat16
+    ks = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(ks[0], (B, L, H, D), dt)
+    k = jax.random.normal(ks[1], (B, L, K, D), dt)
+    v = jax.random.normal(ks[2], (B, L, K, D), dt)
+    starts = np.random.RandomState(0).rand(B, L) < 1 / 1024  # documents of ~1024 tokens, as packed rows have
+    seg = jnp.asarray(np.cumsum(starts, axis=1) + 1, jnp.int32)
+    # causal FLOPs of forward + backward: 4 matmuls of L^2/2 x Dh per head forward, 2.5x that backward
+    flops = 3.5 * 4 * B * H * D * L * L / 2
+    rows = []
+    for impl in impls:
+        for use_seg in (True, False):
+            s_ids = seg if use_seg else None
+
+            def loss(q, k, v, s_ids=s_ids, impl=impl):
+                return attn.attention(q, k, v, s_ids, impl).astype(jnp.float32).sum()
+
+            f = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+            row = {"impl": impl, "documents": use_seg, "shape": f"B{B} L{L} H{H} K{K} Dh{D}"}
+            try:
+                mem = f.lower(q, k, v).compile().memory_analysis()
+                row["temp_bytes"] = mem.temp_size_in_bytes if mem else None
+                row["seconds"] = _timed(f, q, k, v, reps=5)
+                row["TFLOP/s"] = flops / row["seconds"] / 1e12
+            except Exception as e:  # noqa: BLE001 - a kernel that does not build on this device is a result too
+                row["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}".replace("|", "/")
+            rows.append(row)
+    return rows
+
+
+def section_train(quick: bool, impl: str, batch: int, remat: str) -> list[dict]:
+    from benchmarks import throughput
+
+    preset, steps = ("debug.toml", 3) if quick else ("1b.toml", 6)
+    overrides = [f"data.batch_size={batch}", f"model.attention_impl={impl}", f"model.remat={remat}"]
+    if quick:
+        overrides += ["mesh.islands=1", "mesh.fsdp=1", "data.seq_len=128", "run.host_devices=1"]
+    row = throughput.measure(preset, overrides, steps)
+    row["peak_bytes"] = _peak_bytes()
+    return [row]
+
+
+def run_section(args_list: list[str], timeout: float) -> list[dict]:
+    cmd = [sys.executable, __file__, "--child", *args_list]
+    t = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=common.ROOT)
+    except subprocess.TimeoutExpired:
+        return [{"section": " ".join(args_list), "error": f"timed out after {timeout:.0f} s"}]
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("[")]
+    if p.returncode or not lines:
+        errs = [ln for ln in p.stderr.splitlines() if "Error" in ln or "error:" in ln] or p.stderr.splitlines() or ["?"]
+        tail = errs[-1].replace("|", "/")[-300:]
+        return [{"section": " ".join(args_list), "error": f"exit {p.returncode}: {tail}"}]
+    rows = json.loads(lines[-1])
+    for r in rows:
+        r["section_s"] = time.perf_counter() - t
+    return rows
+
+
+def _gib(b) -> str:
+    return f"{b / GiB:.2f}" if isinstance(b, (int, float)) else "n/a"
+
+
+def report(env, bw, codec, att, train) -> str:
+    out = []
+    e = env[0] if env else {}
+    out.append(f"Device: {e.get('device', '?')} ({e.get('backend', '?')}), jax {e.get('jax', '?')}, "
+               f"cuDNN {e.get('cudnn', '?')}.")
+    copy = next((r["GB/s"] for r in bw if "GB/s" in r), None)
+    rows = [[r["what"], f"{r['GB/s']:.0f}", f"{r.get('fp32 GB/s', r['GB/s'] / 2):.0f}",
+             f"{100 * r['GB/s'] / copy:.0f}%" if copy else "n/a"] for r in bw + codec if "GB/s" in r]
+    rows += [[r.get("section", "?"), r["error"], "", ""] for r in bw + codec if "error" in r]
+    out.append("Memory bandwidth and the wire codec on the device (1 GiB fp32 pseudo-gradient; GB/s = bytes read "
+               "+ written per second; % of the x * 2 row):\n\n"
+               + common.table(["kernel", "GB/s (read + write)", "fp32 in GB/s", "% of bandwidth"], rows))
+    rows = []
+    for r in att:
+        if "error" in r and "impl" not in r:
+            rows.append([r.get("section", "?"), "", "", "", r["error"]])
+        elif "error" in r:
+            rows.append([r["impl"], "yes" if r["documents"] else "no (causal only)", "", "", r["error"]])
+        else:
+            rows.append([r["impl"], "yes" if r["documents"] else "no (causal only)", f"{1e3 * r['seconds']:.1f}",
+                         f"{r['TFLOP/s']:.0f}", _gib(r.get("temp_bytes"))])
+    shape = next((r["shape"] for r in att if "shape" in r), "?")
+    out.append(f"Attention at the 10B preset's shape ({shape}, bf16), forward + backward; TFLOP/s counts the causal "
+               "half only (3.5 x 4 B H Dh L^2 / 2); temp = XLA's compiled temporary memory:\n\n"
+               + common.table(["impl", "documents", "ms", "TFLOP/s", "temp GiB"], rows, "llrrr"))
+    rows = []
+    for r in train:
+        if "error" in r:
+            rows.append([r.get("section", "?"), "", "", "", "", r["error"]])
+            continue
+        rows.append([r["attention"], r["remat"], f"{r['batch']} x {r['seq_len']}", f"{r['step_s']:.3f}",
+                     f"{r['tokens_s']:,.0f}", f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a",
+                     _gib(r.get("peak_bytes"))])
+    out.append("1B preset inner step (Trainer: fwd + bwd + clip + AdamW; bf16 compute, fp32 master weights; random "
+               "tokens, one document per row; median of 6 steps after compile + warm-up). MFU = (6 N + 12 L H Q T) "
+               "x tokens/s / dense bf16 peak (989 TFLOP/s); compare INTELLECT-1 43.3% (10B, H100s), MaxText ~50%:\n\n"
+               + common.table(["attention", "remat", "batch x seq", "step s", "tokens/s", "MFU", "peak GiB"], rows,
+                              "llrrrrr"))
+    return "\n\n".join(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="toy sizes on any backend (a smoke test; writes nothing)")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--section", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--impl", action="append", default=None, help="attention implementation(s) to compare")
+    ap.add_argument("--train", action="append", default=None, metavar="IMPL:BATCH:REMAT",
+                    help="1B training arm(s) (default: cudnn:4:none, blockwise:4:none, pallas:4:none, "
+                         "cudnn:8:full)")
+    ap.add_argument("--budget", type=float, default=400.0, help="seconds for the whole run; later rows are skipped")
+    ap.add_argument("--out", default=None, help="also write the table and raw rows here (a folder)")
+    args = ap.parse_args()
+    impls = args.impl or ["xla", "cudnn", "blockwise", "pallas"]
+
+    if args.child:
+        if args.quick:
+            common.force_cpu_devices(1)
+        fn = {"env": section_env, "bandwidth": section_bandwidth, "codec": section_codec}.get(args.section)
+        if fn:
+            rows = fn(args.quick)
+        elif args.section == "attention":
+            rows = section_attention(args.quick, impls)
+        else:
+            impl, batch, remat = args.train[0].split(":")
+            rows = section_train(args.quick, impl, int(batch), remat)
+        print(json.dumps(rows, default=str))
+        return 0
+
+    t0 = time.perf_counter()
+    q = ["--quick"] if args.quick else []
+    left = lambda: args.budget - (time.perf_counter() - t0)  # noqa: E731
+
+    def section(name, extra=(), timeout=120.0):
+        if left() < 20:
+            return [{"section": name, "error": "skipped: the run's time budget is spent"}]
+        rows = run_section(["--section", name, *q, *extra], min(timeout, left()))
+        print(json.dumps(rows, default=str), flush=True)
+        return rows
+
+    env = section("env", timeout=60)
+    bw = section("bandwidth", timeout=60)
+    codec = section("codec", timeout=90)
+    att = section("attention", [a for i in impls for a in ("--impl", i)], timeout=150)
+    arms = args.train or ["cudnn:4:none", "blockwise:4:none", "pallas:4:none", "cudnn:8:full"]
+    train = []
+    for arm in arms:
+        train += section("train", ["--train", arm], timeout=150)
+    seconds = time.perf_counter() - t0
+    body = report(env, bw, codec, att, train)
+    raw = json.dumps({"env": env, "bandwidth": bw, "codec": codec, "attention": att, "train": train}, default=str)
+    print("\n" + body + f"\n\ntotal {seconds:.0f} s")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "gpu_table.md").write_text(body + "\n")
+        (Path(args.out) / "gpu_raw.json").write_text(raw + "\n")
+    if not args.quick:
+        common.write_section("GPU (benchmarks/gpu.sh)", "\n\n".join([common.provenance(seconds), body,
+                                                                     "Raw: `" + raw + "`"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

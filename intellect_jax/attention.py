@@ -1,0 +1,236 @@
+"""Causal, document-masked attention without an [B, 1, L, L] mask.
+
+``attention(q, k, v, segment_ids, impl)`` is what the model calls. Query i sees key j iff j <= i and both lie in the
+same document (equal segment ids). The implementations:
+
+- ``xla``: ``jax.nn.dot_product_attention`` with the full boolean mask built in memory. The reference; fine for
+  short sequences (tests, Hugging Face parity) but at the 10B preset's 8192 tokens the mask alone is 64 MiB per row
+  and XLA's logits are [B, H, L, L].
+- ``cudnn``: cuDNN's fused kernel. Without segment ids it takes ``is_causal`` and builds no mask; with them it still
+  needs the mask (cuDNN's packed-sequence layout is not public JAX API), so ``auto`` does not pick it then.
+- ``blockwise``: flash attention written in JAX (any backend): queries and keys in blocks, an online softmax over
+  key blocks up to the diagonal only, the mask of each block made from the segment ids of its rows and columns, and
+  a ``custom_vjp`` whose backward pass recomputes the blocks from the saved log-sum-exp. Memory O(B L H Dh) and
+  O(B H block^2) per step; no L x L array in the forward or the backward pass.
+- ``pallas``: the fused Triton kernel of ``jax.experimental.pallas.ops.gpu.attention`` (GPU only; takes segment
+  ids), key/value heads repeated to the query heads.
+- ``auto``: ``cudnn`` on a GPU in bf16/fp16 when there are no segment ids, ``blockwise`` when there are (or on any
+  backend once L >= AUTO_BLOCKWISE_MIN_LEN), else ``xla``.
+
+Shape legend: B batch, L query length, S key length (= L here), H query heads, K key/value heads, G = H / K,
+Dh head dim.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+IMPLS = ("auto", "xla", "cudnn", "blockwise", "pallas")
+AUTO_BLOCKWISE_MIN_LEN = 2048  # from here on the [B, 1, L, L] mask and [B, H, L, L] logits dominate memory
+DEFAULT_BLOCK = 512
+_NEG = -1e30  # a finite "minus infinity": exp(_NEG - m) is 0 without inf - inf NaNs
+
+
+def causal_document_mask(segment_ids_BL: Array | None, B: int, L: int) -> Array:
+    """[B, 1, L, L] boolean: query i sees key j iff j <= i and both lie in the same document."""
+    causal = jnp.tril(jnp.ones((L, L), dtype=jnp.bool_))
+    if segment_ids_BL is None:
+        return jnp.broadcast_to(causal, (B, 1, L, L))
+    same_doc = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
+    return (same_doc & causal)[:, None, :, :]
+
+
+def resolve_impl(impl: str, dtype, length: int, has_segments: bool) -> str:
+    """The implementation ``auto`` stands for on this backend (others are returned as they are)."""
+    if impl != "auto":
+        return impl
+    on_gpu = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if on_gpu and not has_segments:
+        return "cudnn"
+    if (on_gpu and has_segments) or length >= AUTO_BLOCKWISE_MIN_LEN:
+        return "blockwise"
+    return "xla"
+
+
+def attention(q_BLHD: Array, k_BSKD: Array, v_BSKD: Array, segment_ids_BL: Array | None, impl: str = "auto",
+              block: int = DEFAULT_BLOCK) -> Array:
+    """Causal self-attention within documents; returns [B, L, H, Dh] in q's dtype."""
+    B, L = q_BLHD.shape[:2]
+    impl = resolve_impl(impl, q_BLHD.dtype, L, segment_ids_BL is not None)
+    if impl == "xla" or (impl == "cudnn" and segment_ids_BL is not None):
+        mask = causal_document_mask(segment_ids_BL, B, L)
+        return jax.nn.dot_product_attention(q_BLHD, k_BSKD, v_BSKD, mask=mask, implementation=impl)
+    if impl == "cudnn":
+        return jax.nn.dot_product_attention(q_BLHD, k_BSKD, v_BSKD, is_causal=True, implementation="cudnn")
+    if impl == "blockwise":
+        return blockwise_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, block=block)
+    if impl == "pallas":
+        return _pallas_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL)
+    raise ValueError(f"attention impl {impl!r} is not one of {IMPLS}")
+
+
+def _pallas_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL):
+    from jax.experimental.pallas.ops.gpu import attention as pallas_attention
+
+    G = q_BLHD.shape[2] // k_BSKD.shape[2]
+    k_BSHD, v_BSHD = (jnp.repeat(x, G, axis=2) for x in (k_BSKD, v_BSKD))
+    scale = q_BLHD.shape[-1] ** -0.5
+    return pallas_attention.mha(q_BLHD, k_BSHD, v_BSHD, segment_ids_BL, sm_scale=scale, causal=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Blockwise (flash) attention in JAX.
+
+
+def blockwise_attention(q_BLHD: Array, k_BSKD: Array, v_BSKD: Array, segment_ids_BL: Array | None,
+                        block: int = DEFAULT_BLOCK) -> Array:
+    """Causal document-masked attention in blocks of ``block`` queries x ``block`` keys (see the module doc).
+
+    L need not be a multiple of ``block``: the tail is padded, and causality keeps padded keys out of every real
+    query's view.
+    """
+    B, L, H, Dh = q_BLHD.shape
+    K = k_BSKD.shape[2]
+    if H % K:
+        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({K})")
+    if k_BSKD.shape[1] != L:
+        raise ValueError(f"blockwise attention is self-attention: {L} queries but {k_BSKD.shape[1]} keys")
+    block = min(block, L)
+    pad = -L % block
+    seg = jnp.zeros((B, L), jnp.int32) if segment_ids_BL is None else segment_ids_BL.astype(jnp.int32)
+    if pad:
+        q_BLHD, k_BSKD, v_BSKD = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q_BLHD, k_BSKD, v_BSKD))
+        seg = jnp.pad(seg, ((0, 0), (0, pad)), constant_values=-1)
+    q = q_BLHD.reshape(B, L + pad, K, H // K, Dh)
+    out = _flash(q, k_BSKD, v_BSKD, seg, block)
+    return out.reshape(B, L + pad, H, Dh)[:, :L]
+
+
+def _blocks(x, block):
+    """[B, L, ...] -> [n, B, block, ...]."""
+    B, L = x.shape[:2]
+    return jnp.moveaxis(x.reshape(B, L // block, block, *x.shape[2:]), 1, 0)
+
+
+def _unblocks(x):
+    """[n, B, block, ...] -> [B, n * block, ...]."""
+    n, B, blk = x.shape[:3]
+    return jnp.moveaxis(x, 0, 1).reshape(B, n * blk, *x.shape[3:])
+
+
+def _block_mask(i, j, seg_q, seg_k, block):
+    """[B, 1, 1, bq, bk]: causal by absolute position, and same segment."""
+    qpos = i * block + jnp.arange(block)
+    kpos = j * block + jnp.arange(block)
+    causal = qpos[:, None] >= kpos[None, :]
+    same = seg_q[:, :, None] == seg_k[:, None, :]
+    return (causal[None] & same)[:, None, None]
+
+
+def _scores(qb, kb, scale):
+    """qb [B, bq, K, G, Dh], kb [B, bk, K, Dh] -> fp32 [B, K, G, bq, bk]."""
+    return jnp.einsum("bqkgd,bskd->bkgqs", qb, kb, preferred_element_type=jnp.float32) * scale
+
+
+def _forward(q, k, v, seg, block):
+    """q [B, L, K, G, Dh], k/v [B, L, K, Dh], seg [B, L] -> (out like q, lse fp32 [B, K, G, L])."""
+    B, L, K, G, Dh = q.shape
+    scale = Dh ** -0.5
+    kb_all, vb_all, segb_all = _blocks(k, block), _blocks(v, block), _blocks(seg, block)
+
+    def one_query_block(args):
+        i, qb, seg_q = args
+
+        def step(j, carry):
+            m, l, acc = carry
+            s = _scores(qb, kb_all[j], scale)
+            mask = _block_mask(i, j, seg_q, segb_all[j], block)
+            s = jnp.where(mask, s, _NEG)
+            m_new = jnp.maximum(m, s.max(-1))
+            p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+            corr = jnp.exp(m - m_new)
+            l = l * corr + p.sum(-1)
+            pv = jnp.einsum("bkgqs,bskd->bqkgd", p.astype(v.dtype), vb_all[j], preferred_element_type=jnp.float32)
+            acc = acc * jnp.moveaxis(corr, -1, 1)[..., None] + pv
+            return m_new, l, acc
+
+        m0 = jnp.full((B, K, G, block), _NEG, jnp.float32)
+        l0 = jnp.zeros((B, K, G, block), jnp.float32)
+        acc0 = jnp.zeros((B, block, K, G, Dh), jnp.float32)
+        m, l, acc = jax.lax.fori_loop(0, i + 1, step, (m0, l0, acc0))
+        out = acc / jnp.moveaxis(l, -1, 1)[..., None]
+        return out.astype(q.dtype), m + jnp.log(l)
+
+    n = L // block
+    outs, lses = jax.lax.map(one_query_block, (jnp.arange(n), _blocks(q, block), segb_all))
+    lse = jnp.moveaxis(lses, 0, -2).reshape(B, K, G, L)  # [n, B, K, G, bq] -> [B, K, G, n * bq]
+    return _unblocks(outs), lse
+
+
+def _backward(q, k, v, seg, out, lse, dout, block):
+    B, L, K, G, Dh = q.shape
+    scale = Dh ** -0.5
+    n = L // block
+    delta = jnp.einsum("blkgd,blkgd->bkgl", dout.astype(jnp.float32), out.astype(jnp.float32))
+    qb_all, dob_all, segb_all = _blocks(q, block), _blocks(dout, block), _blocks(seg, block)
+    kb_all, vb_all = _blocks(k, block), _blocks(v, block)
+    lse_b = jnp.moveaxis(lse.reshape(B, K, G, n, block), 3, 0)  # [n, B, K, G, bq]
+    delta_b = jnp.moveaxis(delta.reshape(B, K, G, n, block), 3, 0)
+
+    def probs_and_ds(i, j):
+        s = _scores(qb_all[i], kb_all[j], scale)
+        mask = _block_mask(i, j, segb_all[i], segb_all[j], block)
+        p = jnp.where(mask, jnp.exp(s - lse_b[i][..., None]), 0.0)  # [B, K, G, bq, bk]
+        dp = jnp.einsum("bqkgd,bskd->bkgqs", dob_all[i], vb_all[j], preferred_element_type=jnp.float32)
+        ds = p * (dp - delta_b[i][..., None])
+        return p, ds
+
+    def key_block(j):  # dk, dv of key block j: every query block i >= j
+        def step(i, carry):
+            dk, dv = carry
+            p, ds = probs_and_ds(i, j)
+            dv += jnp.einsum("bkgqs,bqkgd->bskd", p.astype(dout.dtype), dob_all[i], preferred_element_type=jnp.float32)
+            dk += jnp.einsum("bkgqs,bqkgd->bskd", ds.astype(q.dtype), qb_all[i],
+                             preferred_element_type=jnp.float32) * scale
+            return dk, dv
+
+        zeros = jnp.zeros((B, block, K, Dh), jnp.float32)
+        dk, dv = jax.lax.fori_loop(j, n, step, (zeros, zeros))
+        return dk.astype(k.dtype), dv.astype(v.dtype)
+
+    def query_block(i):  # dq of query block i: every key block j <= i
+        def step(j, dq):
+            _, ds = probs_and_ds(i, j)
+            return dq + jnp.einsum("bkgqs,bskd->bqkgd", ds.astype(k.dtype), kb_all[j],
+                                   preferred_element_type=jnp.float32) * scale
+
+        dq = jax.lax.fori_loop(0, i + 1, step, jnp.zeros((B, block, K, G, Dh), jnp.float32))
+        return dq.astype(q.dtype)
+
+    dk, dv = jax.lax.map(key_block, jnp.arange(n))
+    dq = jax.lax.map(query_block, jnp.arange(n))
+    return _unblocks(dq), _unblocks(dk), _unblocks(dv)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _flash(q, k, v, seg, block):
+    return _forward(q, k, v, seg, block)[0]
+
+
+def _flash_fwd(q, k, v, seg, block):
+    out, lse = _forward(q, k, v, seg, block)
+    return out, (q, k, v, seg, out, lse)
+
+
+def _flash_bwd(block, res, dout):
+    q, k, v, seg, out, lse = res
+    dq, dk, dv = _backward(q, k, v, seg, out, lse, dout, block)
+    return dq, dk, dv, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
