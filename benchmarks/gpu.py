@@ -120,21 +120,40 @@ def section_attention(quick: bool, impls: list[str]) -> list[dict]:
     seg = jnp.asarray(np.cumsum(starts, axis=1) + 1, jnp.int32)
     # causal FLOPs of forward + backward: 4 matmuls of L^2/2 x Dh per head forward, 2.5x that backward
     flops = 3.5 * 4 * B * H * D * L * L / 2
+    def ref_grads(q, k, v, s_ids):
+        f = lambda q, k, v: attn.attention(q, k, v, s_ids, "xla")  # noqa: E731
+        out, vjp = jax.vjp(f, *(x.astype(jnp.float32) for x in (q, k, v)))
+        return out, vjp(dout.astype(jnp.float32))[0]
+
+    dout = jax.random.normal(jax.random.key(1), q.shape, dt)
     rows = []
     for impl in impls:
         for use_seg in (True, False):
             s_ids = seg if use_seg else None
+            name, _, m = impl.partition("@")  # "cudnn@64": cuDNN packed documents, M = 64 (attention.py)
+            if m and not use_seg:
+                continue
 
-            def loss(q, k, v, s_ids=s_ids, impl=impl):
-                return attn.attention(q, k, v, s_ids, impl).astype(jnp.float32).sum()
+            def fwd(q, k, v, s_ids=s_ids, name=name, m=m):
+                if m:
+                    return attn.cudnn_packed_attention(q, k, v, s_ids, int(m))
+                return attn.attention(q, k, v, s_ids, name)
 
-            f = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+            def fwd_bwd(q, k, v, fwd=fwd):
+                out, vjp = jax.vjp(fwd, q, k, v)
+                return out, vjp(dout)[0]
+
+            f = jax.jit(fwd_bwd)
             row = {"impl": impl, "documents": use_seg, "shape": f"B{B} L{L} H{H} K{K} Dh{D}"}
             try:
                 mem = f.lower(q, k, v).compile().memory_analysis()
                 row["temp_bytes"] = mem.temp_size_in_bytes if mem else None
                 row["seconds"] = _timed(f, q, k, v, reps=5)
                 row["TFLOP/s"] = flops / row["seconds"] / 1e12
+                out, dq = f(q, k, v)
+                ref_out, ref_dq = jax.jit(ref_grads)(q, k, v, s_ids)
+                row["max_err_out"] = float(jnp.abs(out.astype(jnp.float32) - ref_out).max())
+                row["max_err_dq"] = float(jnp.abs(dq.astype(jnp.float32) - ref_dq).max())
             except Exception as e:  # noqa: BLE001 - a kernel that does not build on this device is a result too
                 row["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}".replace("|", "/")
             rows.append(row)
@@ -190,16 +209,19 @@ def report(env, bw, codec, att, train) -> str:
     rows = []
     for r in att:
         if "error" in r and "impl" not in r:
-            rows.append([r.get("section", "?"), "", "", "", r["error"]])
+            rows.append([r.get("section", "?"), "", "", "", "", r["error"]])
         elif "error" in r:
-            rows.append([r["impl"], "yes" if r["documents"] else "no (causal only)", "", "", r["error"]])
+            rows.append([r["impl"], "yes" if r["documents"] else "no (causal only)", "", "", "", r["error"]])
         else:
             rows.append([r["impl"], "yes" if r["documents"] else "no (causal only)", f"{1e3 * r['seconds']:.1f}",
-                         f"{r['TFLOP/s']:.0f}", _gib(r.get("temp_bytes"))])
+                         f"{r['TFLOP/s']:.0f}", _gib(r.get("temp_bytes")),
+                         f"{r['max_err_out']:.3g} / {r['max_err_dq']:.3g}"])
     shape = next((r["shape"] for r in att if "shape" in r), "?")
     out.append(f"Attention at the 10B preset's shape ({shape}, bf16), forward + backward; TFLOP/s counts the causal "
-               "half only (3.5 x 4 B H Dh L^2 / 2); temp = XLA's compiled temporary memory:\n\n"
-               + common.table(["impl", "documents", "ms", "TFLOP/s", "temp GiB"], rows, "llrrr"))
+               "half only (3.5 x 4 B H Dh L^2 / 2); temp = XLA's compiled temporary memory; error = max |bf16 result - "
+               "fp32 xla reference| of the output / of dq (the xla row shows bf16's own error):\n\n"
+               + common.table(["impl", "documents", "ms", "TFLOP/s", "temp GiB", "max error out / dq"], rows,
+                              "llrrrr"))
     rows = []
     for r in train:
         if "error" in r:
@@ -223,12 +245,12 @@ def main() -> int:
     ap.add_argument("--section", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--impl", action="append", default=None, help="attention implementation(s) to compare")
     ap.add_argument("--train", action="append", default=None, metavar="IMPL:BATCH:REMAT",
-                    help="1B training arm(s) (default: cudnn:4:none, blockwise:4:none, pallas:4:none, "
-                         "cudnn:8:full)")
+                    help="1B training arm(s) (default: cudnn:4:none, cudnn_mask:4:none, pallas:4:none, "
+                         "cudnn:6:none, cudnn:8:full)")
     ap.add_argument("--budget", type=float, default=400.0, help="seconds for the whole run; later rows are skipped")
     ap.add_argument("--out", default=None, help="also write the table and raw rows here (a folder)")
     args = ap.parse_args()
-    impls = args.impl or ["xla", "cudnn", "blockwise", "pallas"]
+    impls = args.impl or ["xla", "cudnn", "cudnn@64", "cudnn_mask", "pallas", "blockwise"]
 
     if args.child:
         if args.quick:
@@ -259,7 +281,7 @@ def main() -> int:
     bw = section("bandwidth", timeout=60)
     codec = section("codec", timeout=90)
     att = section("attention", [a for i in impls for a in ("--impl", i)], timeout=150)
-    arms = args.train or ["cudnn:4:none", "blockwise:4:none", "pallas:4:none", "cudnn:8:full"]
+    arms = args.train or ["cudnn:4:none", "cudnn_mask:4:none", "pallas:4:none", "cudnn:6:none", "cudnn:8:full"]
     train = []
     for arm in arms:
         train += section("train", ["--train", arm], timeout=150)

@@ -6,16 +6,23 @@ same document (equal segment ids). The implementations:
 - ``xla``: ``jax.nn.dot_product_attention`` with the full boolean mask built in memory. The reference; fine for
   short sequences (tests, Hugging Face parity) but at the 10B preset's 8192 tokens the mask alone is 64 MiB per row
   and XLA's logits are [B, H, L, L].
-- ``cudnn``: cuDNN's fused kernel. Without segment ids it takes ``is_causal`` and builds no mask; with them it still
-  needs the mask (cuDNN's packed-sequence layout is not public JAX API), so ``auto`` does not pick it then.
+- ``cudnn``: cuDNN's fused flash kernel (NVIDIA GPUs). Without segment ids it takes ``is_causal`` and builds no
+  mask; with them it is fed the [B, 1, L, L] mask as a bias (``cudnn_mask`` names that explicitly).
 - ``blockwise``: flash attention written in JAX (any backend): queries and keys in blocks, an online softmax over
   key blocks up to the diagonal only, the mask of each block made from the segment ids of its rows and columns, and
   a ``custom_vjp`` whose backward pass recomputes the blocks from the saved log-sum-exp. Memory O(B L H Dh) and
   O(B H block^2) per step; no L x L array in the forward or the backward pass.
 - ``pallas``: the fused Triton kernel of ``jax.experimental.pallas.ops.gpu.attention`` (GPU only; takes segment
   ids), key/value heads repeated to the query heads.
-- ``auto``: ``cudnn`` on a GPU in bf16/fp16 when there are no segment ids, ``blockwise`` when there are (or on any
-  backend once L >= AUTO_BLOCKWISE_MIN_LEN), else ``xla``.
+- ``auto``: on a GPU in bf16/fp16, ``cudnn`` without segment ids; with them ``cudnn_mask`` below
+  AUTO_BLOCKWISE_MIN_LEN and ``pallas`` from there on. Elsewhere ``xla`` below AUTO_BLOCKWISE_MIN_LEN and
+  ``blockwise`` from there on. So from 2048 tokens on no [L, L] array is built anywhere.
+
+Measured on one H200 at the 10B preset's attention shape (B1 L8192 H32 K8 Dh128, bf16, fwd + bwd with documents;
+benchmarks/RESULTS.md, GPU): cudnn_mask 13.1 ms, pallas 14.7 ms, blockwise 27 ms, xla 25 ms with 20 GiB of
+temporaries; cuDNN causal without documents 4.1 ms. cuDNN's packed layout ran in 2.8 ms with M = 64 document slots
+but its workspace grows with M (16 GiB at M = 64; M = L asks for TiBs), so it needs a bound on documents per row
+that packed data does not have; :func:`cudnn_packed_attention` keeps it for the benchmark, no config reaches it.
 
 Shape legend: B batch, L query length, S key length (= L here), H query heads, K key/value heads, G = H / K,
 Dh head dim.
@@ -24,13 +31,14 @@ Dh head dim.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 
 Array = jax.Array
 
-IMPLS = ("auto", "xla", "cudnn", "blockwise", "pallas")
+IMPLS = ("auto", "xla", "cudnn", "cudnn_mask", "blockwise", "pallas")
 AUTO_BLOCKWISE_MIN_LEN = 2048  # from here on the [B, 1, L, L] mask and [B, H, L, L] logits dominate memory
 DEFAULT_BLOCK = 512
 _NEG = -1e30  # a finite "minus infinity": exp(_NEG - m) is 0 without inf - inf NaNs
@@ -50,28 +58,84 @@ def resolve_impl(impl: str, dtype, length: int, has_segments: bool) -> str:
     if impl != "auto":
         return impl
     on_gpu = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    if on_gpu and not has_segments:
-        return "cudnn"
-    if (on_gpu and has_segments) or length >= AUTO_BLOCKWISE_MIN_LEN:
+    long = length >= AUTO_BLOCKWISE_MIN_LEN
+    if on_gpu:
+        return "pallas" if has_segments and long else "cudnn_mask" if has_segments else "cudnn"
+    if long:
         return "blockwise"
     return "xla"
 
 
 def attention(q_BLHD: Array, k_BSKD: Array, v_BSKD: Array, segment_ids_BL: Array | None, impl: str = "auto",
-              block: int = DEFAULT_BLOCK) -> Array:
-    """Causal self-attention within documents; returns [B, L, H, Dh] in q's dtype."""
+              block: int = DEFAULT_BLOCK, mesh=None) -> Array:
+    """Causal self-attention within documents; returns [B, L, H, Dh] in q's dtype.
+
+    ``mesh``: the island's mesh when the caller runs under one (sharding.activation_constraint carries it). The
+    ``pallas`` and ``blockwise`` kernels then run once per shard (batch over data x fsdp, heads over tensor) under
+    ``shard_map``: XLA has no partitioning rule for a Pallas call and would otherwise gather q, k and v on every
+    device.
+    """
     B, L = q_BLHD.shape[:2]
     impl = resolve_impl(impl, q_BLHD.dtype, L, segment_ids_BL is not None)
-    if impl == "xla" or (impl == "cudnn" and segment_ids_BL is not None):
-        mask = causal_document_mask(segment_ids_BL, B, L)
-        return jax.nn.dot_product_attention(q_BLHD, k_BSKD, v_BSKD, mask=mask, implementation=impl)
-    if impl == "cudnn":
+    if impl == "cudnn" and segment_ids_BL is None:
         return jax.nn.dot_product_attention(q_BLHD, k_BSKD, v_BSKD, is_causal=True, implementation="cudnn")
+    if impl in ("xla", "cudnn", "cudnn_mask"):
+        mask = causal_document_mask(segment_ids_BL, B, L)
+        return jax.nn.dot_product_attention(q_BLHD, k_BSKD, v_BSKD, mask=mask,
+                                            implementation="xla" if impl == "xla" else "cudnn")
     if impl == "blockwise":
-        return blockwise_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, block=block)
+        return _per_shard(functools.partial(blockwise_attention, block=block), mesh, q_BLHD, k_BSKD, v_BSKD,
+                          segment_ids_BL)
     if impl == "pallas":
-        return _pallas_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL)
+        return _per_shard(_pallas_attention, mesh, q_BLHD, k_BSKD, v_BSKD, segment_ids_BL)
     raise ValueError(f"attention impl {impl!r} is not one of {IMPLS}")
+
+
+def _per_shard(fn, mesh, q_BLHD, k_BSKD, v_BSKD, segment_ids_BL):
+    """``fn(q, k, v, segment_ids)`` on each device's shard: batch over data x fsdp, heads over tensor."""
+    if mesh is None or mesh.size == 1:
+        return fn(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL)
+    from jax.sharding import PartitionSpec as P
+
+    from intellect_jax import sharding
+
+    batch = sharding.logical_to_mesh(("batch",), q_BLHD.shape[:1], mesh)[0]
+    heads = sharding.logical_to_mesh(("heads",), (math.gcd(q_BLHD.shape[2], k_BSKD.shape[2]),), mesh)[0]
+    qkv = P(batch, None, heads, None)
+    if segment_ids_BL is None:
+        return jax.shard_map(lambda q, k, v: fn(q, k, v, None), mesh=mesh, in_specs=(qkv, qkv, qkv), out_specs=qkv,
+                             check_vma=False)(q_BLHD, k_BSKD, v_BSKD)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(qkv, qkv, qkv, P(batch, None)), out_specs=qkv,
+                         check_vma=False)(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL)
+
+
+def document_offsets(segment_ids_BL: Array, max_documents: int | None = None) -> tuple[Array, Array]:
+    """cuDNN's packed-sequence description of rows of contiguous documents.
+
+    Returns (lengths [B, M], offsets [B, M + 1]), int32: the start and length of each document of a row in order,
+    padded with -1; M = ``max_documents`` (default L, always enough: a row of L tokens holds at most L documents).
+    A document is a maximal run of equal segment ids.
+    """
+    B, L = segment_ids_BL.shape
+    M = max_documents or L
+    starts = jnp.concatenate([jnp.ones((B, 1), jnp.bool_), segment_ids_BL[:, 1:] != segment_ids_BL[:, :-1]], axis=1)
+    first = jax.vmap(lambda s: jnp.nonzero(s, size=M, fill_value=-1)[0])(starts).astype(jnp.int32)  # [B, M]
+    following = jnp.concatenate([first[:, 1:], jnp.full((B, 1), -1, jnp.int32)], axis=1)
+    ends = jnp.where(following >= 0, following, L)
+    lengths = jnp.where(first >= 0, ends - first, -1)
+    return lengths, jnp.concatenate([first, jnp.full((B, 1), -1, jnp.int32)], axis=1)
+
+
+def cudnn_packed_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, max_documents: int):
+    """cuDNN with documents as packed sequences (Hopper; ``jax._src.cudnn``). Rows with more than
+    ``max_documents`` documents are attended wrongly (the excess documents merge into the last), and the workspace
+    grows with ``max_documents``: for benchmarks/gpu.py only."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+
+    lengths, offsets = document_offsets(segment_ids_BL, max_documents)
+    return cudnn_attention.dot_product_attention(
+        q_BLHD, k_BSKD, v_BSKD, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets, kv_offsets=offsets,
+        scale=q_BLHD.shape[-1] ** -0.5, mask_type=cudnn_attention.MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
 
 
 def _pallas_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL):

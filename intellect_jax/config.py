@@ -50,9 +50,10 @@ class ModelConfig:
     # Activations/matmuls run in compute_dtype; parameters are stored in param_dtype (fp32 master weights).
     compute_dtype: str = "float32"
     param_dtype: str = "float32"
-    # "xla" (builds the [B, 1, L, L] mask; the reference), "cudnn" (fused, NVIDIA; no mask only without segment
-    # ids), "blockwise" (flash attention in JAX from segment ids, any backend), "pallas" (fused Triton kernel
-    # with segment ids, GPU), "auto" (see intellect_jax/attention.py).
+    # "xla" (builds the [B, 1, L, L] mask; the reference), "cudnn" (fused, NVIDIA; without documents no mask,
+    # with them the mask), "cudnn_mask" (cuDNN fed the mask), "blockwise" (flash attention in JAX from segment ids,
+    # any backend), "pallas" (fused Triton kernel with segment ids, GPU), "auto" (no [L, L] array from L = 2048 on;
+    # intellect_jax/attention.py has the rule and the H200 measurements behind it).
     attention_impl: str = "auto"
     # Rematerialisation of each scanned layer: "none", "full", "dots" (save matmul outputs), "dots_no_batch".
     remat: str = "full"
@@ -78,7 +79,7 @@ class ModelConfig:
         _choice(self, "rope_scaling", ("none", "llama3"))
         _choice(self, "compute_dtype", ("float32", "bfloat16", "float16"))
         _choice(self, "param_dtype", ("float32", "bfloat16"))
-        _choice(self, "attention_impl", ("auto", "xla", "cudnn", "blockwise", "pallas"))
+        _choice(self, "attention_impl", ("auto", "xla", "cudnn", "cudnn_mask", "blockwise", "pallas"))
         _choice(self, "remat", ("none", "full", "dots", "dots_no_batch"))
         if self.rope_scaling == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
             raise ConfigError("model.rope_high_freq_factor must be greater than model.rope_low_freq_factor")

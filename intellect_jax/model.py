@@ -125,7 +125,8 @@ def rms_norm(x: Array, weight: Array, eps: float) -> Array:
 def decoder_layer(cfg: ModelConfig, p: dict[str, Array], x_BLD: Array, cos, sin, segment_ids_BL, constrain) -> Array:
     w = _layer_weights(cfg, p)
     q_BLHD, k_BLKD, v_BLKD = _qkv(cfg, w, x_BLD, cos, sin)
-    attn_BLHD = attention.attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, cfg.attention_impl)
+    attn_BLHD = attention.attention(q_BLHD, k_BLKD, v_BLKD, segment_ids_BL, cfg.attention_impl,
+                                    mesh=getattr(constrain, "mesh", None))
     return _attn_out_and_mlp(cfg, w, x_BLD, attn_BLHD, constrain)
 
 

@@ -106,4 +106,5 @@ def activation_constraint(mesh: Mesh):
         spec = logical_to_mesh(logical, x.shape, mesh)
         return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
+    constrain.mesh = mesh  # attention.py runs kernels that XLA cannot partition once per shard of this mesh
     return constrain
