@@ -29,7 +29,7 @@ from intellect_jax.config import Config, ConfigError, load_config
 # checkpoint.py would import jax before the config is read.
 USER_ERRORS = {"intellect_jax.config": "ConfigError", "intellect_jax.checkpoint": "CheckpointError",
                "intellect_jax.hf": "HFError", "intellect_jax.shards": "DataError",
-               "intellect_jax.tokenizer": "TokenizerError"}
+               "intellect_jax.tokenizer": "TokenizerError", "intellect_jax.plot": "PlotError"}
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:

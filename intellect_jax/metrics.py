@@ -7,6 +7,7 @@ held-out loss of the global params: ``step``, ``outer_step``, ``eval_loss``, ``e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -222,6 +223,16 @@ class StepLogger:
         logging.getLogger("intellect_jax").info(
             "eval at step %d (outer step %d): held-out loss %.4f on %d tokens (%.2fs)", record["step"],
             record["outer_step"], record["eval_loss"], record["eval_tokens"], record["eval_seconds"])
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Host work between steps (a checkpoint save): the step in flight is written once it has finished, and
+        the time inside the block is nobody's step time."""
+        self.flush()
+        try:
+            yield
+        finally:
+            self._t_last = time.perf_counter()
 
     def _between_steps(self, record: dict[str, Any], ready_at: float) -> None:
         """Writes `record`; the time from `ready_at` to now is nobody's step time."""

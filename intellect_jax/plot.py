@@ -11,6 +11,10 @@ from pathlib import Path
 from intellect_jax.metrics import read_metrics
 
 
+class PlotError(ValueError):
+    """A run directory with nothing to plot yet."""
+
+
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     import matplotlib
 
@@ -27,7 +31,8 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     outer = [r for r in records if r.get("kind") == "outer"]
     evals = [r for r in records if r.get("kind") == "eval"]
     if not inner:
-        raise ValueError(f"{path} has no training steps yet")
+        raise PlotError(f"{path} has no training steps yet; plot once the run has logged its first step (a row "
+                        'with "kind": "inner")')
     out = Path(out_dir) if out_dir else run_dir / "plots"
     out.mkdir(parents=True, exist_ok=True)
     tokens, total = [], 0.0

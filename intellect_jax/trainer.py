@@ -1,7 +1,7 @@
 """The training loop. ``train(cfg)`` is what ``intellect-jax train`` calls.
 
     build (mesh, model, sync, data, checkpointer) -> restore -> compile -> sync.start (elastic: join)
-    for each step: batch -> inner step -> logger.maybe_flush -> sync.maybe -> evaluator.maybe -> checkpointer.maybe_save
+    for each step: batch -> inner step -> logger.maybe_flush -> sync.maybe -> evaluator.maybe -> a checkpoint when due
 
 The loop never asks which mode it runs in: the Sync chosen at build time (sync.py: one island, DiLoCo over the
 mesh's island axis, or elastic islands over TCP) owns the state layout and the outer-step schedule, the
@@ -168,9 +168,8 @@ class RunCheckpointer:
         self.last_saved = step
         log.info("checkpoint step %d saving (async) to %s", step, self.ckpt.dir)
 
-    def maybe_save(self, step: int) -> None:
-        if self.every and step % self.every == 0 and step != self.last_saved:
-            self.save(step)
+    def due(self, step: int) -> bool:
+        return bool(self.every) and step % self.every == 0 and step != self.last_saved
 
     def finish(self, step: int) -> None:
         """The last save of the run, so that the same command run again has nothing to redo."""
@@ -317,7 +316,9 @@ def train(cfg: Config) -> dict[str, Any]:
                 logger.maybe_flush(step, metrics)  # step N-1's metrics, pulled now that step N is queued
                 step = sync.maybe(step + 1, report=logger.outer)  # the outer step when due (elastic: may move ahead)
                 evaluator.maybe(step, report=logger.eval)  # held-out loss of the global params when due, and at the end
-                checkpointer.maybe_save(step)
+                if checkpointer.due(step):
+                    with logger.paused():  # the save's host time is not the next step's
+                        checkpointer.save(step)
             logger.flush()
             checkpointer.finish(step)
     if stopped:

@@ -58,6 +58,10 @@ def test_errors_without_jax(tmp_path):
 
     r = _cli("plot", "--run-dir", tmp_path / "missing")
     _one_line(r, "plot", str(tmp_path / "missing"), "does not exist", "--run-dir")
+    (tmp_path / "no_steps").mkdir()
+    (tmp_path / "no_steps" / "metrics.jsonl").write_text('{"kind": "outer", "step": 3}\n')
+    r = _cli("plot", "--run-dir", tmp_path / "no_steps")
+    _one_line(r, "plot", "has no training steps yet", "first step")
 
     r = _cli("train", "--config", "configs/debug.toml", "--run.profile_steps=9:3")
     assert r.returncode == 2 and "config error: run.profile_steps='9:3' must be" in r.stderr

@@ -45,9 +45,9 @@ class _Pending:
         return np.asarray(self.value, dtype)
 
 
-def _run_logger(tmp_path, pipelined, step_s=0.05, sync_s=0.4):
-    """Six steps of `step_s` on a simulated device, an outer step of `sync_s` after step 3, called as the training
-    loop calls them. Pipelined: a step is queued at once and runs after the previous one; serialized: the step
+def _run_logger(tmp_path, pipelined, step_s=0.05, sync_s=0.4, save_s=0.4):
+    """Six steps of `step_s` on a simulated device, an outer step of `sync_s` after step 3 and a checkpoint save of
+    `save_s` on the host after step 5, called as the training loop calls them. Pipelined: a step is queued at once and runs after the previous one; serialized: the step
     returns when it has finished."""
     logger = StepLogger(tmp_path, total_steps=6, start_step=0, tokens_per_step=64, num_islands=1, log_every=100,
                         pipelined=pipelined, tensorboard=False, progress=False)
@@ -65,6 +65,9 @@ def _run_logger(tmp_path, pipelined, step_s=0.05, sync_s=0.4):
             ready_at = time.perf_counter()
             time.sleep(sync_s)
             logger.outer({"kind": "outer", "step": 3}, ready_at)
+        if step + 1 == 5:
+            with logger.paused():
+                time.sleep(save_s)
     logger.flush()
     logger.close()
     return [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "inner"]
