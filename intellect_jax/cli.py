@@ -29,7 +29,8 @@ from intellect_jax.config import Config, ConfigError, load_config
 # checkpoint.py would import jax before the config is read.
 USER_ERRORS = {"intellect_jax.config": "ConfigError", "intellect_jax.checkpoint": "CheckpointError",
                "intellect_jax.hf": "HFError", "intellect_jax.shards": "DataError",
-               "intellect_jax.tokenizer": "TokenizerError", "intellect_jax.plot": "PlotError"}
+               "intellect_jax.tokenizer": "TokenizerError", "intellect_jax.plot": "PlotError",
+               "intellect_jax.elastic.wire": "SecretError"}
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -216,7 +217,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("coordinator", help="membership/epoch coordinator for islands joined over TCP")
     coordinator.add_arguments(p)
     p.set_defaults(func=coordinator.run, takes_overrides=True)
+    p = sub.add_parser("secret", help="write a new shared secret for elastic islands (32 random bytes, mode 0600)")
+    p.add_argument("--out", required=True, help="file to create (refused if it exists); copy it to every island")
+    p.set_defaults(func=cmd_secret, takes_overrides=False)
     return parser
+
+
+def cmd_secret(args: argparse.Namespace, overrides: list[str]) -> int:
+    from intellect_jax.elastic import wire
+
+    path = wire.write_secret(args.out)
+    print(f"wrote {wire.SECRET_BYTES} random bytes to {path} (mode 0600); copy it to every island and the "
+          "coordinator over a channel you trust (e.g. scp), and keep its mode 0600")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

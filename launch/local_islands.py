@@ -31,13 +31,13 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     secret = out / "secret"
-    if not secret.exists():
-        secret.write_bytes(os.urandom(32))
     port_file = out / "coordinator.port"
     port_file.unlink(missing_ok=True)
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
     env.pop("XLA_FLAGS", None)
     cli = [sys.executable, "-m", "intellect_jax"]
+    if not secret.exists():
+        subprocess.run([*cli, "secret", "--out", str(secret)], check=True, env=env, stdout=subprocess.DEVNULL)
     coord = subprocess.Popen([*cli, "coordinator", "--bind", "127.0.0.1:0", "--secret-file", str(secret),
                               "--run-id", args.run_id, "--min-islands", str(args.islands),
                               "--port-file", str(port_file)], env=env,

@@ -121,8 +121,9 @@ def _demo(a: argparse.Namespace) -> int:
     import tempfile
 
     tmp = Path(tempfile.mkdtemp(prefix="wan-demo-"))
-    (tmp / "secret").write_bytes(os.urandom(32))
     py, port = sys.executable, 7100
+    subprocess.run([py, "-m", "intellect_jax", "secret", "--out", str(tmp / "secret")], check=True,
+                   stdout=subprocess.DEVNULL)
     with Topology(a.islands, a.rate) as topo:
         print(topo.describe())
         coord = subprocess.Popen(topo.exec_cmd(None, [

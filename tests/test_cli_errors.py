@@ -63,6 +63,15 @@ def test_errors_without_jax(tmp_path):
     r = _cli("plot", "--run-dir", tmp_path / "no_steps")
     _one_line(r, "plot", "has no training steps yet", "first step")
 
+    secret = tmp_path / "secret"
+    r = _cli("secret", "--out", secret)
+    assert r.returncode == 0 and "mode 0600" in r.stdout, r.stderr
+    r = _cli("secret", "--out", secret)
+    _one_line(r, "secret", "already exists")
+    secret.chmod(0o640)
+    r = _cli("coordinator", "--bind", "127.0.0.1:0", "--secret-file", secret)
+    _one_line(r, "coordinator", "mode 0640", f"chmod 600 {secret}")
+
     r = _cli("train", "--config", "configs/debug.toml", "--run.profile_steps=9:3")
     assert r.returncode == 2 and "config error: run.profile_steps='9:3' must be" in r.stderr
 

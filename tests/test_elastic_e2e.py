@@ -48,7 +48,7 @@ class Run:
         self.dim = dim or DIM
         self.tmp = tmp
         self.secret = tmp / "secret"
-        self.secret.write_bytes(os.urandom(32))
+        wire.write_secret(self.secret)
         self.port = _free_port()
         self.dead_after_s = dead_after_s
         self.procs: dict[str, subprocess.Popen] = {}

@@ -1,10 +1,12 @@
 """Framing, authentication and refusal of bad peers (real sockets on 127.0.0.1)."""
 
 import logging
+import os
 import socket
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -18,8 +20,9 @@ RUN = "test-run"
 class Echo:
     """A wire.Server that echoes REQUESTs; records what it refused."""
 
-    def __init__(self, run_id=RUN, secret=SECRET, max_frame_bytes=1 << 20):
-        self.server = wire.Server("127.0.0.1:0", secret, run_id, max_frame_bytes, self.handle, "echo").start()
+    def __init__(self, run_id=RUN, secret=SECRET, max_frame_bytes=1 << 20, **server_kw):
+        self.server = wire.Server("127.0.0.1:0", secret, run_id, max_frame_bytes, self.handle, "echo",
+                                  **server_kw).start()
         self.addr = f"127.0.0.1:{self.server.port}"
 
     def handle(self, conn, hello):
@@ -95,7 +98,7 @@ def _raw_hello(echo, mutate):
 @pytest.mark.parametrize("mutate,needle", [
     ({"version": 2}, "protocol version 2, this build speaks 1"),
     ({"run": wire.run_tag("other-run")}, "another run id"),
-    ({"data_len": 1 << 30}, "exceeds max_frame_bytes"),
+    ({"data_len": 1 << 30}, "byte frame before authentication (at most 4096"),
     ({"magic": b"GET "}, "bad magic"),
 ])
 def test_bad_frames_refused_with_specific_reason(echo, caplog, mutate, needle):
@@ -159,12 +162,87 @@ def test_oversized_send_refused_locally(echo):
     assert conn.request({"still": "fine"})[0] == {"still": "fine"}
 
 
+def _raw_socket(echo):
+    host, port = wire.parse_hostport(echo.addr)
+    return socket.create_connection((host, port), timeout=10)
+
+
+def test_a_big_frame_before_authentication_is_refused_unread(caplog):
+    """A bare header declaring 200 MB is refused before anything is allocated (max_frame_bytes allows it)."""
+    echo = Echo(max_frame_bytes=256 << 20)
+    try:
+        head = wire._HEADER.pack(wire.MAGIC, wire.PROTOCOL_VERSION, int(wire.MsgType.HELLO), 0, wire.run_tag(RUN), 16,
+                                 200 << 20, b"\0" * 4)
+        with _raw_socket(echo) as s:
+            s.sendall(head)
+            assert s.recv(1) == b""  # closed by the server without waiting for the 200 MB
+        assert _refused(caplog, "before authentication (at most 4096 bytes")
+        _still_serves(echo)
+    finally:
+        echo.close()
+
+
+def test_a_trickled_handshake_is_cut_at_its_deadline(caplog):
+    """Slowloris: a byte every 0.2 s keeps each recv alive but not the whole handshake (deadline 1 s)."""
+    echo = Echo(handshake_timeout=1.0)
+    try:
+        head = wire._HEADER.pack(wire.MAGIC, wire.PROTOCOL_VERSION, int(wire.MsgType.HELLO), 0, wire.run_tag(RUN), 64,
+                                 0, b"\0" * 4)
+        t0 = time.monotonic()
+        with _raw_socket(echo) as s:
+            try:
+                for b in head + b"{" * 64:
+                    s.sendall(bytes([b]))
+                    time.sleep(0.2)
+                    if time.monotonic() - t0 > 5:
+                        break
+            except OSError:
+                pass  # reset by the server: what we want
+            closed_after = time.monotonic() - t0
+        assert closed_after < 3.0, closed_after
+        assert _refused(caplog, "handshake was not complete within its deadline")
+        _still_serves(echo)
+    finally:
+        echo.close()
+
+
+def test_pending_handshakes_are_capped(caplog):
+    """More silent connections than max_pending: the extra ones are closed at once with one log line; once the
+    pending ones time out, a real client is served again."""
+    echo = Echo(handshake_timeout=1.0, max_pending=4)
+    try:
+        silent = [_raw_socket(echo) for _ in range(4)]
+        time.sleep(0.2)
+        extra = [_raw_socket(echo) for _ in range(3)]
+        for s in extra:
+            s.settimeout(2.0)
+            assert s.recv(1) == b""  # closed without a handshake thread
+        assert _refused(caplog, "4 handshakes already in progress")
+        assert sum("already in progress" in r.getMessage() for r in caplog.records) == 1  # one line, not three
+        time.sleep(1.2)  # the silent ones hit their deadline
+        _still_serves(echo)
+        for s in silent + extra:
+            s.close()
+    finally:
+        echo.close()
+
+
 def test_secret_file_checks(tmp_path):
-    with pytest.raises(FileNotFoundError, match="head -c 32 /dev/urandom"):
+    with pytest.raises(wire.SecretError, match="intellect-jax secret --out"):
         wire.load_secret(tmp_path / "missing")
-    (tmp_path / "short").write_bytes(b"abc")
-    with pytest.raises(ValueError, match="at least 16"):
-        wire.load_secret(tmp_path / "short")
+    path = wire.write_secret(tmp_path / "good")
+    assert path.stat().st_mode & 0o777 == 0o600 and len(wire.load_secret(path)) == wire.SECRET_BYTES
+    assert wire.load_secret(path) != wire.load_secret(wire.write_secret(tmp_path / "other"))
+    with pytest.raises(wire.SecretError, match="already exists"):
+        wire.write_secret(path)
+    os.chmod(path, 0o644)
+    with pytest.raises(wire.SecretError, match=r"mode 0644: group or others can read it; run `chmod 600 "):
+        wire.load_secret(path)
+    short = tmp_path / "short"
+    short.write_bytes(b"a passphrase")
+    os.chmod(short, 0o600)
+    with pytest.raises(wire.SecretError, match="12 bytes, fewer than 32 random bytes; make a new one"):
+        wire.load_secret(short)
 
 
 def test_elastic_layer_imports_no_jax():

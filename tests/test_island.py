@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from intellect_jax.elastic import wire
 from intellect_jax.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +29,7 @@ def _env():
 @pytest.fixture
 def coordinator(tmp_path):
     secret = tmp_path / "secret"
-    secret.write_bytes(os.urandom(32))
+    wire.write_secret(secret)
     port_file = tmp_path / "port"
     proc = subprocess.Popen([sys.executable, "-m", "intellect_jax", "coordinator", "--bind", "127.0.0.1:0",
                              "--secret-file", str(secret), "--run-id", "t", "--min-islands", "3",

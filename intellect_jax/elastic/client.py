@@ -239,11 +239,15 @@ class IslandClient:
     def _rpc(self, op: str, retry: bool = True, **fields: Any) -> dict[str, Any]:
         deadline = time.monotonic() + self.cfg.coordinator_timeout_s
         delay = 0.2
+        reused_once = False  # the coordinator closes idle connections: a reused one may be gone, retry once anyway
         while True:
+            reused = False
             try:
                 with self._rpc_lock:
                     if self._rpc_conn is None:
                         self._rpc_conn = self._connect_coord("rpc")
+                    else:
+                        reused = True
                     req = {"op": op, "incarnation": self.incarnation, **fields}
                     if op == "register":
                         req["status"] = self.status()
@@ -257,6 +261,9 @@ class IslandClient:
                     if self._rpc_conn is not None:
                         self._rpc_conn.close()
                         self._rpc_conn = None
+                if reused and not reused_once:
+                    reused_once = True
+                    continue
                 if not retry or time.monotonic() > deadline:
                     raise CoordinatorUnavailable(f"coordinator {self.cfg.coordinator} unreachable: {e}") from e
                 log.warning("coordinator RPC %s failed (%s); reconnecting", op, e)

@@ -37,6 +37,7 @@ from intellect_jax.config import ConfigError, ElasticConfig, load_config
 
 from . import ordering, wire
 
+COORDINATOR_IDLE_MIN_S = 600.0
 log = logging.getLogger("intellect_jax.elastic.coordinator")
 
 POLL_S = 1.0  # longest a blocking request waits before answering {"wait": true}
@@ -93,8 +94,12 @@ class Coordinator:
         self.cv = threading.Condition()
         self._stop = threading.Event()
         self._conn_ids = 0
+        # Islands heartbeat every heartbeat_s on one connection; their RPC connection can sit idle for a whole outer
+        # step, and the client reconnects when it finds it closed. A connection silent for longer than this is
+        # closed, so a peer cannot hold a thread forever.
+        self.idle_timeout_s = max(COORDINATOR_IDLE_MIN_S, 6 * cfg.dead_after_s)
         self.server = wire.Server(bind, secret, run_id, cfg.coordinator_max_frame_bytes, self._handle, "coordinator",
-                                  log)
+                                  log, idle_timeout=self.idle_timeout_s)
         self.port = self.server.port
         self._monitor = threading.Thread(target=self._monitor_loop, name="coordinator-monitor", daemon=True)
 
@@ -474,7 +479,7 @@ def elastic_config(args: argparse.Namespace, overrides: list[str]) -> tuple[Elas
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     cfg, run_id = elastic_config(args, overrides)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)  # absl may own root
     coord = Coordinator(cfg, run_id, args.bind, wire.load_secret(cfg.secret_file)).start()
     if args.port_file:
         from pathlib import Path

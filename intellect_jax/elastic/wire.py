@@ -34,6 +34,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -45,6 +46,8 @@ _HEADER = struct.Struct(">4sHHQ16sIQ4s")
 HEADER_BYTES = _HEADER.size
 MAC_BYTES = 32
 MAX_JSON_BYTES = 1 << 20
+PREAUTH_MAX_BYTES = 4096  # a frame before the handshake is done (HELLO / HELLO_ACK): nothing is allocated beyond this
+MAX_PENDING_HANDSHAKES = 16  # per listener: connections accepted but not yet authenticated
 NONCE_BYTES = 16
 SEND_SLICE = 1 << 20
 
@@ -102,15 +105,41 @@ class RemoteError(RuntimeError):
     """The peer answered a request with an ERROR frame."""
 
 
+SECRET_BYTES = 32
+
+
+class SecretError(ValueError):
+    """A secret file that is missing, too short or readable by others; the message says the command that fixes it."""
+
+
+def write_secret(path: str | os.PathLike) -> Path:
+    """Writes SECRET_BYTES random bytes to a new file with mode 0600 (``intellect-jax secret --out FILE``)."""
+    p = Path(path)
+    try:
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise SecretError(f"{str(p)!r} already exists; keep it (every island needs the same secret) or remove it "
+                          "first to make a new one") from None
+    with os.fdopen(fd, "wb") as f:
+        f.write(os.urandom(SECRET_BYTES))
+    return p
+
+
 def load_secret(path: str | os.PathLike) -> bytes:
-    """Reads the shared secret file; refuses an empty or missing one with a message saying how to make one."""
+    """Reads the shared secret file. Refuses a missing one, one shorter than SECRET_BYTES (a passphrase is not a
+    key) and one that group or others may read, each with the command that fixes it."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"secret file {str(p)!r} does not exist; create one with "
-                                f"`head -c 32 /dev/urandom > {p}` and give the same file to every island")
+        raise SecretError(f"secret file {str(p)!r} does not exist; create one with `intellect-jax secret --out {p}` "
+                          "and give the same file to every island and the coordinator")
+    mode = p.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise SecretError(f"secret file {str(p)!r} has mode {mode:04o}: group or others can read it; run "
+                          f"`chmod 600 {p}`")
     data = p.read_bytes()
-    if len(data) < 16:
-        raise ValueError(f"secret file {str(p)!r} holds {len(data)} bytes; use at least 16 random bytes")
+    if len(data) < SECRET_BYTES:
+        raise SecretError(f"secret file {str(p)!r} holds {len(data)} bytes, fewer than {SECRET_BYTES} random bytes; "
+                          f"make a new one with `intellect-jax secret --out NEWFILE` and give it to every island")
     return data
 
 
@@ -118,12 +147,26 @@ def run_tag(run_id: str) -> bytes:
     return hashlib.sha256(run_id.encode()).digest()[:16]
 
 
-def _recv_exact(sock: socket.socket, n: int, into: bytearray | None = None) -> bytearray:
+def _recv_exact(sock: socket.socket, n: int, into: bytearray | None = None, deadline: float | None = None,
+                ) -> bytearray:
+    """n bytes from sock; with a `deadline` (time.monotonic()) the whole read must finish by then, however the
+    peer trickles its bytes."""
     buf = into if into is not None else bytearray(n)
     view = memoryview(buf)
     got = 0
     while got < n:
-        k = sock.recv_into(view[got:n])
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise PeerTimeout(f"the handshake was not complete within its deadline ({got}/{n} bytes of a frame)")
+            sock.settimeout(left)
+        try:
+            k = sock.recv_into(view[got:n])
+        except TimeoutError:
+            if deadline is None:
+                raise
+            raise PeerTimeout(f"the handshake was not complete within its deadline ({got}/{n} bytes of a frame)") \
+                from None
         if k == 0:
             raise PeerClosed("peer closed the connection" if got == 0 else f"peer closed mid-frame ({got}/{n} bytes)")
         got += k
@@ -146,6 +189,8 @@ class Conn:
         self._send_seq = 0
         self._recv_seq = 0
         self._send_lock = threading.Lock()
+        self.authenticated = False  # set once the handshake has derived the session key
+        self.deadline: float | None = None  # time.monotonic() by which the handshake must be done
         self.bytes_sent = 0
         self.bytes_received = 0
         self.closed = False
@@ -187,8 +232,9 @@ class Conn:
 
     def recv(self, into: bytearray | None = None) -> tuple[MsgType, dict[str, Any], memoryview]:
         """Next frame as (type, JSON header, payload). `into` may supply a buffer of at least data_len bytes."""
+        deadline = None if self.authenticated else self.deadline
         try:
-            head = bytes(_recv_exact(self.sock, HEADER_BYTES))
+            head = bytes(_recv_exact(self.sock, HEADER_BYTES, deadline=deadline))
         except OSError as e:
             if isinstance(e, WireError):
                 raise
@@ -200,17 +246,20 @@ class Conn:
             raise BadMagic(f"bad magic {magic!r} (not an intellect-jax elastic peer, or garbage)")
         if version != PROTOCOL_VERSION:
             raise VersionMismatch(f"protocol version {version}, this build speaks {PROTOCOL_VERSION}")
+        if not self.authenticated and json_len + data_len > PREAUTH_MAX_BYTES:
+            raise FrameTooLarge(f"a {json_len + data_len}-byte frame before authentication (at most "
+                                f"{PREAUTH_MAX_BYTES} bytes until the handshake is done)")
         if json_len > MAX_JSON_BYTES or json_len + data_len > self.max_frame_bytes:
             raise FrameTooLarge(f"frame of {json_len + data_len} bytes exceeds max_frame_bytes="
                                 f"{self.max_frame_bytes}")
         try:
-            js = bytes(_recv_exact(self.sock, json_len))
+            js = bytes(_recv_exact(self.sock, json_len, deadline=deadline))
             if into is not None and len(into) >= data_len:
                 payload = memoryview(into)[:data_len]
-                _recv_exact(self.sock, data_len, into)
+                _recv_exact(self.sock, data_len, into, deadline=deadline)
             else:
-                payload = memoryview(_recv_exact(self.sock, data_len))
-            mac = bytes(_recv_exact(self.sock, MAC_BYTES))
+                payload = memoryview(_recv_exact(self.sock, data_len, deadline=deadline))
+            mac = bytes(_recv_exact(self.sock, MAC_BYTES, deadline=deadline))
         except WireError:
             raise
         except OSError as e:
@@ -265,6 +314,7 @@ class Conn:
 
     def _derive(self, nonce_c: bytes, nonce_s: bytes) -> None:
         self._key = hmac.new(self._secret, b"session" + nonce_c + nonce_s, hashlib.sha256).digest()
+        self.authenticated, self.deadline = True, None
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
@@ -280,6 +330,7 @@ def connect(addr: str | tuple[str, int], secret: bytes, run_id: str, max_frame_b
     host, port = parse_hostport(addr) if isinstance(addr, str) else addr
     sock = socket.create_connection((host, port), timeout=timeout)
     conn = Conn(sock, secret, run_id, max_frame_bytes, f"{host}:{port}")
+    conn.deadline = time.monotonic() + timeout
     try:
         nonce_c = os.urandom(NONCE_BYTES)
         conn.send(MsgType.HELLO, dict(hello or {}, nonce=nonce_c.hex()))
@@ -289,6 +340,7 @@ def connect(addr: str | tuple[str, int], secret: bytes, run_id: str, max_frame_b
         if mtype != MsgType.HELLO_ACK or "nonce" not in ack:
             raise MalformedFrame(f"expected HELLO_ACK, got {mtype.name}")
         conn._derive(nonce_c, bytes.fromhex(ack["nonce"]))
+        sock.settimeout(timeout)
     except BaseException:
         conn.close()
         raise
@@ -297,9 +349,13 @@ def connect(addr: str | tuple[str, int], secret: bytes, run_id: str, max_frame_b
 
 def accept(sock: socket.socket, peer: str, secret: bytes, run_id: str, max_frame_bytes: int,
            ack: dict[str, Any] | None = None, timeout: float = 10.0) -> tuple[Conn, dict[str, Any]]:
-    """Server side of the handshake. Raises WireError (the caller logs ``refused ... from peer``) on a bad HELLO."""
+    """Server side of the handshake. Raises WireError (the caller logs ``refused ... from peer``) on a bad HELLO.
+
+    The whole handshake must finish within `timeout` seconds, however slowly the peer sends.
+    """
     sock.settimeout(timeout)
     conn = Conn(sock, secret, run_id, max_frame_bytes, peer)
+    conn.deadline = time.monotonic() + timeout
     try:
         mtype, hello, _ = conn.recv()
         if mtype != MsgType.HELLO or not isinstance(hello.get("nonce"), str):
@@ -328,11 +384,13 @@ class Server:
     `idle_timeout` bounds each receive in the handler (None: wait forever, for long-polling peers).
 
     A refused handshake is logged as ``refused connection from HOST:PORT: <reason>`` and affects nothing else.
+    At most `max_pending` connections may be in their handshake at once (each has `handshake_timeout` seconds for
+    all of it); more are closed at once, so unauthenticated peers hold a bounded number of threads and buffers.
     """
 
     def __init__(self, bind: str, secret: bytes, run_id: str, max_frame_bytes: int, handler, name: str,
                  logger: logging.Logger | None = None, handshake_timeout: float = 10.0,
-                 idle_timeout: float | None = None):
+                 idle_timeout: float | None = None, max_pending: int = MAX_PENDING_HANDSHAKES):
         host, port = parse_hostport(bind)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -350,6 +408,9 @@ class Server:
         self._thread = threading.Thread(target=self._loop, name=f"{name}-accept", daemon=True)
         self._conns: set[Conn] = set()
         self._lock = threading.Lock()
+        self._pending = threading.BoundedSemaphore(max_pending)
+        self._max_pending = max_pending
+        self._last_full_log = 0.0
 
     def start(self) -> "Server":
         self._thread.start()
@@ -362,6 +423,15 @@ class Server:
             except OSError:
                 if self._stop.is_set():
                     return
+                continue
+            if not self._pending.acquire(blocking=False):
+                now = time.monotonic()
+                if now - self._last_full_log > 5.0:  # one line per 5 s, not one per connection of a flood
+                    self._last_full_log = now
+                    self._log.warning("refused connection from %s:%s: %d handshakes already in progress (the "
+                                      "limit); closing new connections until they finish or time out", h, p,
+                                      self._max_pending)
+                s.close()
                 continue
             threading.Thread(target=self._serve, args=(s, f"{h}:{p}"), name=f"{self._name}-conn",
                              daemon=True).start()
@@ -377,6 +447,8 @@ class Server:
             self._log.info("handshake with %s failed: %s", peer, e)
             s.close()
             return
+        finally:
+            self._pending.release()
         with self._lock:
             self._conns.add(conn)
         adopted = False
