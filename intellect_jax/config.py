@@ -203,9 +203,27 @@ class DilocoConfig:
     # to its next pseudo-gradient (error feedback; needs compression int8 or int4).
     error_feedback: bool = False
     outer_state_on_host: bool = True  # keep global params + outer state in pinned host memory where supported
+    # Streaming DiLoCo (Douillard et al. 2025, arXiv 2501.18512; intellect_jax/streaming.py): the params split into
+    # `fragments` by layer (layer l in fragment l mod P), fragment p synced every H steps at offset p H / P; its mean
+    # is applied `overlap_steps` later while the islands keep training, and merged into each island's fragment as
+    # merge_alpha x island + (1 - merge_alpha) x global. fragments=1, overlap_steps=0: plain DiLoCo.
+    fragments: int = 1
+    overlap_steps: int = 0
+    merge_alpha: float = 0.0
 
     def validate(self) -> None:
-        _positive(self, "inner_steps", "outer_lr", "block_size")
+        _positive(self, "inner_steps", "outer_lr", "block_size", "fragments")
+        if self.overlap_steps < 0 or self.overlap_steps * self.fragments >= self.inner_steps:
+            raise ConfigError(
+                f"diloco.overlap_steps={self.overlap_steps} must be >= 0 and less than diloco.inner_steps / "
+                f"diloco.fragments = {self.inner_steps}/{self.fragments}, so that a fragment's mean is applied before "
+                "the next fragment syncs; lower overlap_steps or fragments, or raise inner_steps")
+        if self.fragments > self.inner_steps:
+            raise ConfigError(f"diloco.fragments={self.fragments} exceeds diloco.inner_steps={self.inner_steps}: "
+                              "each fragment needs its own sync step; use at most inner_steps fragments")
+        if not 0.0 <= self.merge_alpha <= 1.0:
+            raise ConfigError(f"diloco.merge_alpha={self.merge_alpha} must be in [0, 1] (0: an island takes the "
+                              "global fragment; 1: it keeps its own)")
         _choice(self, "outer_optimizer", ("nesterov", "sgd", "adam"))
         _choice(self, "compression", COMPRESSIONS)
         if self.error_feedback and self.compression == "none":
@@ -406,6 +424,15 @@ class Config:
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings="
                 f"{self.model.max_position_embeddings}; shorten the sequence or raise the limit")
+        d = self.diloco
+        if d.fragments > self.model.num_hidden_layers:
+            raise ConfigError(f"diloco.fragments={d.fragments} exceeds model.num_hidden_layers="
+                              f"{self.model.num_hidden_layers}: a fragment is a set of layers; use at most one "
+                              "fragment per layer")
+        if (d.fragments > 1 or d.overlap_steps or d.merge_alpha) and self.elastic.coordinator:
+            raise ConfigError("streaming DiLoCo (diloco.fragments > 1, overlap_steps > 0 or merge_alpha > 0) runs in "
+                              "the in-program transport (mesh.islands > 1) only so far; for elastic islands set "
+                              "diloco.fragments=1, overlap_steps=0, merge_alpha=0")
         # A ring frame carries one chunk: chunk_bytes of codes plus an fp32 scale per block (fp32: chunk_bytes).
         e = self.elastic
         bits = COMPRESSION_BITS[self.diloco.compression]

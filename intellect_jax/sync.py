@@ -32,7 +32,7 @@ import jax.flatten_util
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from intellect_jax import collective, diloco
+from intellect_jax import collective, diloco, streaming
 from intellect_jax import sharding as sh
 from intellect_jax.checkpoint import Checkpointer, CheckpointError
 from intellect_jax.config import Config
@@ -188,7 +188,17 @@ class DilocoSync(Sync):
                                         jax.eval_shape(lambda g: diloco.broadcast_islands(g, n), global_params))
         inner_specs = train_state_specs(setup, mesh, abstract_inner, per_island=True)
         gspecs = sh.param_specs(setup.axes, setup.shapes, mesh)
-        outer_specs = opt_state_specs(self.outer, jax.eval_shape(self.outer.init, global_params), gspecs)
+        c = cfg.diloco
+        # Streaming DiLoCo (streaming.py): fragments, overlap or merging. Off: the plain outer step below, unchanged.
+        self.frags = (streaming.Fragments(global_params, cfg.model.num_hidden_layers, c.fragments)
+                      if c.fragments > 1 or c.overlap_steps or c.merge_alpha else None)
+        if self.frags is None:
+            outer_specs = opt_state_specs(self.outer, jax.eval_shape(self.outer.init, global_params), gspecs)
+        else:  # one outer optimizer state per fragment, over its view
+            outer_specs = tuple(
+                opt_state_specs(self.outer, jax.eval_shape(lambda g, p=p: self.outer.init(self.frags.take(g, p)),
+                                                           global_params), self.frags.take(gspecs, p))
+                for p in range(self.frags.count))
         self.inner_specs = inner_specs
         self.error_feedback = cfg.diloco.error_feedback
         self.device_shardings = sh.named(mesh, diloco.DilocoState(
@@ -208,8 +218,7 @@ class DilocoSync(Sync):
             if cfg.diloco.outer_state_on_host:
                 log.info("the %s backend has no pinned_host memory: the outer state stays in device memory",
                          jax.default_backend())
-        self.state = jax.jit(lambda g: diloco.init_state(g, self._inner_init, self.outer, n, self.error_feedback),
-                             out_shardings=self.shardings)(global_params)
+        self.state = jax.jit(self._init_state, out_shardings=self.shardings)(global_params)
         del global_params  # now inside the state
         self._inner = jax.jit(diloco.island_inner_step(inner_step), in_shardings=(self.shardings.inner, batch_sharding),
                               out_shardings=(self.shardings.inner, self.replicated), donate_argnums=0)
@@ -222,6 +231,14 @@ class DilocoSync(Sync):
         ddp = collective.ring_allreduce_bytes_per_island(nparams, n) * self.H
         self.wire_ratio_vs_ddp = ddp / self.wire_bytes if self.wire_bytes else float("inf")
         self._t_outer = time.perf_counter()
+        # Streaming with overlap: (fragment, step at which its mean is applied, the mean) between its sync and then.
+        self._pending: tuple[int, int, dict] | None = None
+
+    def _init_state(self, global_params) -> diloco.DilocoState:
+        state = diloco.init_state(global_params, self._inner_init, self.outer, self.num_islands, self.error_feedback)
+        if self.frags is not None:
+            state = state._replace(outer_opt_state=streaming.init_outer_states(self.frags, self.outer, global_params))
+        return state
 
     def _fresh_islands(self, global_params, outer_opt_state, outer_step, step) -> diloco.DilocoState:
         """Every island restarts from the global params: fresh inner optimizer state at `step`, zero residual."""
@@ -261,20 +278,27 @@ class DilocoSync(Sync):
         metrics, extra = self._outer()
         metrics = jax.device_get(metrics)
         sync_s = time.perf_counter() - ready_at
+        report(self._record(step, metrics, sync_s, self.wire_bytes, extra), ready_at)
+        return step
+
+    def _record(self, step: int, metrics: dict[str, Any], wait_s: float, wire_bytes: int,
+                extra: dict[str, Any]) -> dict[str, Any]:
+        """An outer step's metrics row (and its log lines); `wait_s`: the time the inner steps waited for it."""
         wall, self._t_outer = time.perf_counter() - self._t_outer, time.perf_counter()
         outer = self.outer_step()
-        record = {"kind": "outer", "outer_step": outer, "step": step, "sync_seconds": sync_s,
-                  "outer_wall_seconds": wall, "compute_utilization": (wall - sync_s) / wall if wall > 0 else 1.0,
-                  "bytes_sent_per_island": self.wire_bytes, "wire_ratio_vs_ddp": self.wire_ratio_vs_ddp,
+        record = {"kind": "outer", "outer_step": outer, "step": step, "sync_seconds": wait_s,
+                  "wait_seconds": wait_s, "outer_wall_seconds": wall,
+                  "compute_utilization": (wall - wait_s) / wall if wall > 0 else 1.0,
+                  "bytes_sent_per_island": wire_bytes, "wire_ratio_vs_ddp": self.wire_ratio_vs_ddp,
                   "islands": self.num_islands, **summarise(metrics, self.num_islands), **extra}
-        log.info("outer step %d: synced %d islands in %.2fs, |delta| %.4g%s", outer, record["islands"], sync_s,
+        what = f"fragment {extra['fragment']}" if "fragment" in extra else f"{record['islands']} islands"
+        log.info("outer step %d: synced %s in %.2fs, |delta| %.4g%s", outer, what, wait_s,
                  float(np.asarray(metrics.get("delta_norm", 0.0))),
                  f", global hash {extra['params_hash'][:12]}" if "params_hash" in extra else "")
         if record.get("skipped_nonfinite"):
             log.warning("outer step %d: the mean pseudo-gradient is not finite (an island diverged or sent a bad "
                         "contribution); the global params were kept and every island restarts from them", outer)
-        report(record, ready_at)
-        return step
+        return record
 
     @abc.abstractmethod
     def _outer(self) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -302,10 +326,35 @@ class DilocoSync(Sync):
                                              "outer_step": s.outer_step}}
         if s.residual is not None:
             items["residual"] = s.residual
+        if self._pending is not None:
+            items["pending"] = self._pending[2]
         return items
 
     def meta(self, step: int) -> dict[str, Any]:
-        return super().meta(step) | {"error_feedback": self.error_feedback}
+        out = super().meta(step) | {"error_feedback": self.error_feedback}
+        if self.frags is not None:
+            out["streaming"] = {"fragments": self.frags.count,
+                                "pending": None if self._pending is None else list(self._pending[:2])}
+        return out
+
+    def _check_streaming(self, step: int, meta: dict[str, Any]) -> tuple[int, int] | None:
+        """The checkpoint's fragment layout must be this run's (the outer optimizer state is one per fragment);
+        returns its pending (fragment, due step), if any."""
+        then = meta.get("streaming")
+        saved, ours = (then["fragments"] if then else 1), (self.frags.count if self.frags is not None else 1)
+        if saved != ours or bool(then) != (self.frags is not None):
+            raise CheckpointError(
+                f"checkpoint step {step} was written with diloco.fragments={saved}{' (streaming)' if then else ''} "
+                f"and this run has diloco.fragments={ours}{' (streaming)' if self.frags is not None else ''}: the "
+                "outer optimizer state is kept per fragment; resume with the checkpoint's diloco.fragments, "
+                "overlap_steps and merge_alpha (or start a new --run.dir)")
+        pending = then.get("pending") if then else None
+        return None if pending is None else (int(pending[0]), int(pending[1]))
+
+    def _pending_abstract(self, p: int) -> dict[str, jax.ShapeDtypeStruct]:
+        shapes = self.frags.take(jax.eval_shape(lambda s: s.global_params, self.state), p)
+        shards = self.frags.take(self.device_shardings.global_params, p)
+        return {k: jax.ShapeDtypeStruct(v.shape, jax.numpy.float32, sharding=shards[k]) for k, v in shapes.items()}
 
     def restore(self, ckpt, step, meta) -> bool:
         """The same island count restores everything (resharded onto the current inner mesh if it changed).
@@ -314,17 +363,24 @@ class DilocoSync(Sync):
         island's inner state from the global params (logged); the data streams then restart.
         """
         self._check_mode(step, meta)
+        pending = self._check_streaming(step, meta)
+        self._pending = None
         d = self.device_shardings  # restored into device memory, then placed
         abstract = self._abstract(self.checkpoint_arrays(), {
             "inner": d.inner, "outer": {"global_params": d.global_params, "outer_opt_state": d.outer_opt_state,
                                         "outer_step": d.outer_step}, **({"residual": d.residual} if d.residual is not None else {})})
+        if pending is not None:
+            abstract["pending"] = self._pending_abstract(pending[0])
         if meta.get("error_feedback", False) != self.error_feedback:
             log.info("checkpoint step %d was written with diloco.error_feedback=%s and this run has %s: %s", step,
                      meta.get("error_feedback", False), self.error_feedback,
                      "every island's residual starts at zero" if self.error_feedback else "its residuals are dropped")
             abstract.pop("residual", None)
         if meta["islands"] != self.num_islands:
-            o = ckpt.restore(step, {"outer": abstract["outer"]}, ())["outer"]
+            got = ckpt.restore(step, {k: abstract[k] for k in ("outer", "pending") if k in abstract}, ())
+            o = got["outer"]
+            if pending is not None:  # the old islands' mean, due later: still applied to the global params
+                self._pending = (*pending, got["pending"])
             log.info("checkpoint step %d has %d islands and this run has %d: restored the global params and outer "
                      "optimizer state; every island's inner state (AdamW moments) is re-initialised from the global "
                      "params", step, meta["islands"], self.num_islands)
@@ -332,6 +388,8 @@ class DilocoSync(Sync):
             return False
         out = ckpt.restore(step, abstract, ())
         o = out["outer"]
+        if pending is not None:
+            self._pending = (*pending, out["pending"])
         residual = out.get("residual")
         if self.error_feedback and residual is None:
             residual = diloco.zero_residual(out["inner"].params)
@@ -351,16 +409,92 @@ class MeshSync(DilocoSync):
         self._sync = jax.jit(lambda s: diloco.outer_update(self._on_device(s), reduce_mean, self.outer),
                              in_shardings=(self.shardings,), out_shardings=(self.shardings, self.replicated),
                              donate_argnums=0)
+        if self.frags is not None:
+            self._build_fragment_programs(cfg, mesh)
+
+    def _build_fragment_programs(self, cfg, mesh) -> None:
+        """Per fragment (static shapes): tau = 0 one program (reduce + outer step + merge); tau > 0 a reduce at the
+        sync step and an apply (outer step + merge) tau steps later."""
+        c, frags = cfg.diloco, self.frags
+        self.tau, self.alpha = c.overlap_steps, c.merge_alpha
+        self._frag_sync, self._frag_reduce, self._frag_apply, self.fragment_wire_bytes = [], [], [], []
+        self._reduce_metrics, self._reduce_wait = {}, 0.0
+        abstract_global = jax.eval_shape(lambda s: s.global_params, self.state)
+        for p in range(frags.count):
+            reduce_p = collective.make_island_mean(mesh, frags.take(self.inner_specs.params, p),
+                                                   compression=c.compression, block_size=c.block_size,
+                                                   return_sent=self.error_feedback)
+            delta_sh = frags.take(self.device_shardings.global_params, p)
+            self._frag_sync.append(jax.jit(
+                lambda s, p=p, r=reduce_p: streaming.sync_fragment(self._on_device(s), frags, p, r, self.outer,
+                                                                   self.alpha),
+                in_shardings=(self.shardings,), out_shardings=(self.shardings, self.replicated), donate_argnums=0))
+            self._frag_reduce.append(jax.jit(
+                lambda s, p=p, r=reduce_p: streaming.reduce_fragment(self._on_device(s), frags, p, r),
+                in_shardings=(self.shardings,), out_shardings=(self.shardings, delta_sh, self.replicated),
+                donate_argnums=0))
+            self._frag_apply.append(jax.jit(
+                lambda s, d, p=p: streaming.apply_fragment(self._on_device(s), frags, p, d, self.outer, self.alpha),
+                in_shardings=(self.shardings, delta_sh), out_shardings=(self.shardings, self.replicated),
+                donate_argnums=0))
+            size = sum(x.size for x in jax.tree.leaves(frags.take(abstract_global, p)))
+            self.fragment_wire_bytes.append(collective.wire_bytes_per_island(size, self.num_islands, c.compression,
+                                                                             c.block_size))
 
     def describe(self) -> str:
         c = self.cfg.diloco
+        if self.frags is not None:
+            return (f"streaming DiLoCo over {self.num_islands} islands, H={c.inner_steps}, {self.frags.count} "
+                    f"fragments (at most {max(self.fragment_wire_bytes) / 1e6:.2f} MB per island on the wire at a "
+                    f"time), overlap {c.overlap_steps} steps, merge alpha {c.merge_alpha}, {c.compression} reduce")
         return (f"DiLoCo over {self.num_islands} islands, H={c.inner_steps}, {c.compression} reduce, "
                 f"{self.wire_bytes / 1e6:.2f} MB sent per island per outer step "
                 f"({self.wire_ratio_vs_ddp:.0f}x less than data-parallel fp32)")
 
     def compile(self, batch) -> None:
         self._inner = self._inner.lower(self.state.inner, batch).compile()
-        self._sync = self._sync.lower(self.state).compile()
+        if self.frags is None:
+            self._sync = self._sync.lower(self.state).compile()
+            return
+        for p in range(self.frags.count):  # the first sync of each fragment must not stall on compilation
+            if self.tau == 0:
+                self._frag_sync[p] = self._frag_sync[p].lower(self.state).compile()
+            else:
+                self._frag_reduce[p] = self._frag_reduce[p].lower(self.state).compile()
+                self._frag_apply[p] = self._frag_apply[p].lower(self.state, self._pending_abstract(p)).compile()
+
+    def maybe(self, step: int, report: Report) -> int:
+        """Streaming: the pending fragment's mean is applied when due, then a fragment's sync when due (see
+        streaming.py for the schedule); each applied fragment writes one outer row."""
+        if self.frags is None:
+            return super().maybe(step, report)
+        if self._pending is not None and self._pending[1] == step:
+            p, _, delta = self._pending
+            jax.block_until_ready(self.state.inner)
+            ready_at = time.perf_counter()
+            self.state, applied = self._frag_apply[p](self.state, delta)
+            self._pending = None
+            metrics = jax.device_get(self._block(self._reduce_metrics | applied))
+            report(self._record(step, metrics, time.perf_counter() - ready_at + self._reduce_wait,
+                                self.fragment_wire_bytes[p], {"fragment": p, "overlap_steps": self.tau}), ready_at)
+        p = self.frags.due(step, self.H)
+        if p is None:
+            return step
+        if self.tau == 0:
+            jax.block_until_ready(self.state.inner)  # the sync's time starts when the inner steps are done
+            ready_at = time.perf_counter()
+            self.state, metrics = self._frag_sync[p](self.state)
+            metrics = jax.device_get(self._block(metrics))
+            report(self._record(step, metrics, time.perf_counter() - ready_at, self.fragment_wire_bytes[p],
+                                {"fragment": p, "overlap_steps": 0}), ready_at)
+            return step
+        # tau > 0: the reduce is dispatched and the islands go on; its mean is applied at step + tau
+        t0 = time.perf_counter()
+        self.state, delta, self._reduce_metrics = self._frag_reduce[p](self.state)
+        self._block(delta)
+        self._pending = (p, step + self.tau, delta)
+        self._reduce_wait = time.perf_counter() - t0  # what the loop waited here (serialized CPU: the whole reduce)
+        return step
 
     def _outer(self):
         self.state, metrics = self._sync(self.state)
