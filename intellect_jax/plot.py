@@ -71,8 +71,15 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
 
     if outer:
         fig, ax = plt.subplots(figsize=(7, 4))
-        ax.bar([r["outer_step"] for r in outer], [r["sync_seconds"] for r in outer])
-        ax.set(xlabel="outer step", ylabel="seconds", title="outer sync time")
+        wait = [r.get("wait_seconds", r["sync_seconds"]) for r in outer]
+        if any("fragment" in r for r in outer):  # streaming: one bar per fragment sync, coloured by fragment
+            for p in sorted({r["fragment"] for r in outer}):
+                rows = [(r["outer_step"], w) for r, w in zip(outer, wait) if r["fragment"] == p]
+                ax.bar([x for x, _ in rows], [w for _, w in rows], color=f"C{p}", label=f"fragment {p}")
+            ax.legend(fontsize=7)
+        else:
+            ax.bar([r["outer_step"] for r in outer], wait)
+        ax.set(xlabel="outer step", ylabel="seconds", title="time the inner steps waited for each sync")
         save(fig, "sync.png")
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.plot([r["outer_step"] for r in outer], [100 * r["compute_utilization"] for r in outer], marker="o")
