@@ -9,7 +9,8 @@ bytes (SHA-256 compared). Payload = bytes one member's vector occupies on the wi
     sudo python benchmarks/ring_allreduce.py --members 3 --wan 100mbit --sizes-mb 10 # netns + tbf links
 
 On loopback the "rate" is a measured single-stream raw TCP rate between two processes (no framing, no HMAC), so the
-bound shows how far framing, HMAC, packing and accumulation are from moving bytes at memory speed; with ``--wan``
+bound shows how far framing, AES-GCM (or HMAC with ``--encrypt off``), packing and accumulation are from moving
+bytes at memory speed; with ``--wan``
 the rate is the tbf rate of each island's access link.
 """
 
@@ -68,13 +69,15 @@ def member(a: argparse.Namespace) -> int:
             got.notify_all()
         return True
 
-    srv = wire.Server(addrs[r], secret, RUN, maxf, handler, "bench").start()
+    encrypt = a.encrypt == "on"
+    srv = wire.Server(addrs[r], secret, RUN, maxf, handler, "bench", encrypt=encrypt).start()
     send = []
     deadline = time.monotonic() + 60
     for k in range(a.streams):
         while True:
             try:
-                send.append(wire.connect(addrs[(r + 1) % N], secret, RUN, maxf, hello={"stream": k}, timeout=10)[0])
+                send.append(wire.connect(addrs[(r + 1) % N], secret, RUN, maxf, hello={"stream": k}, timeout=10,
+                                         encrypt=encrypt)[0])
                 break
             except OSError:
                 if time.monotonic() > deadline:
@@ -139,7 +142,7 @@ def run_ring(addrs: list[str], prefixes: list[list[str]], a: argparse.Namespace)
         cmd = prefixes[r] + [sys.executable, str(Path(__file__).resolve()), "member", "--rank", str(r), "--addrs",
                              ",".join(addrs), "--secret-hex", secret, "--sizes-mb", a.sizes_mb, "--compression",
                              a.compression, "--streams", str(a.streams), "--chunk-bytes", str(a.chunk_bytes),
-                             "--repeats", str(a.repeats)]
+                             "--repeats", str(a.repeats), "--encrypt", a.encrypt]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
     rows = []
     for p in procs:
@@ -180,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         mp.add_argument("--streams", type=int, required=True)
         mp.add_argument("--chunk-bytes", type=int, required=True)
         mp.add_argument("--repeats", type=int, required=True)
+        mp.add_argument("--encrypt", choices=("on", "off"), required=True)
         return member(mp.parse_args(argv[1:]))
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--members", type=int, default=3)
@@ -189,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk-bytes", type=int, default=4 << 20)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--wan", default="", help="e.g. 100mbit: run in netns islands with tbf links (root)")
+    ap.add_argument("--encrypt", choices=("on", "off"), default="on",
+                    help="AES-256-GCM sealed frames (elastic.encrypt, the default) or HMAC only")
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--json", default="", help="also write the summary rows here")
     ap.add_argument("--no-write", action="store_true", help="print only; leave benchmarks/RESULTS.md alone")
@@ -207,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         addrs = [f"127.0.0.1:{_free_port()}" for _ in range(N)]
         rows = run_ring(addrs, [[] for _ in range(N)], a)
     summary = summarize(rows, N, rate, label)
-    print(f"# ring all-reduce, {N} members, {a.streams} streams/link, chunk {a.chunk_bytes >> 20} MiB, rate: {label}")
+    print(f"# ring all-reduce, {N} members, {a.streams} streams/link, chunk {a.chunk_bytes >> 20} MiB, rate: {label}, "
+          f"encrypt {a.encrypt}")
     print(f"{'fp32 MB':>8} {'comp':>5} {'payload MB':>10} {'best s':>8} {'median s':>9} {'bound s':>8} "
           f"{'of rate':>8} {'identical':>9}")
     for s in summary:
@@ -225,10 +232,12 @@ def main(argv: list[str] | None = None) -> int:
             [[f"{s['fp32_mb']:.0f}", s["compression"], f"{s['payload_mb']:.1f}", f"{s['seconds_best']:.3f}",
               f"{s['seconds_median']:.3f}", f"{s['bound_s']:.3f}", f"{s['fraction_of_link_rate']:.1%}",
               str(s["bit_identical"])] for s in summary])
-        note = (f"{N} islands (separate processes), {a.streams} TCP streams per link, chunk "
+        note = (f"{N} islands (separate processes), {a.streams} TCP streams per link, frames "
+                f"{'sealed with AES-256-GCM' if a.encrypt == 'on' else 'HMAC-SHA256 only (encrypt off)'}, chunk "
                 f"{a.chunk_bytes >> 20} MiB, rate: {label}. Bound = 2(N-1)/N x payload / link rate (int8 payload "
                 "includes the fp32 block scales). 'bit-identical': every member decoded the same mean bytes.")
-        common.write_section(f"Link utilization: {label.split(' raw')[0]}",
+        common.write_section(f"Link utilization: {label.split(' raw')[0]}"
+                             + (", encrypted" if a.encrypt == "on" else ", HMAC only"),
                              common.provenance(time.perf_counter() - t_start) + "\n\n" + body + "\n\n" + note)
     return 0 if all(s["bit_identical"] for s in summary) else 1
 

@@ -246,7 +246,10 @@ class ElasticConfig:
     """
 
     coordinator: str = ""  # HOST:PORT of `intellect-jax coordinator`
-    secret_file: str = ""  # shared secret for HMAC-authenticated frames (required when coordinator is set)
+    secret_file: str = ""  # shared secret (32 random bytes, mode 0600; required when coordinator is set)
+    # Frames after the handshake sealed with AES-256-GCM under per-connection, per-direction keys (else HMAC only:
+    # authenticated but readable on the wire). Every island and the coordinator must agree.
+    encrypt: bool = True
     run_id: str = ""  # "" -> run.name; frames from another run are refused
     island_name: str = ""  # "" -> hostname-pid
     listen: str = "0.0.0.0:0"  # where this island accepts ring and state-transfer peers (port 0: any free port)

@@ -167,9 +167,11 @@ def _raw_frame(port, version=wire.PROTOCOL_VERSION, secret=b"x" * 32, garbage=Fa
     if garbage:
         s.sendall(np.random.default_rng(1).bytes(1000))
     else:
-        js = json.dumps({"nonce": "00" * 16, "name": "intruder"}).encode()
+        js = json.dumps({"nonce": os.urandom(16).hex(), "time": time.time(), "encrypt": True,
+                         "name": "intruder"}).encode()
         head = struct.pack(">4sHHQ16sIQ4s", wire.MAGIC, version, 1, 0, wire.run_tag("run"), len(js), 0, b"\0" * 4)
-        s.sendall(head + js + hmac.new(secret, head + js, hashlib.sha256).digest())
+        key = wire._hkdf(secret, wire.run_tag("run"), b"intellect-jax/2 hello")  # the hello key, as a client makes
+        s.sendall(head + js + hmac.new(key, head + js, hashlib.sha256).digest())
     s.settimeout(5)
     assert s.recv(10) == b""
     s.close()
@@ -194,7 +196,7 @@ def test_three_islands_identical_hashes_and_bad_peers_refused(run):
     for text in (clog, blog):
         assert "refused connection from 127.0.0.1:" in text
         assert "bad HMAC (wrong secret?)" in text
-        assert "protocol version 99, this build speaks 1" in text
+        assert f"protocol version 99, this build speaks {wire.PROTOCOL_VERSION}" in text
         assert "bad magic" in text
     # The mean really is the mean of the three pseudo-grads (int8 error bound), on every island the same bytes.
     d = run.tmp / "dump"

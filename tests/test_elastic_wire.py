@@ -80,23 +80,28 @@ def test_wrong_secret_refused_and_logged(echo, caplog):
     _still_serves(echo)
 
 
-def _raw_hello(echo, mutate):
-    """Sends a handcrafted HELLO frame and returns once the server dropped the connection."""
-    import hashlib, hmac, json, struct  # noqa: E401
-    js = json.dumps({"nonce": "00" * 16}).encode()
+def _hello_frame(mutate=None, hello=None):
+    """A handcrafted HELLO frame, MAC'd with the hello key as a real client does."""
+    import hashlib, hmac, json, struct, time  # noqa: E401
+    js = json.dumps(hello or {"nonce": os.urandom(16).hex(), "time": time.time(), "encrypt": True}).encode()
     fields = dict(magic=wire.MAGIC, version=wire.PROTOCOL_VERSION, run=wire.run_tag(RUN), json_len=len(js))
-    fields.update(mutate)
+    fields.update(mutate or {})
     head = struct.pack(">4sHHQ16sIQ4s", fields["magic"], fields["version"], 1, 0, fields["run"], fields["json_len"],
                        fields.get("data_len", 0), b"\0" * 4)
-    mac = hmac.new(SECRET, head + js, hashlib.sha256).digest()
+    key = wire._hkdf(SECRET, wire.run_tag(RUN), b"intellect-jax/2 hello")
+    return head + js + hmac.new(key, head + js, hashlib.sha256).digest()
+
+
+def _raw_hello(echo, mutate=None, hello=None):
+    """Sends a handcrafted HELLO frame and returns once the server dropped the connection."""
     s = socket.create_connection(("127.0.0.1", echo.server.port), timeout=5)
-    s.sendall(head + js + mac)
+    s.sendall(_hello_frame(mutate, hello))
     assert s.recv(100) == b""  # dropped, nothing answered
     s.close()
 
 
 @pytest.mark.parametrize("mutate,needle", [
-    ({"version": 2}, "protocol version 2, this build speaks 1"),
+    ({"version": 99}, "protocol version 99, this build speaks 2"),
     ({"run": wire.run_tag("other-run")}, "another run id"),
     ({"data_len": 1 << 30}, "byte frame before authentication (at most 4096"),
     ({"magic": b"GET "}, "bad magic"),
@@ -107,6 +112,103 @@ def test_bad_frames_refused_with_specific_reason(echo, caplog, mutate, needle):
     msgs = _refused(caplog, needle)
     assert msgs, [r.getMessage() for r in caplog.records]
     _still_serves(echo)
+
+
+def test_stale_and_replayed_hellos_refused(echo, caplog):
+    """A HELLO outside the replay window, or one whose nonce the server has seen, never gets a HELLO_ACK."""
+    import time
+
+    caplog.set_level(logging.WARNING)
+    _raw_hello(echo, hello={"nonce": os.urandom(16).hex(), "time": time.time() - 600, "encrypt": True})
+    assert _refused(caplog, "outside the 120 s replay window")
+    hello = {"nonce": os.urandom(16).hex(), "time": time.time(), "encrypt": True}
+    s = socket.create_connection(("127.0.0.1", echo.server.port), timeout=5)
+    s.sendall(_hello_frame(hello=hello))  # the first time it is answered (and then the READY never comes)
+    assert s.recv(4096)
+    s.close()
+    _raw_hello(echo, hello=hello)
+    assert _refused(caplog, "HELLO nonce seen before (a replayed handshake)")
+    _still_serves(echo)
+
+
+def test_encrypt_mismatch_refused_with_the_fix(caplog):
+    caplog.set_level(logging.WARNING)
+    echo = Echo(encrypt=False)
+    try:
+        with pytest.raises((wire.WireError, OSError)):
+            _connect(echo.addr)
+        assert _refused(caplog, "the peer has elastic.encrypt=True and this side False; set the same")
+        conn = wire.connect(echo.addr, SECRET, RUN, 1 << 20, hello={"name": "t"}, timeout=5, encrypt=False)[0]
+        assert conn.request({"plain": 1}, b"abc")[0] == {"plain": 1}
+        conn.close()
+    finally:
+        echo.close()
+
+
+@pytest.mark.parametrize("encrypt", [True, False])
+def test_payloads_are_sealed_unless_encrypt_is_off(encrypt):
+    """What crosses the wire: with encrypt on, neither the JSON nor the payload appears in clear."""
+    echo = Echo(encrypt=encrypt)
+    captured = []
+    try:
+        conn = wire.connect(echo.addr, SECRET, RUN, 1 << 20, hello={"name": "t"}, timeout=5, encrypt=encrypt)[0]
+
+        class Tap:
+            def __init__(self, sock):
+                self.sock = sock
+
+            def sendall(self, b):
+                captured.append(bytes(b))
+                return self.sock.sendall(b)
+
+            def __getattr__(self, name):
+                return getattr(self.sock, name)
+
+        real, conn.sock = conn.sock, Tap(conn.sock)
+        secret_payload = b"GLOBAL-PARAMS-" * 100
+        rep, data = conn.request({"field": "visible-json"}, secret_payload)
+        conn.sock = real
+        assert rep == {"field": "visible-json"} and bytes(data) == secret_payload
+        wire_bytes = b"".join(captured)
+        assert (b"GLOBAL-PARAMS-" in wire_bytes) is (not encrypt)
+        assert (b"visible-json" in wire_bytes) is (not encrypt)
+        conn.close()
+    finally:
+        echo.close()
+
+
+def test_reflected_frame_refused(echo, caplog):
+    """A frame the client sent, reflected back to it, fails: each direction has its own session key."""
+    caplog.set_level(logging.WARNING)
+    conn = _connect(echo.addr)
+    captured = []
+
+    class Tap:
+        def __init__(self, sock):
+            self.sock = sock
+
+        def sendall(self, b):
+            captured.append(bytes(b))
+            return self.sock.sendall(b)
+
+        def __getattr__(self, name):
+            return getattr(self.sock, name)
+
+    real, conn.sock = conn.sock, Tap(conn.sock)
+    conn.send(wire.MsgType.REQUEST, {"x": 1})
+    conn.sock = real
+    frame = b"".join(captured)
+    conn.recv()  # the echo's reply (sequence 1 from the server)
+    # feed the client's own frame (client->server key, sequence 2) to the client's receive side
+    a, b = socket.socketpair()
+    mirror = wire.Conn(a, SECRET, RUN, 1 << 20, "mirror")
+    mirror._send_key, mirror._recv_key = conn._send_key, conn._recv_key
+    mirror._recv_aead, mirror._recv_seq, mirror.authenticated = conn._recv_aead, 2, True
+    b.sendall(frame)
+    with pytest.raises(wire.BadMac, match="reflected"):
+        mirror.recv()
+    a.close(), b.close()
+    conn.close()
 
 
 def test_random_bytes_refused(echo, caplog):
@@ -144,14 +246,14 @@ def test_replayed_frame_from_another_connection_refused(echo, caplog):
     c2 = _connect(echo.addr)
     c2.sock.sendall(frame)
     assert c2.sock.recv(100) == b""
-    assert _refused(caplog, "bad HMAC (wrong secret, or a frame replayed from another connection)")
-    # Within one connection: resending the same frame repeats sequence 1 (0 was the HELLO) -> refused.
+    assert _refused(caplog, "bad authentication tag (wrong secret, a tampered, reflected or replayed frame")
+    # Within one connection: resending the same frame repeats sequence 2 (0: HELLO, 1: READY) -> refused.
     c1.sock.sendall(frame)
     c1.sock.settimeout(5)
     head = c1.sock.recv(65536)  # the reply to the first copy may already be in flight; then EOF
     while head:
         head = c1.sock.recv(65536)
-    assert _refused(caplog, "sequence 1, expected 2")
+    assert _refused(caplog, "sequence 2, expected 3")
     _still_serves(echo)
 
 

@@ -101,7 +101,8 @@ class IslandClient:
         self._mail = threading.Condition()
         self._ring_inbox: dict[tuple[int, str, int], wire.Conn] = {}
         self.listener = wire.Server(cfg.listen, self._secret, self.run_id, cfg.peer_max_frame_bytes, self._serve_peer,
-                                    f"island-{self.name}", log, idle_timeout=3 * cfg.dead_after_s).start()
+                                    f"island-{self.name}", log, idle_timeout=3 * cfg.dead_after_s,
+                                    encrypt=cfg.encrypt).start()
         self.port = self.listener.port
         self._rpc_conn: wire.Conn | None = None
         self._rpc_lock = threading.Lock()
@@ -232,7 +233,8 @@ class IslandClient:
 
     def _connect_coord(self, kind: str) -> wire.Conn:
         conn, _ = wire.connect(self.cfg.coordinator, self._secret, self.run_id, self.cfg.coordinator_max_frame_bytes,
-                               hello={"name": self.name, "kind": kind}, timeout=self.cfg.dead_after_s)
+                               hello={"name": self.name, "kind": kind}, timeout=self.cfg.dead_after_s,
+                               encrypt=self.cfg.encrypt)
         conn.settimeout(self.cfg.dead_after_s + 2.0)  # > the coordinator's long-poll (POLL_S = 1 s)
         return conn
 
@@ -337,7 +339,8 @@ class IslandClient:
 
     def _connect_peer(self, addr: str, hello: dict[str, Any]) -> wire.Conn:
         conn, _ = wire.connect(addr, self._secret, self.run_id, self.cfg.peer_max_frame_bytes,
-                               hello=dict(hello, **{"from": self.name}), timeout=self.cfg.dead_after_s)
+                               hello=dict(hello, **{"from": self.name}), timeout=self.cfg.dead_after_s,
+                               encrypt=self.cfg.encrypt)
         conn.settimeout(self.cfg.dead_after_s)
         return conn
 

@@ -99,7 +99,7 @@ class Coordinator:
         # closed, so a peer cannot hold a thread forever.
         self.idle_timeout_s = max(COORDINATOR_IDLE_MIN_S, 6 * cfg.dead_after_s)
         self.server = wire.Server(bind, secret, run_id, cfg.coordinator_max_frame_bytes, self._handle, "coordinator",
-                                  log, idle_timeout=self.idle_timeout_s)
+                                  log, idle_timeout=self.idle_timeout_s, encrypt=cfg.encrypt)
         self.port = self.server.port
         self._monitor = threading.Thread(target=self._monitor_loop, name="coordinator-monitor", daemon=True)
 
