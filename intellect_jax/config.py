@@ -9,6 +9,7 @@ validated :class:`Config` or raises :class:`ConfigError` with one message naming
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import tomllib
@@ -276,6 +277,7 @@ class ElasticConfig:
     # Coordinator only: islands that must be ready before the first outer step of a fresh run, and how long a
     # restarted coordinator waits for the members of the newest epoch to re-register (0: dead_after_s).
     min_islands: int = 1
+    max_islands: int = 256  # the coordinator refuses registrations beyond this many island names
     recovery_grace_s: float = 0.0
     # Which disjoint slice of the data this island reads: slice `data_shard` of `data_shards` (give every island of
     # the run its own index; a restarted island keeps its index).
@@ -283,7 +285,7 @@ class ElasticConfig:
     data_shards: int = 1
 
     def validate(self) -> None:
-        _positive(self, "heartbeat_s", "dead_after_s", "streams", "chunk_bytes", "peer_max_frame_bytes",
+        _positive(self, "max_islands", "heartbeat_s", "dead_after_s", "streams", "chunk_bytes", "peer_max_frame_bytes",
                   "coordinator_max_frame_bytes", "coordinator_timeout_s", "barrier_timeout_s", "min_islands",
                   "data_shards")
         _nonnegative(self, "reduce_retries", "probe_bytes", "serve_bytes_per_s", "recovery_grace_s")
@@ -517,7 +519,9 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     unknown = sorted(set(raw) - names)
     if unknown:
         key = f"{where}.{unknown[0]}" if where else unknown[0]
-        close = [n for n in sorted(names) if n.startswith(unknown[0][:3])]
+        u = unknown[0]
+        close = sorted({n for n in names if n.startswith(u[:3]) or u in n or n in u}
+                       | set(difflib.get_close_matches(u, names, n=3, cutoff=0.6)))
         hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(sorted(names))}"
         raise ConfigError(f"unknown config key {key!r}{hint}")
     kwargs = {}

@@ -220,3 +220,49 @@ def test_cli_bad_values_name_the_key(argv, words, capsys):
         assert w in str(e.value)
     assert cli.main(["coordinator", "--bind", "127.0.0.1:0", *argv]) == 2  # a clean message, no traceback
     assert words[0] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("last_epoch", "x", "last_epoch must be an object or null"),
+    ("last_epoch", {"id": "x", "step": 0, "members": []}, "last_epoch.id must be an integer"),
+    ("pending", {"id": 1, "step": 0, "members": ["a"], "order": ["a"], "status": 7}, "pending.status must be"),
+    ("step", "3", "step must be an integer"),
+    ("step", True, "step must be an integer"),
+    ("port", 70000, "port must be an integer in [1, 65535]"),
+    ("advertise_host", "evil host; rm", "advertise_host must be a host name"),
+    ("rates", {"b": float("nan")}, "must be a finite number"),
+    ("incarnation", "", "incarnation must be a printable name"),
+])
+def test_bad_status_fields_are_refused_and_nothing_breaks(coord, caplog, field, value, needle):
+    """An authenticated island sending a badly typed field gets an ERROR naming it, the coordinator logs it, and the
+    coordinator (its monitor thread included) goes on serving the other islands."""
+    bad = Isl(coord, "x", 0)
+    bad.status[field] = value
+    with pytest.raises(wire.RemoteError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+        bad.rpc("register")
+    assert "refused 'register' request from island x" in caplog.text
+    assert "x" not in coord.islands  # nothing of a refused status was applied
+    a, b = Isl(coord, "a", 0), Isl(coord, "b", 0)
+    a.rpc("register"), b.rpc("register")
+    time.sleep(0.5)  # a few monitor rounds
+    assert coord._monitor.is_alive()
+    t, out = _bg(lambda: a.wait("sync", step=0))
+    rep_b = b.wait("sync", step=0)
+    t.join(10)
+    assert rep_b.get("epoch") and out["r"].get("epoch")  # an epoch still forms
+    for i in (bad, a, b):
+        i.close()
+
+
+def test_registrations_beyond_max_islands_are_refused():
+    cfg = ElasticConfig(heartbeat_s=0.5, dead_after_s=2.0, min_islands=1, recovery_grace_s=0.5, max_islands=2)
+    c = Coordinator(cfg, RUN, "127.0.0.1:0", SECRET).start()
+    try:
+        isl = [Isl(c, n, 0) for n in "abc"]
+        isl[0].rpc("register"), isl[1].rpc("register")
+        with pytest.raises(wire.RemoteError, match=r"already has 2 islands, its limit \(elastic.max_islands=2\)"):
+            isl[2].rpc("register")
+        for i in isl:
+            i.close()
+    finally:
+        c.close()

@@ -28,6 +28,7 @@ import argparse
 import collections
 import dataclasses
 import logging
+import math
 import signal
 import threading
 import time
@@ -38,6 +39,74 @@ from intellect_jax.config import ConfigError, ElasticConfig, load_config
 from . import ordering, wire
 
 COORDINATOR_IDLE_MIN_S = 600.0
+MAX_NAME = 128
+MAX_HOST = 253
+_HOST_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-:[]%")
+
+
+# -- what an island may tell the coordinator: every field type- and range-checked before it touches the run's state
+
+
+def _int(v: Any, what: str, lo: int, hi: int = 1 << 62) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ValueError(f"{what} must be an integer in [{lo}, {hi}], got {v!r:.80}")
+    return v
+
+
+def _name(v: Any, what: str) -> str:
+    if not isinstance(v, str) or not 0 < len(v) <= MAX_NAME or not v.isprintable() or v.strip() != v:
+        raise ValueError(f"{what} must be a printable name of 1-{MAX_NAME} characters, got {v!r:.80}")
+    return v
+
+
+def _names(v: Any, what: str) -> list[str]:
+    if not isinstance(v, list) or len(v) > 4096:
+        raise ValueError(f"{what} must be a list of island names, got {type(v).__name__}")
+    return [_name(x, what) for x in v]
+
+
+def _rates(v: Any) -> dict[str, float]:
+    if v is None:
+        return {}
+    if not isinstance(v, dict) or len(v) > 4096:
+        raise ValueError(f"rates must be an object of island name -> bytes/s, got {type(v).__name__}")
+    out = {}
+    for k, x in v.items():
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
+            raise ValueError(f"rates[{k!r:.40}] must be a finite number >= 0, got {x!r:.40}")
+        out[_name(k, "rates key")] = float(x)
+    return out
+
+
+def _epoch(v: Any, what: str, pending: bool) -> dict | None:
+    if v is None:
+        return None
+    if not isinstance(v, dict):
+        raise ValueError(f"{what} must be an object or null, got {type(v).__name__}")
+    out = {"id": _int(v.get("id"), f"{what}.id", 0), "step": _int(v.get("step"), f"{what}.step", -1),
+           "members": _names(v.get("members"), f"{what}.members")}
+    if pending:
+        out["order"] = _names(v.get("order", []), f"{what}.order")
+        if v.get("status") not in ("running", "ok", "fail"):
+            raise ValueError(f"{what}.status must be 'running', 'ok' or 'fail', got {v.get('status')!r:.40}")
+        out["status"] = v["status"]
+    return out
+
+
+def check_status(st: Any) -> dict[str, Any]:
+    """An island's status (register / heartbeat), validated and normalised; ValueError names the bad field."""
+    if not isinstance(st, dict):
+        raise ValueError(f"status must be an object, got {type(st).__name__}")
+    host = st.get("advertise_host") or ""
+    if not isinstance(host, str) or len(host) > MAX_HOST or not set(host) <= _HOST_CHARS:
+        raise ValueError(f"advertise_host must be a host name or IP address, got {host!r:.80}")
+    h = st.get("hash")
+    if h is not None and (not isinstance(h, str) or not 0 < len(h) <= 128 or not h.isprintable()):
+        raise ValueError(f"hash must be a digest string of at most 128 characters, got {h!r:.80}")
+    return {"incarnation": _name(st.get("incarnation"), "incarnation"), "step": _int(st.get("step"), "step", -1),
+            "hash": h, "advertise_host": host, "port": _int(st.get("port"), "port", 1, 65535),
+            "rates": _rates(st.get("rates")), "last_epoch": _epoch(st.get("last_epoch"), "last_epoch", False),
+            "pending": _epoch(st.get("pending"), "pending", True)}
 log = logging.getLogger("intellect_jax.elastic.coordinator")
 
 POLL_S = 1.0  # longest a blocking request waits before answering {"wait": true}
@@ -98,6 +167,7 @@ class Coordinator:
         # step, and the client reconnects when it finds it closed. A connection silent for longer than this is
         # closed, so a peer cannot hold a thread forever.
         self.idle_timeout_s = max(COORDINATOR_IDLE_MIN_S, 6 * cfg.dead_after_s)
+        self.max_islands = cfg.max_islands
         self.server = wire.Server(bind, secret, run_id, cfg.coordinator_max_frame_bytes, self._handle, "coordinator",
                                   log, idle_timeout=self.idle_timeout_s, encrypt=cfg.encrypt)
         self.port = self.server.port
@@ -118,8 +188,10 @@ class Coordinator:
     def _handle(self, conn: wire.Conn, hello: dict[str, Any]) -> None:
         name = hello.get("name")
         kind = hello.get("kind", "rpc")
-        if not isinstance(name, str) or not name:
-            raise wire.MalformedFrame("HELLO without an island name")
+        try:
+            _name(name, "HELLO name")
+        except ValueError as e:
+            raise wire.MalformedFrame(str(e)) from None
         with self.cv:
             self._conn_ids += 1
             cid = self._conn_ids
@@ -133,8 +205,9 @@ class Coordinator:
                 op = req.get("op")
                 try:
                     rep = self._dispatch(name, op, req, cid if kind == "hb" else 0, peer_host)
-                except (KeyError, TypeError, ValueError) as e:
-                    conn.send(wire.MsgType.ERROR, {"error": f"bad {op!r} request: {e!r}"})
+                except (KeyError, TypeError, ValueError) as e:  # a bad field never reaches the run's state
+                    log.warning("refused %r request from island %s (%s): %s", op, name, conn.peer, e)
+                    conn.send(wire.MsgType.ERROR, {"error": f"bad {op!r} request: {e}"})
                     continue
                 said_bye = said_bye or op == "bye"
                 conn.send(wire.MsgType.REPLY, rep)
@@ -175,7 +248,7 @@ class Coordinator:
                         "islands": [{"name": i.name, "addr": i.addr, "step": i.step, "hash": i.hash}
                                     for i in self.islands.values() if i.alive]}
             if op == "rates":
-                isl.rates = {k: float(v) for k, v in req["rates"].items()}
+                isl.rates = _rates(req.get("rates"))
                 log.info("island %s measured links (MB/s): %s", name,
                          {k: round(v / 1e6, 1) for k, v in isl.rates.items()})
                 return {"ok": True}
@@ -197,8 +270,11 @@ class Coordinator:
     # -- state updates (all under self.cv) -------------------------------------------------------------------------
 
     def _status(self, name: str, req: dict, hb_cid: int, peer_host: str, explicit: bool) -> Island:
-        st = req["status"]
+        st = check_status(req.get("status"))
         isl = self.islands.get(name)
+        if isl is None and len(self.islands) >= self.max_islands:
+            raise ValueError(f"the run already has {len(self.islands)} islands, its limit (elastic.max_islands="
+                             f"{self.max_islands}); raise it on the coordinator if this island is expected")
         if (isl is not None and isl.alive and isl.incarnation != st["incarnation"]
                 and time.monotonic() - isl.last_seen < self.dead_after_s):
             log.warning("refused registration of %s incarnation %s: the name is in use by live incarnation %s",
@@ -227,7 +303,7 @@ class Coordinator:
             if step >= 0:  # key step-1: hash after outer step step-1 (-1: the initial params)
                 self.hashes[step - 1].setdefault(name, st["hash"])
         if st.get("rates"):
-            isl.rates = {k: float(v) for k, v in st["rates"].items()}
+            isl.rates = st["rates"]
         isl.last_epoch = st.get("last_epoch")
         isl.pending = st.get("pending")
         if isl.last_epoch:
@@ -259,13 +335,16 @@ class Coordinator:
 
     def _monitor_loop(self) -> None:
         while not self._stop.wait(0.2):
-            with self.cv:
-                now = time.monotonic()
-                for isl in self.islands.values():
-                    if isl.alive and now - isl.last_seen > self.dead_after_s:
-                        self._mark_dead(isl, f"no heartbeat for {now - isl.last_seen:.1f} s")
-                self._advance()
-                self.cv.notify_all()
+            try:
+                with self.cv:
+                    now = time.monotonic()
+                    for isl in self.islands.values():
+                        if isl.alive and now - isl.last_seen > self.dead_after_s:
+                            self._mark_dead(isl, f"no heartbeat for {now - isl.last_seen:.1f} s")
+                    self._advance()
+                    self.cv.notify_all()
+            except Exception:  # a bug must not stop failure detection for the rest of the run
+                log.exception("coordinator monitor step failed; continuing")
 
     def _advance(self) -> None:
         if self.recovering:
