@@ -16,16 +16,16 @@ SECRET = b"r" * 32
 RUN = "recovery-test"
 
 
-def make_state(step: int):
-    rng = np.random.default_rng(step)
+def make_state(step: int, seed: int | None = None):
+    rng = np.random.default_rng(step if seed is None else seed)
     arrays = {"params": rng.standard_normal(3_000_000).astype(np.float32),  # 12 MB
               "momentum": rng.standard_normal(1_000_000).astype(np.float32),
               "count": np.array([step], np.int64)}
     return arrays, {"outer_step": step, "params_hash": recovery.params_hash(arrays)}
 
 
-def _source(step, rate, port_q, mutate=False):
-    arrays, meta = make_state(step)
+def _source(step, rate, port_q, mutate=False, liar=False):
+    arrays, meta = make_state(step, seed=step + 1000 if liar else None)  # a liar: self-consistent, not the run's
 
     def provider():
         if mutate:  # a buggy trainer that mutates the served arrays in place after the manifest was hashed
@@ -41,9 +41,9 @@ def _source(step, rate, port_q, mutate=False):
         time.sleep(1)
 
 
-def _start(ctx, step, rate, mutate=False):
+def _start(ctx, step, rate, mutate=False, liar=False):
     q = ctx.Queue()
-    p = ctx.Process(target=_source, args=(step, rate, q, mutate), daemon=True)
+    p = ctx.Process(target=_source, args=(step, rate, q, mutate, liar), daemon=True)
     p.start()
     return p, f"127.0.0.1:{q.get(timeout=30)}"
 
@@ -127,3 +127,58 @@ def test_corrupted_transfer_is_rejected_then_next_source_used(ctx, caplog):
 def test_no_source_raises(ctx):
     with pytest.raises(recovery.TransferError, match="no source"):
         recovery.fetch_state([("gone", "127.0.0.1:1")], _connect, chunk_bytes=1 << 20)
+
+
+def test_a_source_whose_state_is_not_the_committed_one_is_dropped(ctx, caplog):
+    """A peer serving a self-consistent state of the right step that the run did not commit (a diverged or lying
+    island): its hash differs from the coordinator's majority hash, so it is dropped and the next source used."""
+    caplog.set_level(logging.INFO)
+    liar, liar_addr = _start(ctx, 6, 0, liar=True)
+    good, good_addr = _start(ctx, 6, 0)
+    arrays, meta = make_state(6)
+    try:
+        state, report = recovery.fetch_state([("liar", liar_addr), ("good", good_addr)], _connect,
+                                             chunk_bytes=1 << 20, layout=recovery.layout_of(arrays),
+                                             expected_hash=lambda s: meta["params_hash"] if s == 6 else None)
+    finally:
+        liar.kill()
+        good.kill()
+    assert report["source"] == "good" and report["reused_bytes"] == 0
+    assert recovery.params_hash(state.arrays) == meta["params_hash"]
+    assert any("from liar hashes to" in r.getMessage() and "the run committed" in r.getMessage()
+               for r in caplog.records)
+
+
+def _fake_source(manifest):
+    """An in-process source that answers the manifest request with `manifest` (and any chunk with zeros)."""
+    def handler(conn, hello):
+        while True:
+            _, req, _ = conn.recv()
+            if req.get("op") == "manifest":
+                conn.send(wire.MsgType.REPLY, manifest)
+            else:
+                conn.send(wire.MsgType.REPLY, {}, bytes(int(req["length"])))
+    return wire.Server("127.0.0.1:0", SECRET, RUN, 64 << 20, handler, "fake").start()
+
+
+@pytest.mark.parametrize("entry,needle", [
+    ({"name": "params", "dtype": "<f4", "shape": [1 << 40], "nbytes": 4 << 40, "sha256": "0"},
+     "does not match this island's model"),
+    ({"name": "params", "dtype": "|O", "shape": [3], "nbytes": 24, "sha256": "0"}, "is not numeric state"),
+    ({"name": "params", "dtype": "<f4", "shape": [3], "nbytes": 4, "sha256": "0"}, "does not match float32 x (3,)"),
+    ({"name": "params", "dtype": "no-such-dtype", "shape": [3], "nbytes": 12, "sha256": "0"}, "malformed"),
+])
+def test_malformed_or_oversized_manifests_are_refused_before_allocation(ctx, caplog, entry, needle):
+    caplog.set_level(logging.INFO)
+    arrays, meta = make_state(2)
+    bad = _fake_source({"meta": meta, "arrays": [entry]})
+    good, good_addr = _start(ctx, 2, 0)
+    try:
+        state, report = recovery.fetch_state([("bad", f"127.0.0.1:{bad.port}"), ("good", good_addr)], _connect,
+                                             chunk_bytes=1 << 20, layout=recovery.layout_of(arrays))
+    finally:
+        bad.close()
+        good.kill()
+    assert report["source"] == "good" and recovery.params_hash(state.arrays) == meta["params_hash"]
+    assert any(needle in r.getMessage() and "bad" in r.getMessage() for r in caplog.records), \
+        [r.getMessage() for r in caplog.records]

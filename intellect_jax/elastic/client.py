@@ -190,9 +190,12 @@ class IslandClient:
             peers = [i for i in rep["islands"] if i["name"] != self.name and i["step"] >= 0]
             peers.sort(key=lambda i: (-(i["step"]), i["hash"] is None, i["name"]))
             if peers and not rep.get("recovering"):
+                canonical = rep.get("canonical") or {}
+                layout = recovery.layout_of(self._provider()[0]) if self._provider is not None else None
                 try:
                     state, report = recovery.fetch_state(
-                        [(i["name"], i["addr"]) for i in peers], self._connect_state, self.cfg.chunk_bytes)
+                        [(i["name"], i["addr"]) for i in peers], self._connect_state, self.cfg.chunk_bytes,
+                        layout=layout, expected_hash=lambda s: canonical.get(str(s - 1)))
                     step = int(state.meta["outer_step"])
                     if run_step is None or step >= run_step:
                         break

@@ -243,10 +243,12 @@ class Coordinator:
                 self._advance()
                 self.cv.notify_all()
                 return {"ok": True}
-            if op == "members":
+            if op == "members":  # with the committed (majority) hashes a fetched state must match
+                recent = sorted(self.canonical)[-8:]
                 return {"run_step": self.run_step, "recovering": self.recovering,
                         "islands": [{"name": i.name, "addr": i.addr, "step": i.step, "hash": i.hash}
-                                    for i in self.islands.values() if i.alive]}
+                                    for i in self.islands.values() if i.alive],
+                        "canonical": {str(k): self.canonical[k] for k in recent}}
             if op == "rates":
                 isl.rates = _rates(req.get("rates"))
                 log.info("island %s measured links (MB/s): %s", name,

@@ -82,11 +82,52 @@ def serve_state(conn: wire.Conn, provider: StateProvider, max_bytes_per_s: float
             conn.send(wire.MsgType.ERROR, {"error": f"unknown state op {op!r}"})
 
 
+Layout = dict[str, tuple[str, tuple[int, ...]]]  # array name -> (numpy dtype str, shape)
+
+
+def layout_of(arrays: dict[str, np.ndarray]) -> Layout:
+    return {k: (np.asarray(v).dtype.str, tuple(np.shape(v))) for k, v in arrays.items()}
+
+
+def check_manifest(man: Any, layout: Layout | None, source: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(meta, arrays) of a manifest, refused (TransferError) unless every entry is well formed and, with `layout`,
+    exactly the local model's arrays: names, dtypes and shapes, so no size the peer chose is ever allocated."""
+    try:
+        meta, arrays = man["meta"], man["arrays"]
+        if not isinstance(meta, dict) or not isinstance(arrays, list):
+            raise TypeError("meta must be an object and arrays a list")
+        out = []
+        for m in arrays:
+            dt = np.dtype(m["dtype"])
+            shape = tuple(int(d) for d in m["shape"])
+            if dt.kind not in "fiub" or dt.hasobject or any(d < 0 for d in shape):
+                raise ValueError(f"array {m['name']!r}: dtype {dt} / shape {shape} is not numeric state")
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+            if int(m["nbytes"]) != nbytes or not isinstance(m["sha256"], str) or not isinstance(m["name"], str):
+                raise ValueError(f"array {m['name']!r}: nbytes {m['nbytes']} does not match {dt} x {shape}")
+            out.append({"name": m["name"], "dtype": dt.str, "shape": list(shape), "nbytes": nbytes,
+                        "sha256": m["sha256"]})
+        int(meta["outer_step"]), str(meta["params_hash"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise TransferError(f"malformed state manifest from {source}: {e}") from None
+    if layout is not None:
+        theirs = {m["name"]: (m["dtype"], tuple(m["shape"])) for m in out}
+        if theirs != layout:
+            diff = sorted(set(theirs.items()) ^ set(layout.items()))[:3]
+            raise TransferError(f"the state manifest of {source} does not match this island's model (first "
+                                f"differences: {diff}); is it the same model and optimizer?")
+    return meta, out
+
+
 def fetch_state(sources: Iterable[tuple[str, str]], connect: Callable[[str], wire.Conn],
-                chunk_bytes: int, window: int = 4) -> tuple[State, dict[str, Any]]:
+                chunk_bytes: int, window: int = 4, layout: Layout | None = None,
+                expected_hash: Callable[[int], str | None] | None = None) -> tuple[State, dict[str, Any]]:
     """Pulls a state from the first source that completes; resumes from the next one when a source fails.
 
     `sources` are (name, "HOST:PORT"); `connect(addr)` opens a handshaken connection with HELLO op "state".
+    `layout` (the local model's arrays) bounds what is allocated; `expected_hash(outer_step)` is the hash the run
+    committed for that outer step (the coordinator's majority), which the assembled state must have: a source whose
+    manifest or state does not match is dropped (logged) and the next one tried.
     Returns the state and a report {"source", "tried", "bytes", "reused_bytes", "seconds"}.
     """
     t0 = time.monotonic()
@@ -106,7 +147,7 @@ def fetch_state(sources: Iterable[tuple[str, str]], connect: Callable[[str], wir
             continue
         try:
             man, _ = conn.request({"op": "manifest"})
-            meta, arrays = man["meta"], man["arrays"]
+            meta, arrays = check_manifest(man, layout, name)
             for m in arrays:
                 k = m["name"]
                 if shas.get(k) == m["sha256"] and len(bufs[k]) == m["nbytes"]:
@@ -139,6 +180,14 @@ def fetch_state(sources: Iterable[tuple[str, str]], connect: Callable[[str], wir
                     bufs.pop(k), got.pop(k), shas.pop(k)
                     raise TransferError(f"array {k!r} from {name} failed its SHA-256 check")
                 out[k] = np.frombuffer(bufs[k], np.dtype(m["dtype"])).reshape(m["shape"])
+            got_hash = params_hash(out)
+            want = expected_hash(int(meta["outer_step"])) if expected_hash else None
+            if got_hash != meta["params_hash"] or (want is not None and got_hash != want):
+                bufs.clear(), got.clear(), shas.clear()  # nothing of a lying source is kept for the next one
+                raise TransferError(
+                    f"the state of outer step {meta['outer_step']} from {name} hashes to {got_hash[:16]}, but "
+                    + (f"the run committed {want[:16]}" if want is not None and got_hash != want else
+                       f"the source claimed {str(meta['params_hash'])[:16]}") + "; dropping this source")
             report = {"source": name, "tried": tried, "bytes": fetched, "reused_bytes": reused,
                       "seconds": time.monotonic() - t0}
             log.info("fetched state (outer step %s) from %s: %.1f MB in %.2f s%s", meta.get("outer_step"), name,
