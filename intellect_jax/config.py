@@ -211,6 +211,10 @@ class DilocoConfig:
     fragments: int = 1
     overlap_steps: int = 0
     merge_alpha: float = 0.0
+    # An island whose pseudo-gradient is not finite, or (3+ islands) whose norm exceeds this many times the median,
+    # is left out of that outer step's mean and restarts from the result (diloco.guard; 0: only non-finite ones).
+    # The in-program transport applies it; over the elastic TCP ring a non-finite mean is skipped as a whole.
+    max_norm_ratio: float = 5.0
 
     def validate(self) -> None:
         _positive(self, "inner_steps", "outer_lr", "block_size", "fragments")
@@ -222,6 +226,9 @@ class DilocoConfig:
         if self.fragments > self.inner_steps:
             raise ConfigError(f"diloco.fragments={self.fragments} exceeds diloco.inner_steps={self.inner_steps}: "
                               "each fragment needs its own sync step; use at most inner_steps fragments")
+        if self.max_norm_ratio < 0 or 0 < self.max_norm_ratio < 1:
+            raise ConfigError(f"diloco.max_norm_ratio={self.max_norm_ratio} must be 0 (off) or >= 1 (x the median "
+                              "pseudo-gradient norm; 5 is a loose guard against a diverged or poisoned island)")
         if not 0.0 <= self.merge_alpha <= 1.0:
             raise ConfigError(f"diloco.merge_alpha={self.merge_alpha} must be in [0, 1] (0: an island takes the "
                               "global fragment; 1: it keeps its own)")

@@ -79,26 +79,58 @@ def pseudo_gradients(global_params: Any, island_params: Any) -> Any:
                         island_params)
 
 
+def guard(pseudo: Any, max_norm_ratio: float) -> tuple[Any, jax.Array, jax.Array]:
+    """Which islands' pseudo-gradients enter the mean (``diloco.max_norm_ratio``).
+
+    An island is left out of this outer step if its pseudo-gradient is not finite, or (with a ratio > 0 and at
+    least 3 islands, so that a median means something) if its norm exceeds ratio x the median norm of the finite
+    ones: a loss spike, a bit flip or a poisoned update on one island no longer reaches the others. Returns (the
+    pseudo-gradients with left-out islands' rows zeroed, included [islands] bool, norms [islands]).
+    """
+    leaves = jax.tree.leaves(pseudo)
+    n = leaves[0].shape[0]
+    norms = jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=tuple(range(1, x.ndim)))
+                         for x in leaves))
+    ok = jnp.isfinite(norms)
+    if max_norm_ratio > 0 and n >= 3:
+        median = jnp.nanmedian(jnp.where(ok, norms, jnp.nan))
+        ok = ok & (norms <= max_norm_ratio * median)
+    masked = jax.tree.map(lambda x: jnp.where(ok.reshape((n,) + (1,) * (x.ndim - 1)), x, jnp.zeros_like(x)), pseudo)
+    return masked, ok, norms
+
+
+def rescale(delta: Any, included: jax.Array) -> Any:
+    """The mean over the included islands from a mean over all of them whose left-out rows were zero. With every
+    island included it is `delta` itself (bit for bit); with none it is not finite, so the outer step is skipped."""
+    n, count = included.shape[0], jnp.sum(included)
+    scale = n / count.astype(jnp.float32)
+    return jax.tree.map(lambda d: jnp.where(count == n, d, d * scale), delta)
+
+
 def outer_update(state: DilocoState, reduce_mean: ReduceMean, outer: optax.GradientTransformation,
-                 ) -> tuple[DilocoState, dict[str, jax.Array]]:
+                 max_norm_ratio: float = 0.0) -> tuple[DilocoState, dict[str, jax.Array]]:
     """The synchronisation at an outer-step boundary. Pure; jit it with the state's shardings.
 
     With error feedback (``state.residual`` set) `reduce_mean` must return ``(mean, sent)``
-    (collective.make_island_mean(..., return_sent=True)).
+    (collective.make_island_mean(..., return_sent=True)). Islands that :func:`guard` leaves out contribute nothing,
+    keep their residual, and restart from the new global params like every island.
     """
     pseudo = pseudo_gradients(state.global_params, state.inner.params)
     residual = None
     if state.residual is not None:
         pseudo = jax.tree.map(jnp.add, pseudo, state.residual)
-        delta, sent = reduce_mean(pseudo)
-        residual = jax.tree.map(jnp.subtract, pseudo, sent)
+    masked, included, norms = guard(pseudo, max_norm_ratio)
+    if state.residual is not None:
+        delta, sent = reduce_mean(masked)
+        keep = lambda new, old: jnp.where(included.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)  # noqa: E731
+        residual = jax.tree.map(lambda p, s, r: keep(p - s, r), pseudo, sent, state.residual)
     else:
-        delta = reduce_mean(pseudo)
-    state, metrics = apply_outer(state, delta, outer, residual)
+        delta = reduce_mean(masked)
+    state, metrics = apply_outer(state, rescale(delta, included), outer, residual)
     if residual is not None:
         metrics["residual_norm"] = optax.tree.norm(state.residual)
-    metrics["pseudo_grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(x), axis=tuple(range(1, x.ndim)))
-                                               for x in jax.tree.leaves(pseudo)))  # [islands]
+    metrics["pseudo_grad_norm"] = norms  # [islands]
+    metrics["excluded_islands"] = jnp.sum(~included).astype(jnp.float32)
     return state, metrics
 
 

@@ -142,23 +142,29 @@ def init_outer_states(frags: Fragments, outer: optax.GradientTransformation, glo
 
 
 def reduce_fragment(state: diloco.DilocoState, frags: Fragments, p: int, reduce_mean: ReduceMean,
+                    max_norm_ratio: float = 0.0,
                     ) -> tuple[diloco.DilocoState, dict[str, jax.Array], dict[str, jax.Array]]:
-    """The sync of fragment p: (state with its error-feedback residuals updated, the mean delta, metrics)."""
+    """The sync of fragment p: (state with its error-feedback residuals updated, the mean delta, metrics).
+
+    Islands whose fragment pseudo-gradient is not finite or an outlier are left out (diloco.guard)."""
     g = frags.take(state.global_params, p)
     x = frags.take(state.inner.params, p, lead=1)
     pseudo = {k: g[k][None].astype(jnp.float32) - x[k].astype(jnp.float32) for k in g}
     if state.residual is not None:
         r = frags.take(state.residual, p, lead=1)
         pseudo = {k: pseudo[k] + r[k] for k in pseudo}
-        delta, sent = reduce_mean(pseudo)
+    masked, included, norms = diloco.guard(pseudo, max_norm_ratio)
+    if state.residual is not None:
+        delta, sent = reduce_mean(masked)
+        delta = diloco.rescale(delta, included)
         bad = _nonfinite(delta)
-        new_r = {k: jnp.where(bad, r[k], pseudo[k] - sent[k]) for k in pseudo}
+        inc = lambda v: included.reshape((-1,) + (1,) * (v.ndim - 1))  # noqa: E731
+        new_r = {k: jnp.where(bad | ~inc(r[k]), r[k], pseudo[k] - sent[k]) for k in pseudo}
         state = state._replace(residual=frags.put(state.residual, p, new_r, lead=1))
     else:
-        delta = reduce_mean(pseudo)
-    metrics = {"pseudo_grad_norm": jnp.sqrt(sum(jnp.sum(jnp.square(v), axis=tuple(range(1, v.ndim)))
-                                                for v in pseudo.values())),  # [islands]
-               "delta_norm": optax.tree.norm(delta)}
+        delta = diloco.rescale(reduce_mean(masked), included)
+    metrics = {"pseudo_grad_norm": norms, "delta_norm": optax.tree.norm(delta),  # [islands], scalar
+               "excluded_islands": jnp.sum(~included).astype(jnp.float32)}
     return state, delta, metrics
 
 
@@ -187,9 +193,10 @@ def apply_fragment(state: diloco.DilocoState, frags: Fragments, p: int, delta: d
 
 
 def sync_fragment(state: diloco.DilocoState, frags: Fragments, p: int, reduce_mean: ReduceMean,
-                  outer: optax.GradientTransformation, alpha: float) -> tuple[diloco.DilocoState, dict[str, Any]]:
+                  outer: optax.GradientTransformation, alpha: float,
+                  max_norm_ratio: float = 0.0) -> tuple[diloco.DilocoState, dict[str, Any]]:
     """tau = 0: fragment p's reduce and its application in one program."""
-    state, delta, metrics = reduce_fragment(state, frags, p, reduce_mean)
+    state, delta, metrics = reduce_fragment(state, frags, p, reduce_mean, max_norm_ratio)
     state, applied = apply_fragment(state, frags, p, delta, outer, alpha)
     return state, metrics | applied
 

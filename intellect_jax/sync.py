@@ -295,6 +295,10 @@ class DilocoSync(Sync):
         log.info("outer step %d: synced %s in %.2fs, |delta| %.4g%s", outer, what, wait_s,
                  float(np.asarray(metrics.get("delta_norm", 0.0))),
                  f", global hash {extra['params_hash'][:12]}" if "params_hash" in extra else "")
+        if record.get("excluded_islands"):
+            log.warning("outer step %d: %d island(s) left out of the mean (pseudo-gradient not finite, or its norm "
+                        "above diloco.max_norm_ratio=%g x the median); they restart from the new global params",
+                        outer, int(record["excluded_islands"]), self.cfg.diloco.max_norm_ratio)
         if record.get("skipped_nonfinite"):
             log.warning("outer step %d: the mean pseudo-gradient is not finite (an island diverged or sent a bad "
                         "contribution); the global params were kept and every island restarts from them", outer)
@@ -406,7 +410,8 @@ class MeshSync(DilocoSync):
         super().__init__(cfg, mesh, setup, inner_step, batch_sharding, params, wire_islands=sh.island_count(mesh))
         reduce_mean = collective.make_island_mean(mesh, self.inner_specs.params, compression=cfg.diloco.compression,
                                                   block_size=cfg.diloco.block_size, return_sent=self.error_feedback)
-        self._sync = jax.jit(lambda s: diloco.outer_update(self._on_device(s), reduce_mean, self.outer),
+        ratio = cfg.diloco.max_norm_ratio
+        self._sync = jax.jit(lambda s: diloco.outer_update(self._on_device(s), reduce_mean, self.outer, ratio),
                              in_shardings=(self.shardings,), out_shardings=(self.shardings, self.replicated),
                              donate_argnums=0)
         if self.frags is not None:
@@ -427,10 +432,11 @@ class MeshSync(DilocoSync):
             delta_sh = frags.take(self.device_shardings.global_params, p)
             self._frag_sync.append(jax.jit(
                 lambda s, p=p, r=reduce_p: streaming.sync_fragment(self._on_device(s), frags, p, r, self.outer,
-                                                                   self.alpha),
+                                                                   self.alpha, c.max_norm_ratio),
                 in_shardings=(self.shardings,), out_shardings=(self.shardings, self.replicated), donate_argnums=0))
             self._frag_reduce.append(jax.jit(
-                lambda s, p=p, r=reduce_p: streaming.reduce_fragment(self._on_device(s), frags, p, r),
+                lambda s, p=p, r=reduce_p: streaming.reduce_fragment(self._on_device(s), frags, p, r,
+                                                                     c.max_norm_ratio),
                 in_shardings=(self.shardings,), out_shardings=(self.shardings, delta_sh, self.replicated),
                 donate_argnums=0))
             self._frag_apply.append(jax.jit(

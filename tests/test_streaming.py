@@ -130,15 +130,25 @@ def test_error_feedback_and_nonfinite_means_stay_within_the_fragment():
     r0, r1 = np.asarray(s.residual["layers"]["w"]), np.asarray(s1.residual["layers"]["w"])
     np.testing.assert_array_equal(r1[:, [0, 2]], r0[:, [0, 2]])  # fragment 0's residual untouched
     assert not np.array_equal(r1[:, 1], r0[:, 1])
-    # a NaN from one island: the mean is not finite; nothing of fragment 1 changes but the islands take the global
+    # a NaN from island 0: it is left out of the fragment's mean (diloco.guard), keeps its residual, and takes the
+    # new global fragment like every island; island 1 alone makes the mean
     bad = s._replace(inner=s.inner._replace(params=jax.tree.map(lambda a: a.at[0].set(jnp.nan), s.inner.params)))
-    b1, delta, _ = streaming.reduce_fragment(bad, frags, 1, lossy)
-    np.testing.assert_array_equal(b1.residual["layers"]["w"], s.residual["layers"]["w"])
+    b1, delta, m1 = streaming.reduce_fragment(bad, frags, 1, lossy)
+    assert float(m1["excluded_islands"]) == 1.0
+    np.testing.assert_array_equal(np.asarray(b1.residual["layers"]["w"])[0], r0[0])
+    assert not np.array_equal(np.asarray(b1.residual["layers"]["w"])[1, 1], r0[1, 1])
     b2, m = streaming.apply_fragment(b1, frags, 1, delta, outer, 0.0)
+    assert float(m["skipped_nonfinite"]) == 0.0
+    w = np.asarray(b2.global_params["layers"]["w"])
+    assert np.isfinite(w).all() and not np.array_equal(w[1], np.asarray(s.global_params["layers"]["w"])[1])
+    np.testing.assert_array_equal(np.asarray(b2.inner.params["layers"]["w"])[:, 1], np.broadcast_to(w[1], (2, 2, 3)))
+    # every island non-finite: nothing to average, the fragment's outer step is skipped and nothing changes
+    worse = s._replace(inner=s.inner._replace(params=jax.tree.map(lambda a: a * jnp.nan, s.inner.params)))
+    w1, delta, _ = streaming.reduce_fragment(worse, frags, 1, lossy)
+    np.testing.assert_array_equal(w1.residual["layers"]["w"], s.residual["layers"]["w"])
+    w2, m = streaming.apply_fragment(w1, frags, 1, delta, outer, 0.0)
     assert float(m["skipped_nonfinite"]) == 1.0
-    np.testing.assert_array_equal(b2.global_params["layers"]["w"], s.global_params["layers"]["w"])
-    np.testing.assert_array_equal(b2.inner.params["layers"]["w"][:, 1],
-                                  np.broadcast_to(s.global_params["layers"]["w"][1], (2, 2, 3)))
+    np.testing.assert_array_equal(w2.global_params["layers"]["w"], s.global_params["layers"]["w"])
 
 
 # -- the trainer (MeshSync) ---------------------------------------------------------------------------------------
