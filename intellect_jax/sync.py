@@ -220,7 +220,8 @@ class DilocoSync(Sync):
                          jax.default_backend())
         self.state = jax.jit(self._init_state, out_shardings=self.shardings)(global_params)
         del global_params  # now inside the state
-        self._inner = jax.jit(diloco.island_inner_step(inner_step), in_shardings=(self.shardings.inner, batch_sharding),
+        self._island_step = diloco.island_inner_step(inner_step)
+        self._inner = jax.jit(self._island_step, in_shardings=(self.shardings.inner, batch_sharding),
                               out_shardings=(self.shardings.inner, self.replicated), donate_argnums=0)
         self._install = jax.jit(self._fresh_islands, in_shardings=(d.global_params, d.outer_opt_state, None, None),
                                 out_shardings=self.shardings)
@@ -231,8 +232,10 @@ class DilocoSync(Sync):
         ddp = collective.ring_allreduce_bytes_per_island(nparams, n) * self.H
         self.wire_ratio_vs_ddp = ddp / self.wire_bytes if self.wire_bytes else float("inf")
         self._t_outer = time.perf_counter()
-        # Streaming with overlap: (fragment, step at which its mean is applied, the mean) between its sync and then.
+        # Streaming with overlap: (fragment, step at which its mean is applied, the mean) between its sync and then;
+        # `_marked`: (fragment, sync step) of a reduce that runs inside the next inner step's program.
         self._pending: tuple[int, int, dict] | None = None
+        self._marked: tuple[int, int] | None = None
 
     def _init_state(self, global_params) -> diloco.DilocoState:
         state = diloco.init_state(global_params, self._inner_init, self.outer, self.num_islands, self.error_feedback)
@@ -325,6 +328,7 @@ class DilocoSync(Sync):
         self.state = self._install(global_params, outer_opt_state, jax.numpy.int32(outer_step), jax.numpy.int32(step))
 
     def checkpoint_arrays(self):
+        self._run_marked_reduce()  # a reduce due inside the next step's program runs now, so the state is whole
         s = self.state
         items = {"inner": s.inner, "outer": {"global_params": s.global_params, "outer_opt_state": s.outer_opt_state,
                                              "outer_step": s.outer_step}}
@@ -355,6 +359,9 @@ class DilocoSync(Sync):
         pending = then.get("pending") if then else None
         return None if pending is None else (int(pending[0]), int(pending[1]))
 
+    def _run_marked_reduce(self) -> None:
+        """Overridden by the transport that marks reduces (MeshSync)."""
+
     def _pending_abstract(self, p: int) -> dict[str, jax.ShapeDtypeStruct]:
         shapes = self.frags.take(jax.eval_shape(lambda s: s.global_params, self.state), p)
         shards = self.frags.take(self.device_shardings.global_params, p)
@@ -368,7 +375,7 @@ class DilocoSync(Sync):
         """
         self._check_mode(step, meta)
         pending = self._check_streaming(step, meta)
-        self._pending = None
+        self._pending, self._marked = None, None
         d = self.device_shardings  # restored into device memory, then placed
         abstract = self._abstract(self.checkpoint_arrays(), {
             "inner": d.inner, "outer": {"global_params": d.global_params, "outer_opt_state": d.outer_opt_state,
@@ -423,6 +430,7 @@ class MeshSync(DilocoSync):
         c, frags = cfg.diloco, self.frags
         self.tau, self.alpha = c.overlap_steps, c.merge_alpha
         self._frag_sync, self._frag_reduce, self._frag_apply, self.fragment_wire_bytes = [], [], [], []
+        self._frag_step_reduce = []
         self._reduce_metrics, self._reduce_wait = {}, 0.0
         abstract_global = jax.eval_shape(lambda s: s.global_params, self.state)
         for p in range(frags.count):
@@ -443,9 +451,40 @@ class MeshSync(DilocoSync):
                 lambda s, d, p=p: streaming.apply_fragment(self._on_device(s), frags, p, d, self.outer, self.alpha),
                 in_shardings=(self.shardings, delta_sh), out_shardings=(self.shardings, self.replicated),
                 donate_argnums=0))
+            self._frag_step_reduce.append(jax.jit(
+                lambda s, b, p=p, r=reduce_p: self._step_and_reduce(s, b, p, r, c.max_norm_ratio),
+                in_shardings=(self.shardings, self.batch_sharding),
+                out_shardings=(self.shardings, delta_sh, self.replicated, self.replicated), donate_argnums=0))
             size = sum(x.size for x in jax.tree.leaves(frags.take(abstract_global, p)))
             self.fragment_wire_bytes.append(collective.wire_bytes_per_island(size, self.num_islands, c.compression,
                                                                              c.block_size))
+
+    def _step_and_reduce(self, s, batch, p, reduce_p, ratio):
+        """One program: fragment p's reduce, from the params as they are after its sync step, and the next inner
+        step. Neither reads the other's output, so XLA may run the island-axis collectives of the reduce while the
+        step computes (on GPUs its latency-hiding scheduler overlaps them; XLA:CPU runs them one after another)."""
+        s, delta, reduce_metrics = streaming.reduce_fragment(self._on_device(s), self.frags, p, reduce_p, ratio)
+        inner, metrics = self._island_step(s.inner, batch)
+        return s._replace(inner=inner), delta, reduce_metrics, metrics
+
+    def inner_step(self, batch):
+        if self._marked is None:
+            return super().inner_step(batch)
+        p, at = self._marked
+        self._marked = None
+        self.state, delta, self._reduce_metrics, metrics = self._frag_step_reduce[p](self.state, batch)
+        self._pending, self._reduce_wait = (p, at + self.tau, delta), 0.0
+        return self._block(metrics)
+
+    def _run_marked_reduce(self) -> None:
+        if self._marked is None:
+            return
+        p, at = self._marked
+        self._marked = None
+        t0 = time.perf_counter()
+        self.state, delta, self._reduce_metrics = self._frag_reduce[p](self.state)
+        self._pending = (p, at + self.tau, self._block(delta))
+        self._reduce_wait = time.perf_counter() - t0
 
     def describe(self) -> str:
         c = self.cfg.diloco
@@ -468,6 +507,7 @@ class MeshSync(DilocoSync):
             else:
                 self._frag_reduce[p] = self._frag_reduce[p].lower(self.state).compile()
                 self._frag_apply[p] = self._frag_apply[p].lower(self.state, self._pending_abstract(p)).compile()
+                self._frag_step_reduce[p] = self._frag_step_reduce[p].lower(self.state, batch).compile()
 
     def maybe(self, step: int, report: Report) -> int:
         """Streaming: the pending fragment's mean is applied when due, then a fragment's sync when due (see
@@ -494,12 +534,9 @@ class MeshSync(DilocoSync):
             report(self._record(step, metrics, time.perf_counter() - ready_at, self.fragment_wire_bytes[p],
                                 {"fragment": p, "overlap_steps": 0}), ready_at)
             return step
-        # tau > 0: the reduce is dispatched and the islands go on; its mean is applied at step + tau
-        t0 = time.perf_counter()
-        self.state, delta, self._reduce_metrics = self._frag_reduce[p](self.state)
-        self._block(delta)
-        self._pending = (p, step + self.tau, delta)
-        self._reduce_wait = time.perf_counter() - t0  # what the loop waited here (serialized CPU: the whole reduce)
+        # tau > 0: the reduce runs inside the next inner step's program (inner_step), the islands go on, and its
+        # mean is applied at step + tau
+        self._marked = (p, step)
         return step
 
     def _outer(self):

@@ -231,3 +231,33 @@ def test_fragments_hold_one_pth_of_the_model_each_when_p_divides_the_layers():
     sizes = [frags.size(p, g) for p in range(2)]
     assert sizes[0] == (total - g["norm"].size) // 2 and sizes[1] == sizes[0] + g["norm"].size
     assert frags.take(g, 1)["lm_head"].shape == (2, 2)
+
+
+def test_overlapped_reduce_runs_inside_the_next_step_program(tmp_path):
+    """tau > 0 in one program: fragment p's reduce and the next inner step are compiled together, read the same
+    pre-step state, and give what the reduce alone and the step alone give; the HLO holds both the island-axis
+    collectives and the step's matmuls."""
+    from intellect_jax.trainer import Trainer
+    from tests.helpers import random_batch, tiny_config
+
+    cfg = tiny_config(mesh=dict(islands=2, fsdp=4), model=dict(num_hidden_layers=3),
+                      diloco=dict(inner_steps=3, fragments=2, overlap_steps=1, compression="int8"),
+                      data=dict(batch_size=4, seq_len=32))
+    trainer = Trainer(cfg)
+    sync = trainer.sync
+    rng = np.random.default_rng(0)
+    rows = [random_batch(rng, 4, 32, cfg.model.vocab_size, docs_per_row=2) for _ in range(2)]
+    batch = trainer.make_batch({k: np.stack([r[k] for r in rows]) for k in rows[0]})
+    trainer.inner_step(batch)  # islands differ from the global params now
+    copy = lambda: jax.tree.map(jnp.copy, sync.state)  # noqa: E731 - the programs donate their input
+    fused = sync._frag_step_reduce[1]
+    hlo = fused.lower(sync.state, batch).compile().as_text()
+    assert ("all-to-all" in hlo or "all-gather" in hlo) and ("dot(" in hlo or "convolution(" in hlo)
+    s_f, delta_f, _, m_f = fused(copy(), batch)
+    s_r, delta_r, _ = sync._frag_reduce[1](copy())
+    inner_s, m_s = sync._inner(copy().inner, batch)
+    for a, b in zip(jax.tree.leaves(delta_f), jax.tree.leaves(delta_r)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(m_f["loss"], m_s["loss"], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(s_f.inner.params), jax.tree.leaves(inner_s.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
