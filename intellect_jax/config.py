@@ -301,7 +301,8 @@ class ElasticConfig:
                               f"{self.data_shards})")
         if self.coordinator and not self.secret_file:
             raise ConfigError("elastic.coordinator is set but elastic.secret_file is empty; every island and the "
-                              "coordinator must share a secret file (make one with `intellect-jax secret --out secret`)")
+                              "coordinator must share a secret file (make one with `intellect-jax secret --out "
+                              "secret`)")
         if self.dead_after_s <= self.heartbeat_s:
             raise ConfigError(f"elastic.dead_after_s={self.dead_after_s} must exceed "
                               f"elastic.heartbeat_s={self.heartbeat_s}")
