@@ -65,6 +65,20 @@ def _refused(caplog, needle, wait_s=5.0):
     return []
 
 
+class _Tap:
+    """Wraps a socket and records every byte string sent through it (what an eavesdropper on the link sees)."""
+
+    def __init__(self, sock, captured: list):
+        self.sock, self.captured = sock, captured
+
+    def sendall(self, b):
+        self.captured.append(bytes(b))
+        return self.sock.sendall(b)
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
 def _still_serves(echo):
     conn = _connect(echo.addr)
     assert conn.request({"ok": 1})[0] == {"ok": 1}
@@ -153,18 +167,7 @@ def test_payloads_are_sealed_unless_encrypt_is_off(encrypt):
     try:
         conn = wire.connect(echo.addr, SECRET, RUN, 1 << 20, hello={"name": "t"}, timeout=5, encrypt=encrypt)[0]
 
-        class Tap:
-            def __init__(self, sock):
-                self.sock = sock
-
-            def sendall(self, b):
-                captured.append(bytes(b))
-                return self.sock.sendall(b)
-
-            def __getattr__(self, name):
-                return getattr(self.sock, name)
-
-        real, conn.sock = conn.sock, Tap(conn.sock)
+        real, conn.sock = conn.sock, _Tap(conn.sock, captured)
         secret_payload = b"GLOBAL-PARAMS-" * 100
         rep, data = conn.request({"field": "visible-json"}, secret_payload)
         conn.sock = real
@@ -183,18 +186,7 @@ def test_reflected_frame_refused(echo, caplog):
     conn = _connect(echo.addr)
     captured = []
 
-    class Tap:
-        def __init__(self, sock):
-            self.sock = sock
-
-        def sendall(self, b):
-            captured.append(bytes(b))
-            return self.sock.sendall(b)
-
-        def __getattr__(self, name):
-            return getattr(self.sock, name)
-
-    real, conn.sock = conn.sock, Tap(conn.sock)
+    real, conn.sock = conn.sock, _Tap(conn.sock, captured)
     conn.send(wire.MsgType.REQUEST, {"x": 1})
     conn.sock = real
     frame = b"".join(captured)
@@ -227,19 +219,8 @@ def test_replayed_frame_from_another_connection_refused(echo, caplog):
     c1 = _connect(echo.addr)
     captured = []
 
-    class Tap:
-        def __init__(self, sock):
-            self.sock = sock
-
-        def sendall(self, b):
-            captured.append(bytes(b))
-            return self.sock.sendall(b)
-
-        def __getattr__(self, name):
-            return getattr(self.sock, name)
-
     real = c1.sock
-    c1.sock = Tap(real)
+    c1.sock = _Tap(real, captured)
     c1.request({"pay": 1})
     c1.sock = real
     frame = b"".join(captured)
