@@ -113,7 +113,8 @@ def test_document_offsets_describe_the_segments(p, max_documents):
     np.testing.assert_array_equal(rebuilt[:, None], np.asarray(attn.causal_document_mask(seg, B, L)))
 
 
-@pytest.mark.parametrize("mesh_cfg", [dict(islands=2, fsdp=2, tensor=2), dict(islands=2, fsdp=4)])
+@pytest.mark.parametrize("mesh_cfg", [dict(islands=2, fsdp=2, tensor=2),
+                                      pytest.param(dict(islands=2, fsdp=4), marks=pytest.mark.slow)])
 def test_blockwise_per_shard_in_a_sharded_diloco_step_equals_xla(mesh_cfg):
     """Under the trainer's mesh (islands vmapped, batch over fsdp, heads over tensor) the shard_mapped kernel gives
     the masked reference's loss and parameters after one inner step."""
