@@ -39,31 +39,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from intellect_jax import diloco, quant
 
 ReduceMean = Callable[[Any], Any]
-
-
-def _flat(tree: dict, prefix: tuple = ()) -> dict[tuple, Any]:
-    out: dict[tuple, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
-def _unflat_into(tree: dict, values: dict[tuple, Any]) -> dict:
-    out = dict(tree)
-    for path, v in values.items():
-        node = out
-        for k in path[:-1]:
-            node[k] = dict(node[k])
-            node = node[k]
-        node[path[-1]] = v
-    return out
 
 
 class Fragments:
@@ -84,7 +64,7 @@ class Fragments:
         last = (num_layers - 1) % count
         self.axis: dict[tuple, int | None] = {}  # path -> strided axis, or None: the whole leaf in self.owner[path]
         self.owner: dict[tuple, int | None] = {}
-        for path in _flat(params):
+        for path in flatten_dict(params):
             self.axis[path] = self.STRIDED_AXIS.get(path[0])
             self.owner[path] = None if self.axis[path] is not None else last
         self.keys = {p: [path for path, o in self.owner.items() if o is None or o == p] for p in range(count)}
@@ -98,7 +78,7 @@ class Fragments:
 
     def take(self, tree: dict, p: int, lead: int = 0) -> dict[str, Any]:
         """Fragment p's part of `tree` (arrays, ShapeDtypeStructs or PartitionSpecs)."""
-        flat = _flat(tree)
+        flat = flatten_dict(tree)
         out = {}
         for path in self.keys[p]:
             x = flat[path]
@@ -113,12 +93,11 @@ class Fragments:
 
     def put(self, tree: dict, p: int, values: dict[str, Any], lead: int = 0) -> dict:
         """`tree` with fragment p's part replaced by `values` (a view as :meth:`take` returns)."""
-        flat = _flat(tree)
-        new = {}
+        flat = flatten_dict(tree)
         for path in self.keys[p]:
             v = values[self.name(path)]
-            new[path] = flat[path].at[self._index(path, p, lead)].set(v) if self.owner[path] is None else v
-        return _unflat_into(tree, new)
+            flat[path] = flat[path].at[self._index(path, p, lead)].set(v) if self.owner[path] is None else v
+        return unflatten_dict(flat)
 
     def size(self, p: int, params: dict) -> int:
         """Parameters in fragment p."""
