@@ -213,7 +213,7 @@ class DilocoConfig:
     merge_alpha: float = 0.0
     # An island whose pseudo-gradient is not finite, or (3+ islands) whose norm exceeds this many times the median,
     # is left out of that outer step's mean and restarts from the result (diloco.guard; 0: only non-finite ones).
-    # The in-program transport applies it; over the elastic TCP ring a non-finite mean is skipped as a whole.
+    # Both transports apply it: in-program inside the outer step; elastic at the coordinator when the epoch forms.
     max_norm_ratio: float = 5.0
 
     def validate(self) -> None:

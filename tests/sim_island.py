@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
                     "frames of outer step STEP (fault injection for tests)")
     ap.add_argument("--corrupt-at", type=int, default=-1, help="perturb our params after this outer step's "
                     "update (fault injection: the commit vote must catch it and we must re-sync)")
+    ap.add_argument("--poison", default="", help="STEP:KIND: send a poisoned pseudo-gradient at outer step STEP, "
+                    "KIND nan (one NaN) or xF (F times the real one); fault injection for the guard")
     ap.add_argument("--log-level", default="INFO")
     a = ap.parse_args(argv)
     logging.basicConfig(level=getattr(logging, a.log_level.upper()), stream=sys.stderr,
@@ -121,6 +123,14 @@ def main(argv: list[str] | None = None) -> int:
             s = st["step"]
             time.sleep(a.inner_s)
             g = pseudo_grad(a.seed, s, st["p"])
+            if a.poison and s == int(a.poison.split(":")[0]):
+                kind = a.poison.split(":")[1]
+                g = g.copy()
+                if kind == "nan":
+                    g[g.size // 2] = np.nan
+                else:
+                    g *= np.float32(float(kind.lstrip("x")))
+                emit(event="poisoned", step=s, kind=kind)
             try:
                 delta = client.all_reduce_mean(s, g)
             except StaleStep as e:

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from intellect_jax import cli
-from intellect_jax.config import ConfigError, ElasticConfig, RunConfig
+from intellect_jax.config import ConfigError, DilocoConfig, ElasticConfig, RunConfig
 from intellect_jax.elastic import wire
 from intellect_jax.elastic.coordinator import Coordinator, elastic_config
 
@@ -193,17 +193,19 @@ def _args(*argv):
 
 
 def test_cli_defaults_are_elastic_config_defaults():
-    assert elastic_config(_args("--secret-file", "s"), []) == (ElasticConfig(secret_file="s"), RunConfig().name)
+    assert elastic_config(_args("--secret-file", "s"), []) == (ElasticConfig(secret_file="s"), RunConfig().name,
+                                                              DilocoConfig().max_norm_ratio)
 
 
 def test_cli_takes_the_islands_config_then_flags_and_overrides(tmp_path):
     preset = tmp_path / "islands.toml"
     preset.write_text('[run]\nname = "r1"\n[elastic]\nsecret_file = "k"\nheartbeat_s = 0.5\nmin_islands = 3\n')
-    cfg, run_id = elastic_config(_args("--config", str(preset), "--dead-after-s", "1.5"),
-                                 ["--elastic.recovery_grace_s=2"])
+    cfg, run_id, ratio = elastic_config(_args("--config", str(preset), "--dead-after-s", "1.5"),
+                                        ["--elastic.recovery_grace_s=2", "--diloco.max_norm_ratio=3"])
     assert (cfg.secret_file, cfg.heartbeat_s, cfg.min_islands, cfg.dead_after_s, cfg.recovery_grace_s) == \
         ("k", 0.5, 3, 1.5, 2.0)
-    assert run_id == "r1"
+    assert run_id == "r1" and ratio == 3.0
+    assert elastic_config(_args("--config", str(preset), "--max-norm-ratio", "0"), [])[2] == 0.0
     assert elastic_config(_args("--config", str(preset), "--run-id", "r2"), [])[1] == "r2"
 
 
@@ -212,6 +214,7 @@ def test_cli_takes_the_islands_config_then_flags_and_overrides(tmp_path):
     (["--secret-file", "s", "--dead-after-s", "1"], ["elastic.dead_after_s=1.0", "elastic.heartbeat_s"]),
     (["--secret-file", "s", "--recovery-grace-s", "-1"], ["elastic.recovery_grace_s=-1.0", ">= 0"]),
     ([], ["--secret-file", "elastic.secret_file"]),
+    (["--secret-file", "s", "--max-norm-ratio", "0.5"], ["diloco.max_norm_ratio=0.5", "0 (off) or >= 1"]),
 ])
 def test_cli_bad_values_name_the_key(argv, words, capsys):
     with pytest.raises(ConfigError) as e:
@@ -266,3 +269,89 @@ def test_registrations_beyond_max_islands_are_refused():
             i.close()
     finally:
         c.close()
+
+
+def _epoch_for(isls, step, **per_name):
+    """Every island syncs `step` concurrently (with per-name extra fields); returns name -> reply."""
+    threads = {i.name: _bg(lambda i=i: i.wait("sync", step=step, **per_name.get(i.name, {}))) for i in isls}
+    for t, _ in threads.values():
+        t.join(15)
+    return {n: out["r"] for n, (_, out) in threads.items()}
+
+
+def test_silent_death_of_an_unreported_member_aborts_at_once_and_the_redo_excludes_it(coord):
+    a, b = Isl(coord, "a", 0), Isl(coord, "b", 0)
+    c = Isl(coord, "c", 0, kind="hb")
+    for i in (a, b, c):
+        i.rpc("register")
+    reps = _epoch_for([a, b, c], 0)
+    ep = reps["a"]["epoch"]
+    assert ep["members"] == ["a", "b", "c"] and a.rpc("epoch", epoch=ep["id"]) == {"decision": None}
+    c.close()  # dies before anyone reported: the others may be waiting on it in the ring
+    deadline = time.monotonic() + 5
+    while a.rpc("epoch", epoch=ep["id"])["decision"] is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert a.rpc("epoch", epoch=ep["id"]) == {"decision": "abort"}  # what a member's watchdog polls
+    assert a.wait("done", epoch=ep["id"], step=0, ok=False)["decision"] == "abort"
+    # The abort cleared readiness: a alone re-syncing does not form an epoch with the stale b.
+    assert a.rpc("sync", step=0) == {"wait": True}
+    ep2 = _epoch_for([a, b], 0)["a"]["epoch"]
+    assert ep2["members"] == ["a", "b"] and ep2["id"] > ep["id"]
+
+
+def test_a_member_dying_after_the_others_reported_ok_still_commits(coord):
+    a, b = Isl(coord, "a", 0), Isl(coord, "b", 0)
+    c = Isl(coord, "c", 0, kind="hb")
+    for i in (a, b, c):
+        i.rpc("register")
+    ep = _epoch_for([a, b, c], 0)["a"]["epoch"]
+    assert a.rpc("done", epoch=ep["id"], step=0, ok=True) == {"wait": True}
+    assert b.rpc("done", epoch=ep["id"], step=0, ok=True) == {"wait": True}
+    c.close()  # the ring had completed (a and b hold the result): no need to redo
+    assert a.wait("done", epoch=ep["id"], step=0, ok=True)["decision"] == "commit"
+
+
+@pytest.mark.parametrize("norms, ratio, left_out", [
+    ({"a": 1.0, "b": 1.1, "c": None}, 5.0, {"c": "not finite"}),
+    ({"a": 1.0, "b": 1.1, "c": 0.9, "d": 100.0}, 5.0, {"d": "exceeds 5 x the median 1.05"}),
+    ({"a": 1.0, "b": 1.1, "c": 0.9, "d": 100.0}, 0.0, {}),  # ratio off: only non-finite ones
+    ({"a": 1.0, "b": 100.0}, 5.0, {}),  # 2 islands: no median to speak of (the in-program rule too)
+    ({"a": 1.0, "b": 1.0, "c": 4.99}, 5.0, {}),
+])
+def test_outlier_rule(norms, ratio, left_out):
+    from intellect_jax.elastic.coordinator import outliers
+    got = outliers(norms, ratio)
+    assert sorted(got) == sorted(left_out)
+    for n, words in left_out.items():
+        assert words in got[n]
+
+
+def test_guard_leaves_out_a_nan_and_an_outlier_island_from_the_epoch(coord, caplog):
+    isl = [Isl(coord, n, 0) for n in "abcd"]
+    for i in isl:
+        i.rpc("register")
+    reps = _epoch_for(isl, 0, a={"norm": 1.0}, b={"norm": 1.2}, c={"norm": None}, d={"norm": 50.0})
+    assert reps["a"]["epoch"]["members"] == ["a", "b"] == reps["b"]["epoch"]["members"]
+    assert "not finite" in reps["c"]["excluded"] and "exceeds 5 x the median" in reps["d"]["excluded"]
+    assert "island c left out of the reduce: its pseudo-gradient is not finite" in caplog.text
+    ep = reps["a"]["epoch"]
+    tb, _ = _bg(lambda: isl[1].wait("done", epoch=ep["id"], step=0, ok=True))
+    assert isl[0].wait("done", epoch=ep["id"], step=0, ok=True)["decision"] == "commit"
+    tb.join()
+    assert isl[2].wait("sync", step=0, norm=None)["stale"] is True  # after the commit: re-sync from a peer
+    assert isl[2].rpc("register")["needs_state"] is True
+
+
+def test_guard_with_every_island_left_out_stops_the_run_with_the_fix(coord):
+    isl = [Isl(coord, n, 0) for n in "ab"]
+    for i in isl:
+        i.rpc("register")
+    reps = _epoch_for(isl, 0, a={"norm": None}, b={"norm": None})
+    assert all("restore the last good checkpoint" in r["error"] for r in reps.values())
+
+
+def test_bad_norm_field_is_refused(coord):
+    a = Isl(coord, "a", 0)
+    a.rpc("register")
+    with pytest.raises(wire.RemoteError, match="norm must be a finite number >= 0 or null"):
+        a.rpc("sync", step=0, norm="x")

@@ -287,6 +287,52 @@ def test_diverged_island_loses_the_commit_vote_and_resyncs(run):
     assert "['c'] differ and must re-sync" in run.coord_log()
 
 
+def test_nan_and_100x_pseudo_gradients_are_left_out_and_their_islands_resync(run):
+    """d sends a NaN at outer step 1 and c 100x its pseudo-gradient at step 3: each is left out of that step by
+    every island alike (the reduce is the replay's mean of the others' pseudo-gradients), then re-syncs and takes
+    part again."""
+    run.start_coordinator(min_islands=4)
+    steps = 7
+    for i, n in enumerate("abcd"):
+        poison = {"c": ["--poison", "3:x100"], "d": ["--poison", "1:nan"]}.get(n, [])
+        run.start_island(n, 70 + i, steps, *poison)
+    for n in "abcd":
+        run.wait_exit(n)
+    by_step = check_run(run, "abcd", steps)
+    members = {s: sorted(e["members"]) for s, e in by_step.items()}
+    assert members[0] == list("abcd") and members[1] == list("abc"), members
+    assert "c" not in members[3] and {"a", "b"} <= set(members[3]), members  # d may still be catching up
+    assert "c" in members[steps - 1] and "d" in members[steps - 1], members  # both back in the run
+    assert all(by_step[s]["aborts"] == 0 for s in range(steps))  # left out at the boundary, not by a failed ring
+    assert run.events("d", "fetched")[0]["step"] >= 2 and run.events("c", "fetched")[0]["step"] >= 4
+    clog = run.coord_log()
+    assert "outer step 1: island d left out of the reduce: its pseudo-gradient is not finite" in clog
+    assert "outer step 3: island c left out of the reduce: its pseudo-gradient norm" in clog
+    assert "exceeds 5 x the median" in clog
+
+
+def test_member_dead_before_the_ring_aborts_at_once_not_after_timeouts(tmp_path):
+    """c dies after its epoch formed but before connecting; its successor would wait dead_after_s (20 s) for the
+    connection, but the coordinator saw the heartbeat close, aborted the epoch, and the successor's poll finds it."""
+    run = Run(tmp_path, dead_after_s=20.0)
+    try:
+        run.start_coordinator(min_islands=3)
+        steps = 3
+        run.start_island("a", 80, steps)
+        run.start_island("b", 81, steps)
+        run.start_island("c", 82, steps, "--die-in-ring", "1:0")
+        run.procs["c"].wait(60)
+        t_dead = run.events("c", "suicide")[0]["t"]
+        for n in "ab":
+            run.wait_exit(n, timeout=90)
+        by_step = check_run(run, "abc", steps)
+        assert sorted(by_step[1]["members"]) == ["a", "b"] and by_step[1]["aborts"] == 1
+        took = min(e["t"] for e in run.events("a", "step") if e["step"] == 1) - t_dead
+        assert took < 5.0, f"outer step 1 completed {took:.1f} s after the death (dead_after_s 20 s)"
+    finally:
+        run.stop()
+
+
 @pytest.mark.slow
 def test_coordinator_killed_repeatedly_in_every_phase(run):
     """Kills land at random points of the protocol (sync, ring, done, vote) because inner phases are short."""

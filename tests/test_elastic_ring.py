@@ -165,6 +165,31 @@ def test_member_killed_mid_ring_makes_survivors_raise_quickly():
     assert all(r.startswith("RingError") for r in results.values()), results
 
 
+@pytest.mark.parametrize("compression", ["int8", "int4", "none"])
+def test_non_finite_payloads_are_refused_by_the_link_that_receives_them(compression):
+    """A peer's NaN/inf block scales (or fp32 values) break the ring at the receiving link, naming the frame; they
+    never reach an accumulator (the hash vote could not catch it: every member would decode the same bad bytes)."""
+    codec = ring.make_codec(compression, BLOCK)
+    parts = codec.encode(np.ones(4 * BLOCK, np.float32))
+    blob = bytearray(b"".join(bytes(p) for p in parts))
+    blob[-4:] = np.array([np.inf], np.float32).tobytes()  # the last scale (or value)
+    with pytest.raises(wire.MalformedFrame, match="non-finite"):
+        codec.decode(memoryview(bytes(blob)), 4 * BLOCK)
+
+
+def test_cancel_breaks_a_ring_waiting_on_a_silent_peer():
+    """A member whose predecessor never sends gives up when `cancel` says the epoch was aborted elsewhere, long
+    before its link timeout."""
+    send, recv = _links(2, 1)
+    t0 = __import__("time").monotonic()
+    with pytest.raises(ring.RingError, match="aborted elsewhere"):
+        ring.ring_mean(np.ones(50_000, np.float32), 0, send[0], recv[0], 2, ring.make_codec("int8", BLOCK), 4096,
+                       BLOCK, timeout=30, cancel=lambda: "aborted elsewhere")
+    assert __import__("time").monotonic() - t0 < 5
+    for c in itertools.chain(*send, *recv):
+        c.close()
+
+
 def test_ring_order_maximises_slowest_link():
     names = ["a", "b", "c", "d", "e"]
     rng = np.random.default_rng(3)

@@ -21,7 +21,9 @@ Trainer loop (``s`` = completed outer steps)::
 ``all_reduce_mean`` returns only after the coordinator decided "commit" for the epoch, i.e. every live member holds
 the same result; on "abort" (a member died or a link broke) it redoes the reduce in a new epoch with the same
 pseudo-gradient, up to ``reduce_retries`` times, then raises :class:`ReduceFailed`. It never falls back to the local
-pseudo-gradient.
+pseudo-gradient. Its ``sync`` carries the pseudo-gradient's norm: an island the coordinator's guard leaves out of
+the step (not finite, or an outlier) waits for the step to commit and gets :class:`StaleStep` (re-sync from a peer);
+a decoded mean that is not finite is never returned (the epoch is failed and redone).
 """
 
 from __future__ import annotations
@@ -128,9 +130,18 @@ class IslandClient:
     def all_reduce_mean(self, outer_step: int, vec: np.ndarray) -> np.ndarray:
         """Mean of every member's `vec` for this outer step; identical bytes on all members."""
         vec = np.ascontiguousarray(vec, np.float32).reshape(-1)
-        aborts = 0
+        norm = float(np.linalg.norm(vec))
+        norm = norm if np.isfinite(norm) else None  # None: not finite (JSON has no NaN)
+        aborts, excluded = 0, False
         while True:
-            rep = self._wait("sync", step=outer_step)
+            rep = self._wait("sync", step=outer_step, norm=norm)
+            if rep.get("excluded"):  # left out by the guard: wait for the step to commit, then re-sync
+                if not excluded:
+                    log.warning("outer step %d: %s is left out of the reduce (%s); it re-syncs from a peer once the "
+                                "step commits", outer_step, self.name, rep["excluded"])
+                excluded = True
+                time.sleep(0.5)
+                continue
             if rep.get("stale"):
                 raise StaleStep(f"outer step {outer_step} was completed without {self.name} "
                                 f"(run at {rep.get('run_step')}); fetch the state from a peer")
@@ -143,6 +154,8 @@ class IslandClient:
             result, err = None, None
             try:
                 result, stats = self._ring(ep, vec)
+                if not np.isfinite(result).all():
+                    raise ring.RingError("the decoded mean is not finite; it is not applied")
             except (ring.RingError, OSError, wire.WireError, wire.RemoteError) as e:
                 err = e
                 log.warning("epoch %d ring failed on %s: %s", ep["id"], self.name, e)
@@ -350,10 +363,23 @@ class IslandClient:
     def _connect_state(self, addr: str) -> wire.Conn:
         return self._connect_peer(addr, {"op": "state"})
 
+    def _epoch_aborted(self, epoch_id: int) -> str | None:
+        """Why we should stop waiting on a neighbour: the coordinator already aborted the epoch (a member died)."""
+        try:
+            rep = self._rpc("epoch", retry=False, epoch=epoch_id)
+        except (ElasticError, wire.RemoteError) as e:
+            log.debug("epoch poll failed: %s", e)
+            return None
+        if rep.get("decision") in ("abort", "stale"):
+            return f"the coordinator aborted epoch {epoch_id} (a member died)"
+        return None
+
     def _ring(self, ep: dict[str, Any], vec: np.ndarray) -> tuple[np.ndarray, ring.RingStats]:
         order = ep["order"]
         N, r = len(order), order.index(self.name)
         S = self.cfg.streams
+        if self.on_ring_frame is not None:
+            self.on_ring_frame(0)  # the ring starts (0 frames sent)
         send: list[wire.Conn] = []
         recv: list[wire.Conn] = []
         try:
@@ -363,18 +389,29 @@ class IslandClient:
                     send.append(self._connect_peer(ep["addrs"][succ], {"op": "ring", "epoch": ep["id"],
                                                                        "stream": k}))
                 deadline = time.monotonic() + self.cfg.dead_after_s
+                next_poll = time.monotonic() + ring.CANCEL_POLL_S
                 with self._mail:
                     for k in range(S):
                         while (ep["id"], pred, k) not in self._ring_inbox:
                             left = deadline - time.monotonic()
                             if left <= 0:
                                 raise ring.RingError(f"predecessor {pred} did not connect stream {k} in time")
-                            self._mail.wait(left)
+                            if time.monotonic() >= next_poll:
+                                self._mail.release()  # no coordinator round trip while holding the inbox
+                                try:
+                                    why = self._epoch_aborted(ep["id"])
+                                finally:
+                                    self._mail.acquire()
+                                if why:
+                                    raise ring.RingError(f"waiting for predecessor {pred}: {why}")
+                                next_poll = time.monotonic() + ring.CANCEL_POLL_S
+                            self._mail.wait(min(left, ring.CANCEL_POLL_S))
                         recv.append(self._ring_inbox.pop((ep["id"], pred, k)))
             if self.on_ring_frame is not None:
                 send = [_Tap(c, self.on_ring_frame) for c in send]
             return ring.ring_mean(vec, r, send, recv, N, self.codec, self.cfg.chunk_bytes, self.block_size,
-                                  timeout=self.cfg.dead_after_s, epoch=ep["id"])
+                                  timeout=self.cfg.dead_after_s, epoch=ep["id"],
+                                  cancel=lambda: self._epoch_aborted(ep["id"]))
         finally:
             for c in send + recv:
                 c.close()
@@ -418,7 +455,8 @@ class IslandClient:
 
 
 class _Tap:
-    """Wraps a ring connection to call `fn(frames_sent)` after each frame (progress metrics, fault injection)."""
+    """Wraps a ring connection to call `fn(frames_sent)` after each frame (progress metrics, fault injection); the
+    client calls `fn(0)` as the ring starts, before connecting."""
 
     def __init__(self, conn: wire.Conn, fn: Callable[[int], None]):
         self._conn, self._fn, self._n = conn, fn, 0

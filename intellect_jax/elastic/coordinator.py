@@ -15,6 +15,14 @@ Outer step protocol (``s`` = completed outer steps = index of the outer step bei
 4. ``commit(s, hash)``: the hash of the new global params; the canonical hash is the majority over the islands that
    applied step s (tie: the smallest); an island that differs re-syncs from a peer.
 
+Pseudo-gradient guard (``diloco.max_norm_ratio``, the rule of ``diloco.guard`` in the in-program transport): each
+``sync`` carries the island's pseudo-gradient norm (null: not finite). When the epoch forms, an island whose
+pseudo-gradient is not finite, or (with 3 or more ready islands) whose norm exceeds ratio x the median of the finite
+ones, is left out of the epoch: every member reduces without it alike, and it re-syncs from a peer once the step
+commits. Faster failure handling: a member that dies before reporting aborts its epoch at once (the members poll the
+epoch's decision while they wait on a neighbour), and an abort clears every member's readiness, so the redo epoch
+holds only the islands that asked again: never one that died meanwhile.
+
 Recovery after a restart: the coordinator waits until every member of the newest epoch mentioned by a registered
 island has re-registered (or ``dead_after_s`` passed), then: run step = the largest completed step reported; an
 undecided epoch for that step is resumed with the reported done-statuses (the same rule as above, so it decides as
@@ -30,11 +38,12 @@ import dataclasses
 import logging
 import math
 import signal
+import statistics
 import threading
 import time
 from typing import Any
 
-from intellect_jax.config import ConfigError, ElasticConfig, load_config
+from intellect_jax.config import ConfigError, DilocoConfig, ElasticConfig, load_config
 
 from . import ordering, wire
 
@@ -107,6 +116,33 @@ def check_status(st: Any) -> dict[str, Any]:
             "hash": h, "advertise_host": host, "port": _int(st.get("port"), "port", 1, 65535),
             "rates": _rates(st.get("rates")), "last_epoch": _epoch(st.get("last_epoch"), "last_epoch", False),
             "pending": _epoch(st.get("pending"), "pending", True)}
+
+
+def _norm(v: Any) -> float | None:
+    """A sync's pseudo-gradient norm: a finite float >= 0, or None (the island's pseudo-gradient is not finite)."""
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        raise ValueError(f"norm must be a finite number >= 0 or null (not finite), got {v!r:.40}")
+    return float(v)
+
+
+def outliers(norms: dict[str, float | None], max_norm_ratio: float) -> dict[str, str]:
+    """Islands to leave out of an outer step -> why: the rule of ``diloco.guard``, on the host.
+
+    `norms`: island -> its pseudo-gradient norm (None: not finite). Non-finite ones always; with `max_norm_ratio` > 0
+    and at least 3 islands, a norm above ratio x the median of the finite ones.
+    """
+    out = {n: "its pseudo-gradient is not finite" for n, v in norms.items() if v is None}
+    finite = [v for v in norms.values() if v is not None]
+    if max_norm_ratio > 0 and len(norms) >= 3 and finite:
+        median = statistics.median(finite)
+        for n, v in norms.items():
+            if v is not None and v > max_norm_ratio * median:
+                out[n] = f"its pseudo-gradient norm {v:.4g} exceeds {max_norm_ratio:g} x the median {median:.4g}"
+    return out
+
+
 log = logging.getLogger("intellect_jax.elastic.coordinator")
 
 POLL_S = 1.0  # longest a blocking request waits before answering {"wait": true}
@@ -135,6 +171,7 @@ class Epoch:
     order: list[str]
     done: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> "ok" | "fail"
     decision: str | None = None
+    excluded: dict[str, str] = dataclasses.field(default_factory=dict)  # ready islands left out -> why
 
     def public(self, islands: dict[str, Island]) -> dict[str, Any]:
         return {"id": self.id, "step": self.step, "members": self.members, "order": self.order,
@@ -142,10 +179,16 @@ class Epoch:
 
 
 class Coordinator:
-    """Reads ``dead_after_s``, ``min_islands``, ``coordinator_max_frame_bytes`` and ``recovery_grace_s`` of `cfg`."""
+    """Reads ``dead_after_s``, ``min_islands``, ``max_islands``, ``encrypt``, ``coordinator_max_frame_bytes`` and
+    ``recovery_grace_s`` of `cfg`; `max_norm_ratio` is the run's ``diloco.max_norm_ratio`` (0: only non-finite
+    pseudo-gradients are left out)."""
 
-    def __init__(self, cfg: ElasticConfig, run_id: str, bind: str, secret: bytes):
+    def __init__(self, cfg: ElasticConfig, run_id: str, bind: str, secret: bytes,
+                 max_norm_ratio: float = DilocoConfig.max_norm_ratio):
         self.run_id = run_id
+        self.max_norm_ratio = max_norm_ratio
+        self.norms: dict[str, tuple[int, float | None]] = {}  # island -> (step, pseudo-gradient norm) of its sync
+        self.guard_errors: dict[int, str] = {}  # step -> why no island is left to reduce it
         self.dead_after_s = cfg.dead_after_s
         self.min_islands = cfg.min_islands
         self.islands: dict[str, Island] = {}
@@ -249,6 +292,9 @@ class Coordinator:
                         "islands": [{"name": i.name, "addr": i.addr, "step": i.step, "hash": i.hash}
                                     for i in self.islands.values() if i.alive],
                         "canonical": {str(k): self.canonical[k] for k in recent}}
+            if op == "epoch":  # polled by members waiting on a neighbour: abort at once if the epoch did
+                d = self.decisions.get(_int(req.get("epoch"), "epoch", 0))
+                return {"decision": d[0] if d else None}
             if op == "rates":
                 isl.rates = _rates(req.get("rates"))
                 log.info("island %s measured links (MB/s): %s", name,
@@ -334,6 +380,13 @@ class Coordinator:
             log.info("island %s %s", isl.name, why)
         else:
             log.warning("island %s dead: %s", isl.name, why)
+        e = self.epoch
+        if (e is not None and e.decision is None and not self.recovering and isl.name in e.members
+                and isl.name not in e.done
+                and any(self.islands[m].alive and e.done.get(m) != "ok" for m in e.members)):
+            # The others may be waiting on it in the ring: abort now rather than after their timeouts (they poll
+            # the decision). If every other member already reported ok, the ring completed: commit as usual.
+            self._decide(e, "abort")
 
     def _monitor_loop(self) -> None:
         while not self._stop.wait(0.2):
@@ -381,6 +434,9 @@ class Coordinator:
                     del self.ready[name]
             log.info("epoch %d committed: outer step %d done by %s", e.id, e.step, e.members)
         else:
+            for m in e.members:  # the redo epoch takes only the islands that ask again (none that died meanwhile)
+                if self.ready.get(m) == e.step:
+                    del self.ready[m]
             log.warning("epoch %d aborted (outer step %d; done: %s; dead: %s); survivors redo the step", e.id,
                         e.step, e.done, [m for m in e.members if not self.islands[m].alive])
 
@@ -395,10 +451,21 @@ class Coordinator:
             return
         if self.epochs_formed == 0 and s == 0 and len(ready) < self.min_islands:
             return
-        members = sorted(ready)
+        excluded = outliers({n: self.norms[n][1] for n in ready if self.norms.get(n, (None,))[0] == s},
+                            self.max_norm_ratio)
+        members = sorted(ready - set(excluded))
+        if not members:
+            self.guard_errors[s] = (f"outer step {s}: every ready island's pseudo-gradient was left out ({excluded}); "
+                                    "the run cannot go on from this state: restore the last good checkpoint, and "
+                                    "lower the inner learning rate or raise diloco.max_norm_ratio")
+            log.error("%s", self.guard_errors[s])
+            return
+        for n, why in sorted(excluded.items()):
+            log.warning("outer step %d: island %s left out of the reduce: %s; it re-syncs from a peer after the "
+                        "step (diloco.max_norm_ratio=%g)", s, n, why, self.max_norm_ratio)
         rates = {i.name: i.rates for i in live}
         order = ordering.ring_order(members, rates)
-        self.epoch = Epoch(self.next_epoch_id, s, members, order)
+        self.epoch = Epoch(self.next_epoch_id, s, members, order, excluded=excluded)
         self.next_epoch_id += 1
         self.epochs_formed += 1
         log.info("epoch %d: outer step %d, members %s, ring order %s (slowest link %s)", self.epoch.id, s,
@@ -472,11 +539,17 @@ class Coordinator:
             return {"stale": True, "run_step": self.run_step}
         if s > self.run_step:
             return {"error": f"outer step {s} is ahead of the run ({self.run_step}); re-register"}
+        if "norm" in req:
+            self.norms[isl.name] = (s, _norm(req["norm"]))
+        if s in self.guard_errors:
+            return {"error": self.guard_errors[s]}
         isl.step = s
         self.ready[isl.name] = s
         e = self.epoch
         if e is not None and e.step == s and isl.name in e.members:
             return {"epoch": e.public(self.islands)}
+        if e is not None and e.step == s and isl.name in e.excluded:
+            return {"excluded": e.excluded[isl.name], "epoch_id": e.id}
         return None
 
     def _done(self, isl: Island, req: dict) -> dict[str, Any] | None:
@@ -542,26 +615,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         value = getattr(defaults, name)
         parser.add_argument("--" + name.replace("_", "-"), type=type(value),
                             help=f"{text} (default: elastic.{name}, {value} unless the config says otherwise)")
+    parser.add_argument("--max-norm-ratio", type=float,
+                        help="leave an island out of an outer step if its pseudo-gradient norm exceeds this x the "
+                             "median (default: diloco.max_norm_ratio, %g unless the config says otherwise; 0: only "
+                             "non-finite ones)" % DilocoConfig.max_norm_ratio)
     parser.add_argument("--port-file", default="", help="write the bound port here once listening")
     parser.add_argument("--log-level", default="INFO")
 
 
-def elastic_config(args: argparse.Namespace, overrides: list[str]) -> tuple[ElasticConfig, str]:
-    """The coordinator's ElasticConfig (the config with the flags given) and run id; raises ConfigError."""
+def elastic_config(args: argparse.Namespace, overrides: list[str]) -> tuple[ElasticConfig, str, float]:
+    """The coordinator's ElasticConfig (the config with the flags given), run id and max_norm_ratio; raises
+    ConfigError."""
     cfg = load_config(args.config, overrides)
     given = {name: getattr(args, name) for name in ("secret_file", *FLAGS) if getattr(args, name) is not None}
-    cfg = cfg.replace(elastic=dataclasses.replace(cfg.elastic, **given))
+    diloco = {"max_norm_ratio": args.max_norm_ratio} if args.max_norm_ratio is not None else {}
+    cfg = cfg.replace(elastic=dataclasses.replace(cfg.elastic, **given),
+                      diloco=dataclasses.replace(cfg.diloco, **diloco))
     if not cfg.elastic.secret_file:
         raise ConfigError("the coordinator needs the islands' shared secret: pass --secret-file (or set "
                           "elastic.secret_file in the --config file)")
-    return cfg.elastic, args.run_id or cfg.elastic.run_id or cfg.run.name
+    return cfg.elastic, args.run_id or cfg.elastic.run_id or cfg.run.name, cfg.diloco.max_norm_ratio
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
-    cfg, run_id = elastic_config(args, overrides)
+    cfg, run_id, max_norm_ratio = elastic_config(args, overrides)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)  # absl may own root
-    coord = Coordinator(cfg, run_id, args.bind, wire.load_secret(cfg.secret_file)).start()
+    coord = Coordinator(cfg, run_id, args.bind, wire.load_secret(cfg.secret_file), max_norm_ratio).start()
     if args.port_file:
         from pathlib import Path
         tmp = Path(args.port_file + ".tmp")

@@ -32,6 +32,7 @@ from . import wire
 log = logging.getLogger("intellect_jax.elastic.ring")
 
 PIPELINE_DEPTH = 4
+CANCEL_POLL_S = 0.5  # how often a member waiting on the ring asks `cancel` whether to give up
 
 
 class RingError(RuntimeError):
@@ -52,7 +53,10 @@ class Fp32Codec:
     def decode(self, buf: memoryview, n: int) -> np.ndarray:
         if len(buf) != 4 * n:
             raise wire.MalformedFrame(f"fp32 chunk of {len(buf)} bytes, expected {4 * n}")
-        return np.frombuffer(buf, np.float32, n)
+        x = np.frombuffer(buf, np.float32, n)
+        if not np.isfinite(x).all():
+            raise wire.MalformedFrame("fp32 chunk with non-finite values")
+        return x
 
     def wire_bytes(self, n: int) -> int:
         return 4 * n
@@ -85,6 +89,8 @@ class BlockCodec:
         nbytes = n * self.bits // 8
         codes = np.frombuffer(buf, np.int8 if self.bits == 8 else np.uint8, nbytes)
         scales = np.frombuffer(buf, np.float32, n // self.block_size, offset=nbytes)
+        if not np.isfinite(scales).all():
+            raise wire.MalformedFrame(f"{self.name} chunk with non-finite block scales")
         return np.asarray(self._unpack(codes, scales, bits=self.bits, block_size=self.block_size), np.float32)
 
     def wire_bytes(self, n: int) -> int:
@@ -160,11 +166,12 @@ class RingStats:
 
 def ring_mean(vec: np.ndarray, rank: int, send: Sequence[wire.Conn], recv: Sequence[wire.Conn], members: int,
               codec: Codec, chunk_bytes: int, block_size: int, timeout: float,
-              epoch: int = 0) -> tuple[np.ndarray, RingStats]:
+              epoch: int = 0, cancel: Callable[[], str | None] | None = None) -> tuple[np.ndarray, RingStats]:
     """Mean of `vec` over the ring. `send[k]` goes to the successor, `recv[k]` comes from the predecessor.
 
     Returns a new float32 array of len(vec), bit-identical on every member. Raises RingError on any failure; the
-    caller then discards everything and redoes the reduce in a new epoch.
+    caller then discards everything and redoes the reduce in a new epoch. `cancel`, asked every CANCEL_POLL_S while
+    the ring runs, returns a reason to give up early (the epoch was aborted elsewhere) or None.
     """
     t0 = time.perf_counter()
     vec = np.asarray(vec, np.float32).reshape(-1)
@@ -250,12 +257,22 @@ def ring_mean(vec: np.ndarray, rank: int, send: Sequence[wire.Conn], recv: Seque
         except BaseException as e:  # noqa: BLE001
             fail(e)
 
+    finished = threading.Event()
+
+    def watchdog() -> None:
+        while not finished.wait(CANCEL_POLL_S) and not failed.is_set():
+            why = cancel()
+            if why:
+                fail(RingError(why))
+
     for conn in list(send) + list(recv):
         conn.settimeout(timeout)
     threads = [threading.Thread(target=f, args=(k,), daemon=True, name=f"ring-{f.__name__}-{k}")
                for k in range(S) for f in (sender, receiver)]
     for th in threads:
         th.start()
+    if cancel is not None:
+        threading.Thread(target=watchdog, daemon=True, name="ring-watchdog").start()
     for c in range(C):  # reduce-scatter step 0: our own segment `rank`, packed while earlier chunks are in flight
         if failed.is_set():
             break
@@ -267,6 +284,7 @@ def ring_mean(vec: np.ndarray, rank: int, send: Sequence[wire.Conn], recv: Seque
         if th.is_alive():
             fail(RingError(f"ring thread {th.name} did not finish in time"))
             th.join(5.0)
+    finished.set()
     if errors:
         raise RingError(f"ring all-reduce (epoch {epoch}) failed: {errors[0]}") from errors[0]
     stats.seconds = time.perf_counter() - t0
