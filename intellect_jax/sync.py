@@ -183,7 +183,7 @@ class DilocoSync(Sync):
         self.H = cfg.diloco.inner_steps
         self.outer = diloco.make_outer_optimizer(cfg.diloco)
         global_params, _ = init_params(setup, cfg.model, mesh, cfg.run.seed, params)
-        self._inner_init = lambda p: inner_init_state(p, setup.optimizer)  # noqa: E731
+        self._inner_init = lambda p, step=0: inner_init_state(p, setup.optimizer, step)  # noqa: E731
         abstract_inner = jax.eval_shape(jax.vmap(self._inner_init, axis_size=n),
                                         jax.eval_shape(lambda g: diloco.broadcast_islands(g, n), global_params))
         inner_specs = train_state_specs(setup, mesh, abstract_inner, per_island=True)
@@ -245,7 +245,7 @@ class DilocoSync(Sync):
 
     def _fresh_islands(self, global_params, outer_opt_state, outer_step, step) -> diloco.DilocoState:
         """Every island restarts from the global params: fresh inner optimizer state at `step`, zero residual."""
-        inner = jax.vmap(lambda p: self._inner_init(p)._replace(step=step), axis_size=self.num_islands)(
+        inner = jax.vmap(lambda p: self._inner_init(p, step), axis_size=self.num_islands)(
             diloco.broadcast_islands(global_params, self.num_islands))
         return diloco.DilocoState(inner, global_params, outer_opt_state, outer_step,
                                   diloco.zero_residual(inner.params) if self.error_feedback else None)

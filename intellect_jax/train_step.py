@@ -72,8 +72,14 @@ def make_optimizer(cfg: OptimConfig, axes_tree: Any) -> optax.GradientTransforma
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip > 0 else adamw
 
 
-def init_state(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
-    return TrainState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
+def init_state(params: Any, optimizer: optax.GradientTransformation, step: Any = 0) -> TrainState:
+    """Fresh optimizer state at inner step `step`: the learning-rate schedule resumes at `step` (a restarted or
+    joining island must not redo the warmup), while Adam's moments and bias correction start from zero."""
+    opt_state = optimizer.init(params)
+    is_sched = lambda x: isinstance(x, optax.ScaleByScheduleState)  # noqa: E731
+    opt_state = jax.tree.map(lambda x: x._replace(count=jnp.asarray(step, x.count.dtype)) if is_sched(x) else x,
+                             opt_state, is_leaf=is_sched)
+    return TrainState(params=params, opt_state=opt_state, step=jnp.asarray(step, jnp.int32))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

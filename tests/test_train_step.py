@@ -106,3 +106,21 @@ def test_schedules_match_formulas():
     i1 = make_schedule(OptimConfig(learning_rate=7.5e-5, warmup_steps=1000, decay_start=74700, total_steps=90400))
     t = 80000
     assert float(i1(t)) == pytest.approx(7.5e-5 * (1 - np.sqrt((t - 74700) / (90400 - 74700))), rel=1e-5)
+
+
+@pytest.mark.parametrize("at", [0, 7, 30])
+def test_fresh_optimizer_state_resumes_the_schedule_but_not_the_moments(at):
+    """An island that installs a peer's state at inner step `at` gets fresh AdamW moments, but its learning rate is
+    the schedule's at `at`, not the warmup's start (else a restarted island would redo the warmup: larger updates
+    than its peers', which the pseudo-gradient guard then leaves out step after step)."""
+    from jax.sharding import PartitionSpec
+
+    from intellect_jax.train_step import init_state, make_optimizer
+    cfg = OptimConfig(learning_rate=1.0, warmup_steps=10, total_steps=40, schedule="cosine", weight_decay=0.0,
+                      grad_clip=0.0, eps=1e-12)
+    opt = make_optimizer(cfg, {"w": PartitionSpec()})
+    state = init_state({"w": jnp.zeros(3)}, opt, at)
+    assert int(state.step) == at
+    updates, _ = opt.update({"w": jnp.asarray([0.5, -2.0, 1e-3])}, state.opt_state, state.params)
+    # Adam's first step from fresh moments (bias-corrected) is -lr * sign(g): its size is exactly the lr at `at`.
+    np.testing.assert_allclose(np.abs(updates["w"]), float(make_schedule(cfg)(at)), rtol=1e-5)
