@@ -42,7 +42,7 @@ class Run:
     """Coordinator + sim islands as subprocesses. `prefix(i)` wraps island i's command (i=None: the coordinator),
     e.g. with `ip netns exec`; `hosts` are the addresses they listen on (coordinator first)."""
 
-    def __init__(self, tmp: Path, dead_after_s: float = 3.0, hosts=None, prefix=None, dim=None):
+    def __init__(self, tmp: Path, dead_after_s: float = 3.0, hosts=None, prefix=None, dim=None, dump=True):
         self.hosts = hosts or (lambda i: "127.0.0.1")
         self.prefix = prefix or (lambda i: [])
         self.dim = dim or DIM
@@ -54,7 +54,8 @@ class Run:
         self.procs: dict[str, subprocess.Popen] = {}
         self.seeds: dict[str, int] = {}
         self.coord_starts = 0
-        (tmp / "dump").mkdir()
+        self.dump = dump  # islands save every step's pseudo-gradient and mean under tmp/dump
+        (tmp / "dump").mkdir(exist_ok=True)
 
     def start_coordinator(self, min_islands=3):
         self.coord_starts += 1
@@ -79,7 +80,8 @@ class Run:
              "--secret-file", str(self.secret), "--name", name, "--seed", str(seed), "--steps", str(steps),
              "--dim", str(self.dim), "--inner-s", str(inner_s), "--streams", str(STREAMS), "--chunk-bytes", str(CHUNK),
              "--heartbeat-s", "0.5", "--dead-after-s", str(self.dead_after_s), "--out",
-             str(self.tmp / f"{name}.jsonl"), "--dump-dir", str(self.tmp / "dump"), *extra],
+             str(self.tmp / f"{name}.jsonl"), *(["--dump-dir", str(self.tmp / "dump")] if self.dump else []),
+             *extra],
             stdout=log, stderr=subprocess.STDOUT)
 
     def events(self, name, event=None):

@@ -46,6 +46,8 @@ from .recovery import State, StateProvider
 
 log = logging.getLogger("intellect_jax.elastic.client")
 
+MAX_RING_INBOX = 64  # ring streams accepted ahead of their epoch (a predecessor connects before we look)
+
 
 class ElasticError(RuntimeError):
     pass
@@ -336,8 +338,18 @@ class IslandClient:
     def _serve_peer(self, conn: wire.Conn, hello: dict[str, Any]) -> bool:
         op = hello.get("op")
         if op == "ring":
-            key = (int(hello["epoch"]), str(hello["from"]), int(hello["stream"]))
+            key = (hello.get("epoch"), hello.get("from"), hello.get("stream"))
+            if not (isinstance(key[0], int) and isinstance(key[1], str) and isinstance(key[2], int)
+                    and 0 <= key[2] < self.cfg.streams and not isinstance(key[0], bool)):
+                raise wire.MalformedFrame(f"ring HELLO with epoch/from/stream {key!r:.120}")
             with self._mail:
+                if len(self._ring_inbox) >= max(MAX_RING_INBOX, 4 * self.cfg.streams):
+                    # Unconsumed streams (peers ahead of us, or bogus epochs): the furthest-ahead one goes.
+                    far = max(self._ring_inbox)
+                    if far[0] <= key[0]:
+                        raise wire.MalformedFrame(f"{len(self._ring_inbox)} ring streams already wait for an epoch")
+                    log.warning("dropping ring stream %s: too many wait for an epoch", far)
+                    self._ring_inbox.pop(far).close()
                 self._ring_inbox[key] = conn
                 self._mail.notify_all()
             return True  # adopted by the ring

@@ -110,12 +110,18 @@ def check_status(st: Any) -> dict[str, Any]:
     if not isinstance(host, str) or len(host) > MAX_HOST or not set(host) <= _HOST_CHARS:
         raise ValueError(f"advertise_host must be a host name or IP address, got {host!r:.80}")
     h = st.get("hash")
-    if h is not None and (not isinstance(h, str) or not 0 < len(h) <= 128 or not h.isprintable()):
-        raise ValueError(f"hash must be a digest string of at most 128 characters, got {h!r:.80}")
+    if h is not None:
+        _hash(h)
     return {"incarnation": _name(st.get("incarnation"), "incarnation"), "step": _int(st.get("step"), "step", -1),
             "hash": h, "advertise_host": host, "port": _int(st.get("port"), "port", 1, 65535),
             "rates": _rates(st.get("rates")), "last_epoch": _epoch(st.get("last_epoch"), "last_epoch", False),
             "pending": _epoch(st.get("pending"), "pending", True)}
+
+
+def _hash(h: Any) -> str:
+    if not isinstance(h, str) or not 0 < len(h) <= 128 or not h.isprintable():
+        raise ValueError(f"hash must be a digest string of at most 128 characters, got {h!r:.80}")
+    return h
 
 
 def _norm(v: Any) -> float | None:
@@ -530,7 +536,7 @@ class Coordinator:
     # -- blocking requests: return None to keep waiting ------------------------------------------------------------
 
     def _sync(self, isl: Island, req: dict) -> dict[str, Any] | None:
-        s = int(req["step"])
+        s = _int(req.get("step"), "step", 0)
         if self.recovering:
             return None
         if self.run_step is None:
@@ -553,7 +559,10 @@ class Coordinator:
         return None
 
     def _done(self, isl: Island, req: dict) -> dict[str, Any] | None:
-        eid, ok = int(req["epoch"]), bool(req["ok"])
+        eid, s = _int(req.get("epoch"), "epoch", 0), _int(req.get("step"), "step", 0)
+        if not isinstance(req.get("ok"), bool):
+            raise ValueError(f"ok must be true or false, got {req.get('ok')!r:.40}")
+        ok = req["ok"]
         if eid in self.decisions:
             d, s = self.decisions[eid]
             if d == "commit" and not ok:
@@ -564,7 +573,6 @@ class Coordinator:
             return None
         if e is None or e.id != eid:
             # Unknown epoch (e.g. from before a restart, never resumed): the step must be redone or re-fetched.
-            s = int(req["step"])
             return {"decision": "abort" if s == self.run_step else "stale", "run_step": self.run_step}
         if isl.name in e.members:
             e.done[isl.name] = "ok" if ok else "fail"
@@ -572,12 +580,14 @@ class Coordinator:
         return None
 
     def _commit(self, isl: Island, req: dict) -> dict[str, Any] | None:
-        s, h = int(req["step"]), str(req["hash"])
+        s, h = _int(req.get("step"), "step", 0), _hash(req.get("hash"))
         if self.recovering:
             return None
+        if isl.step != s + 1:  # only islands that applied step s vote on its hash
+            raise ValueError(f"a vote on outer step {s} from an island at step {isl.step}: only islands that "
+                             "applied the step vote")
         self.hashes[s][isl.name] = h
-        if isl.step == s + 1:
-            isl.hash = h
+        isl.hash = h
         self._maybe_canonical()
         if s not in self.canonical:
             return None

@@ -67,10 +67,11 @@ def serve_state(conn: wire.Conn, provider: StateProvider, max_bytes_per_s: float
             log.info("serving state (outer step %s, %d arrays, %.1f MB) to %s", meta.get("outer_step"),
                      len(man), sum(m["nbytes"] for m in man) / 1e6, conn.peer)
         elif op == "chunk":
-            a = arrays.get(req.get("name"))
-            off, n = int(req.get("offset", -1)), int(req.get("length", -1))
-            if a is None or off < 0 or n < 0 or off + n > a.nbytes:
-                conn.send(wire.MsgType.ERROR, {"error": f"bad chunk request {req}"})
+            name, off, n = req.get("name"), req.get("offset"), req.get("length")
+            a = arrays.get(name) if isinstance(name, str) else None
+            if (a is None or not all(isinstance(v, int) and not isinstance(v, bool) for v in (off, n))
+                    or off < 0 or n < 0 or off + n > a.nbytes):
+                conn.send(wire.MsgType.ERROR, {"error": f"bad chunk request {str(req)[:200]}"})
                 continue
             conn.send(wire.MsgType.REPLY, {}, memoryview(a).cast("B")[off:off + n])
             sent += n
@@ -79,7 +80,7 @@ def serve_state(conn: wire.Conn, provider: StateProvider, max_bytes_per_s: float
                 if ahead > 0:
                     time.sleep(ahead)
         else:
-            conn.send(wire.MsgType.ERROR, {"error": f"unknown state op {op!r}"})
+            conn.send(wire.MsgType.ERROR, {"error": f"unknown state op {str(op)[:80]!r}"})
 
 
 Layout = dict[str, tuple[str, tuple[int, ...]]]  # array name -> (numpy dtype str, shape)

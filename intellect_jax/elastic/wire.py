@@ -475,8 +475,10 @@ def accept(sock: socket.socket, peer: str, secret: bytes, run_id: str, max_frame
     conn.deadline = time.monotonic() + timeout
     try:
         mtype, hello, _ = conn.recv()
-        if mtype != MsgType.HELLO or not isinstance(hello.get("nonce"), str):
+        if mtype != MsgType.HELLO:
             raise MalformedFrame(f"expected HELLO, got {mtype.name}")
+        if not isinstance(hello.get("nonce"), str):
+            raise MalformedFrame("HELLO without a nonce")
         sent_at = hello.get("time")
         if not isinstance(sent_at, (int, float)) or isinstance(sent_at, bool):
             raise MalformedFrame("HELLO without a time")

@@ -1,0 +1,246 @@
+"""Hostile bytes against a live run: hypothesis throws random, truncated, oversized, wrong-typed and replayed frames
+at the coordinator and at an island's listener while three islands train. Both stay up, their memory and thread
+counts stay bounded, nothing raises past a handler (no traceback in their logs), and the run's outer steps are all
+there with identical hashes on every island (the e2e replay checks them bit for bit).
+
+Strategies, per connection: raw random bytes; a well-formed fixed header with random fields (magic, version, type,
+sequence number, run tag, declared lengths up to 2**64-1) and a body cut at a random point; a HELLO MAC'd with the
+right or a wrong key whose JSON fields have random types; a HELLO captured from a real handshake and replayed; and,
+as an authenticated insider (the right secret), random requests to the coordinator and random peer HELLOs to the
+island (ring / state / probe with wrong-typed fields).
+"""
+
+import hashlib
+import hmac
+import json
+import os
+import socket
+import struct
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from intellect_jax.elastic import wire
+from tests.test_elastic_e2e import Run, check_run
+
+RUN_ID = "run"  # sim_island's default run id
+EXAMPLES = 600  # per strategy family and target: a few thousand connections in all, ~1 min
+
+
+def _proc(pid: int) -> dict[str, int]:
+    out = {}
+    for line in open(f"/proc/{pid}/status"):
+        k, _, v = line.partition(":")
+        if k in ("VmRSS", "Threads"):
+            out[k] = int(v.split()[0])
+    return out
+
+
+def _head(magic=wire.MAGIC, version=wire.PROTOCOL_VERSION, mtype=1, seq=0, run=None, json_len=0, data_len=0):
+    return struct.pack(">4sHHQ16sIQ4s", magic, version, mtype, seq, run or wire.run_tag(RUN_ID), json_len, data_len,
+                       b"\0" * 4)
+
+
+def _send(port: int, data: bytes, read: bool = True) -> None:
+    """One connection: send `data`, read whatever comes back for a moment, close. Refusals are the point."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            s.sendall(data)
+            if read:
+                s.settimeout(0.2)
+                try:
+                    s.recv(4096)
+                except OSError:
+                    pass
+    except OSError:  # reset by the server mid-send: also a refusal
+        pass
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12)
+FIELDS = ["op", "name", "kind", "step", "epoch", "ok", "hash", "norm", "status", "incarnation", "stream", "from",
+          "nonce", "time", "encrypt", "rates"]
+headers = st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=6), json_values, max_size=6)
+
+raw = st.binary(max_size=3000)
+truncated = st.builds(
+    lambda magic, version, mtype, seq, run, jl, dl, body, cut: (_head(magic, version, mtype, seq, run, jl, dl)
+                                                               + body)[:cut],
+    st.sampled_from([wire.MAGIC, b"XXXX", b"\0\0\0\0"]), st.sampled_from([wire.PROTOCOL_VERSION, 1, 3, 65535]),
+    st.integers(0, 65535), st.integers(0, 2**64 - 1), st.sampled_from([None, b"\0" * 16]),
+    st.integers(0, 2**32 - 1) | st.integers(0, 5000), st.integers(0, 2**64 - 1) | st.integers(0, 5000),
+    st.binary(max_size=3000), st.integers(0, 6000))
+
+
+def _hello(fields: dict, key: bytes, fresh: bool) -> bytes:
+    if fresh:  # a well-formed nonce and time, so the frame gets past the replay window to the other fields
+        fields = dict(fields, nonce=os.urandom(16).hex(), time=time.time())
+    js = json.dumps(fields).encode()
+    head = _head(mtype=int(wire.MsgType.HELLO), json_len=len(js))
+    return head + js + hmac.new(key, head + js, hashlib.sha256).digest()
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    run = Run(tmp_path_factory.mktemp("fuzz"))
+    run.start_coordinator(min_islands=3)
+    for i, n in enumerate("abc"):
+        run.start_island(n, 90 + i, 10_000, inner_s=0.3)  # until stopped
+    run.wait_for(lambda: all(run.events(n, "step") for n in "abc"), 60, "first outer step on every island")
+    key = wire._hkdf(run.secret.read_bytes(), wire.run_tag(RUN_ID), b"intellect-jax/2 hello")
+    # A HELLO captured from a real handshake (with the real key): replaying it must be refused.
+    captured = {}
+    real_sendall = socket.socket.sendall
+
+    def tap(self, data, *a):
+        captured.setdefault("hello", b"")
+        if len(captured["hello"]) < 4096:
+            captured["hello"] += bytes(data)
+        return real_sendall(self, data, *a)
+
+    socket.socket.sendall = tap
+    try:
+        wire.connect(("127.0.0.1", run.port), run.secret.read_bytes(), RUN_ID, 1 << 20,
+                     hello={"name": "capture"}, timeout=5)[0].close()
+    finally:
+        socket.socket.sendall = real_sendall
+    hello = captured["hello"]
+    json_len = struct.unpack(">4sHHQ16sIQ4s", hello[:wire.HEADER_BYTES])[5]
+    run.replayed_hello = hello[:wire.HEADER_BYTES + json_len + wire.MAC_BYTES]
+    run.hello_key = key
+    run.island_port = run.events("b", "joined")[0]["port"]
+    run.targets = {"coordinator": run.port, "island": run.island_port}
+    run.pids = {"coordinator": run.procs["coordinator"].pid, "island": run.procs["b"].pid}
+    run.before = {k: _proc(p) for k, p in run.pids.items()}
+    yield run
+    run.stop()
+
+
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
+                suppress_health_check=list(HealthCheck))
+
+
+@pytest.mark.parametrize("target", ["coordinator", "island"])
+def test_unauthenticated_garbage(live, target):
+    port = live.targets[target]
+
+    @FUZZ
+    @given(data=raw | truncated)
+    def fuzz(data):
+        _send(port, data, read=False)
+
+    fuzz()
+
+
+@pytest.mark.parametrize("target", ["coordinator", "island"])
+def test_hellos_with_wrong_types_wrong_keys_and_replays(live, target):
+    port = live.targets[target]
+
+    @FUZZ
+    @given(fields=headers, right_key=st.booleans(), fresh=st.booleans(), replay=st.integers(0, 9))
+    def fuzz(fields, right_key, fresh, replay):
+        if replay == 0:
+            _send(port, live.replayed_hello)
+        else:
+            _send(port, _hello(fields, live.hello_key if right_key else os.urandom(32), fresh))
+
+    fuzz()
+
+
+OPS = ["register", "heartbeat", "sync", "done", "commit", "epoch", "members", "rates", "bye", "nope"]
+not_a_step = json_values.filter(lambda v: not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 10**6))
+
+
+def test_authenticated_insider_with_wrong_typed_requests(live):
+    """An island holding the secret (registered as one of a few names with no state, so the run never waits for it)
+    sends every op with random, wrong-typed fields: each is answered (or refused with an ERROR), none breaks a
+    thread; its sync never names a real step, so it never becomes a member."""
+    secret = live.secret.read_bytes()
+
+    @settings(FUZZ, max_examples=EXAMPLES // 2)
+    @given(k=st.integers(0, 3), kind=st.sampled_from(["rpc", "hb", 3]),
+           reqs=st.lists(st.tuples(st.sampled_from(OPS), headers, not_a_step), min_size=1, max_size=5))
+    def coordinator(k, kind, reqs):
+        name = f"fz{k}"
+        status = {"incarnation": f"inc-{name}", "step": -1, "hash": None, "advertise_host": "127.0.0.1",
+                  "port": 9, "last_epoch": None, "pending": None}
+        try:
+            conn, _ = wire.connect(("127.0.0.1", live.port), secret, RUN_ID, 1 << 20,
+                                   hello={"name": name, "kind": kind}, timeout=3)
+        except (OSError, wire.WireError, wire.RemoteError):
+            return
+        try:
+            try:
+                conn.request({"op": "register", "incarnation": status["incarnation"], "status": status})
+            except wire.RemoteError:
+                pass
+            for op, fields, step in reqs:
+                r = dict(fields, op=op, incarnation=status["incarnation"])
+                if op == "sync":
+                    r["step"] = step
+                if op in ("register", "heartbeat") and "status" not in fields:
+                    r["status"] = dict(status, **{f: v for f, v in fields.items() if f in status})
+                try:
+                    conn.request(r)
+                except wire.RemoteError:
+                    pass
+        except (OSError, wire.WireError):
+            pass
+        finally:
+            conn.close()
+
+    ring_fields = st.fixed_dictionaries({}, optional={"epoch": st.integers(-5, 10**6) | json_values,
+                                                      "from": st.sampled_from(["a", "c"]) | json_values,
+                                                      "stream": st.integers(-1, 5) | json_values})
+
+    @settings(FUZZ, max_examples=EXAMPLES // 2)
+    @given(hello=ring_fields, extra=headers, op=st.sampled_from(["ring", "state", "probe", "x", None]),
+           frames=st.lists(st.tuples(st.sampled_from(["manifest", "chunk", "x"]), headers), max_size=3))
+    def island(hello, extra, op, frames):
+        try:
+            conn, _ = wire.connect(("127.0.0.1", live.island_port), secret, RUN_ID, 1 << 20,
+                                   hello=dict(extra, **hello, op=op), timeout=3)
+        except (OSError, wire.WireError, wire.RemoteError):
+            return
+        try:
+            for sop, h in frames:
+                conn.send(wire.MsgType.REQUEST, dict(h, op=sop))
+                conn.settimeout(1.0)
+                conn.recv()
+        except (OSError, wire.WireError, wire.RemoteError):
+            pass
+        finally:
+            conn.close()
+
+    coordinator()
+    island()
+
+
+def test_the_run_went_on_with_bounded_memory_and_threads(live):
+    """Runs last (file order): after every fuzz test above, the targets' RSS and threads are bounded and the run
+    completed outer steps during and after the fuzzing with identical, replay-exact hashes on all islands."""
+    steps_before = len(live.events("a", "step"))
+    live.wait_for(lambda: len(live.events("a", "step")) >= steps_before + 3, 60, "three more outer steps")
+    time.sleep(3.0)  # handshake deadlines / idle connections of the fuzzing expire
+    for k, pid in live.pids.items():
+        now, before = _proc(pid), live.before[k]
+        print(f"{k}: RSS {before['VmRSS'] / 1024:.1f} -> {now['VmRSS'] / 1024:.1f} MB, threads {before['Threads']} -> "
+              f"{now['Threads']}")
+        assert now["VmRSS"] - before["VmRSS"] < 64 * 1024, (k, before, now)  # kB
+        assert now["Threads"] <= before["Threads"] + 8, (k, before, now)
+    for p in live.procs.values():
+        assert p.poll() is None, live.dump_logs()
+    for n in "abc":
+        live.procs[n].terminate()
+    for n in "abc":
+        live.procs[n].wait(30)
+    done = max(e["step"] for n in "abc" for e in live.events(n, "step"))
+    check_run(live, "abc", done + 1)
+    logs = live.dump_logs()
+    assert "Traceback" not in logs and "handler for" not in logs, logs
+    assert "refused connection from" in live.coord_log() and "bad magic" in live.coord_log()
+    assert "replayed" in live.coord_log()
