@@ -305,10 +305,16 @@ def test_a_member_dying_after_the_others_reported_ok_still_commits(coord):
     for i in (a, b, c):
         i.rpc("register")
     ep = _epoch_for([a, b, c], 0)["a"]["epoch"]
-    assert a.rpc("done", epoch=ep["id"], step=0, ok=True) == {"wait": True}
-    assert b.rpc("done", epoch=ep["id"], step=0, ok=True) == {"wait": True}
+    c.rpc("heartbeat")  # fresh, so that only its connection closing (below) declares it dead
+    waits = [_bg(lambda i=i: i.wait("done", epoch=ep["id"], step=0, ok=True)) for i in (a, b)]
+    deadline = time.monotonic() + 5
+    while len(coord.epoch.done) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert coord.epoch.done == {"a": "ok", "b": "ok"}
     c.close()  # the ring had completed (a and b hold the result): no need to redo
-    assert a.wait("done", epoch=ep["id"], step=0, ok=True)["decision"] == "commit"
+    for t, out in waits:
+        t.join(10)
+        assert out["r"]["decision"] == "commit"
 
 
 @pytest.mark.parametrize("norms, ratio, left_out", [
@@ -355,3 +361,50 @@ def test_bad_norm_field_is_refused(coord):
     a.rpc("register")
     with pytest.raises(wire.RemoteError, match="norm must be a finite number >= 0 or null"):
         a.rpc("sync", step=0, norm="x")
+
+
+@pytest.fixture
+def slow_grace():
+    cfg = ElasticConfig(heartbeat_s=0.5, dead_after_s=2.0, min_islands=2, recovery_grace_s=5.0)
+    c = Coordinator(cfg, RUN, "127.0.0.1:0", SECRET).start()
+    yield c
+    c.close()
+
+
+@pytest.mark.parametrize("fetched_epoch", [True, False])
+def test_restart_does_not_take_the_run_step_from_islands_that_only_fetched(slow_grace, fetched_epoch):
+    """After a coordinator restart, islands that fetched step 54 register first; c and d, which committed step 54
+    (epoch 56) and hold step 55, come a moment later. Recovery must wait for them (the fetchers name the epoch
+    that committed their state, or name none while holding a run in progress): ending it with run step 54 would
+    let a and b redo step 54 and fork the run (found by benchmarks/chaos.py)."""
+    coord = slow_grace
+    le53 = {"id": 55, "step": 53, "members": ["c", "d"]} if fetched_epoch else None
+    a, b = (Isl(coord, n, 54, h="h54", last_epoch=le53) for n in "ab")
+    a.rpc("register"), b.rpc("register")
+    time.sleep(0.5)
+    assert coord.recovering and a.rpc("sync", step=54) == {"wait": True}
+    le54 = {"id": 56, "step": 54, "members": ["c", "d"]}
+    c, d = (Isl(coord, n, 55, h="h55", last_epoch=le54) for n in "cd")
+    c.rpc("register"), d.rpc("register")
+    if not fetched_epoch:  # nothing named c and d: the grace runs out first
+        time.sleep(5.0)
+    rep = a.rpc("register")
+    assert not coord.recovering and coord.run_step == 55 and rep["needs_state"] is True
+    assert a.wait("sync", step=54)["stale"] is True
+    assert coord.committed[54] == le54 and a.rpc("members")["epochs"]["54"] == le54
+
+
+def test_an_island_holding_a_committed_later_step_advances_the_run(coord, caplog):
+    a, b = Isl(coord, "a", 0), Isl(coord, "b", 0)
+    a.rpc("register"), b.rpc("register")
+    ep = _epoch_for([a, b], 0)["a"]["epoch"]  # running: outer step 0
+    late = Isl(coord, "c", 1, h="h1", last_epoch={"id": 1, "step": 0, "members": ["c", "x"]})
+    late.rpc("register")
+    t, out = _bg(lambda: late.wait("sync", step=1))
+    assert a.wait("done", epoch=ep["id"], step=0, ok=True)["decision"] == "abort"  # rather than a fork
+    assert coord.run_step == 1 and "island c holds outer step 1, committed in epoch 1" in caplog.text
+    assert a.wait("sync", step=0)["stale"] is True
+    t.join(0.1)
+    no_epoch = Isl(coord, "d", 5)
+    no_epoch.rpc("register")
+    assert "ahead of the run" in no_epoch.wait("sync", step=5)["error"]  # nothing proves step 5 was committed

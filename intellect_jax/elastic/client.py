@@ -223,6 +223,8 @@ class IslandClient:
         with self._lock:
             self.step, self.hash = step, state.meta.get("params_hash")
             self.pending = None
+            # The epoch that committed this state: after a coordinator restart it tells which islands to wait for.
+            self.last_epoch = (rep.get("epochs") or {}).get(str(step - 1)) or self.last_epoch
             self.last_stats = {"fetch": report}
         self._register(wait_recovery=True)
         return state

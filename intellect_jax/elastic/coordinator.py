@@ -205,6 +205,7 @@ class Coordinator:
         self.ready: dict[str, int] = {}
         self.hashes: dict[int, dict[str, str]] = collections.defaultdict(dict)  # step s -> name -> hash after s
         self.canonical: dict[int, str] = {}
+        self.committed: dict[int, dict] = {}  # step s -> {"id", "step", "members"} of the epoch that committed it
         self.epochs_formed = 0
         self.recovering = True
         self.started = time.monotonic()
@@ -297,7 +298,8 @@ class Coordinator:
                 return {"run_step": self.run_step, "recovering": self.recovering,
                         "islands": [{"name": i.name, "addr": i.addr, "step": i.step, "hash": i.hash}
                                     for i in self.islands.values() if i.alive],
-                        "canonical": {str(k): self.canonical[k] for k in recent}}
+                        "canonical": {str(k): self.canonical[k] for k in recent},
+                        "epochs": {str(k): self.committed[k] for k in sorted(self.committed)[-8:]}}
             if op == "epoch":  # polled by members waiting on a neighbour: abort at once if the epoch did
                 d = self.decisions.get(_int(req.get("epoch"), "epoch", 0))
                 return {"decision": d[0] if d else None}
@@ -362,6 +364,7 @@ class Coordinator:
         isl.pending = st.get("pending")
         if isl.last_epoch:
             self.next_epoch_id = max(self.next_epoch_id, int(isl.last_epoch["id"]) + 1)
+            self.committed.setdefault(isl.last_epoch["step"], isl.last_epoch)
         if isl.pending:
             self.next_epoch_id = max(self.next_epoch_id, int(isl.pending["id"]) + 1)
             e = self.epoch
@@ -429,6 +432,7 @@ class Coordinator:
         self.epoch = None
         if decision == "commit":
             self.run_step = e.step + 1
+            self.committed[e.step] = {"id": e.id, "step": e.step, "members": e.members}
             for m in e.members:
                 if e.done.get(m) == "ok":
                     isl = self.islands[m]
@@ -503,7 +507,10 @@ class Coordinator:
                     newest = ep
         missing = [m for m in (newest["members"] if newest else []) if
                    m not in self.islands or not self.islands[m].alive]
-        if missing and time.monotonic() - self.started < self.grace_s:
+        # No epoch named but a run in progress (only islands that fetched their state have registered): islands
+        # further ahead may still come back, and a run step taken from these alone would fork the run.
+        unknown = newest is None and any(i.step > 0 for i in regs)
+        if (missing or unknown) and time.monotonic() - self.started < self.grace_s:
             return
         self.recovering = False
         self.run_step = max(i.step for i in regs)
@@ -544,7 +551,16 @@ class Coordinator:
         if s < self.run_step:
             return {"stale": True, "run_step": self.run_step}
         if s > self.run_step:
-            return {"error": f"outer step {s} is ahead of the run ({self.run_step}); re-register"}
+            le = isl.last_epoch
+            if le is None or le["step"] != s - 1:
+                return {"error": f"outer step {s} is ahead of the run ({self.run_step}); re-register"}
+            # It holds a state committed (by epoch le) past what we rebuilt: the run is there; whoever is behind
+            # re-syncs, and an epoch still reducing an older step is aborted rather than forking the run.
+            log.warning("island %s holds outer step %d, committed in epoch %d; the run was at %d: advancing",
+                        isl.name, s, le["id"], self.run_step)
+            if self.epoch is not None and self.epoch.decision is None:
+                self._decide(self.epoch, "abort")
+            self.run_step = s
         if "norm" in req:
             self.norms[isl.name] = (s, _norm(req["norm"]))
         if s in self.guard_errors:
