@@ -70,7 +70,7 @@ def member(a: argparse.Namespace) -> int:
         return True
 
     encrypt = a.encrypt == "on"
-    srv = wire.Server(addrs[r], secret, RUN, maxf, handler, "bench", encrypt=encrypt).start()
+    srv = wire.Server(a.bind or addrs[r], secret, RUN, maxf, handler, "bench", encrypt=encrypt).start()
     send = []
     deadline = time.monotonic() + 60
     for k in range(a.streams):
@@ -135,11 +135,23 @@ def loopback_tcp_rate(nbytes: int = 512 << 20) -> float:
     return nbytes / dt
 
 
-def run_ring(addrs: list[str], prefixes: list[list[str]], a: argparse.Namespace) -> list[dict]:
+def run_ring(addrs: list[str], prefixes: list[list[str]], a: argparse.Namespace, binds: list[str] | None = None,
+             ) -> list[dict]:
+    """Every --streams value in turn; rows carry their "streams"."""
+    rows = []
+    for streams in [int(v) for v in str(a.streams).split(",")]:
+        rows += [dict(r, streams=streams) for r in _run_ring(addrs, prefixes, argparse.Namespace(
+            **dict(vars(a), streams=streams)), binds)]
+    return rows
+
+
+def _run_ring(addrs: list[str], prefixes: list[list[str]], a: argparse.Namespace, binds: list[str] | None,
+              ) -> list[dict]:
     secret = os.urandom(32).hex()
     procs = []
     for r, addr in enumerate(addrs):
-        cmd = prefixes[r] + [sys.executable, str(Path(__file__).resolve()), "member", "--rank", str(r), "--addrs",
+        cmd = prefixes[r] + [sys.executable, str(Path(__file__).resolve()), "member", "--rank", str(r),
+                             "--bind", binds[r] if binds else addr, "--addrs",
                              ",".join(addrs), "--secret-hex", secret, "--sizes-mb", a.sizes_mb, "--compression",
                              a.compression, "--streams", str(a.streams), "--chunk-bytes", str(a.chunk_bytes),
                              "--repeats", str(a.repeats), "--encrypt", a.encrypt]
@@ -155,16 +167,16 @@ def run_ring(addrs: list[str], prefixes: list[list[str]], a: argparse.Namespace)
 
 def summarize(rows: list[dict], N: int, rate: float, rate_label: str) -> list[dict]:
     out = []
-    keys = sorted({(r["mb"], r["compression"]) for r in rows})
-    for mb, comp in keys:
-        sel = [r for r in rows if r["mb"] == mb and r["compression"] == comp]
+    keys = sorted({(r["streams"], r["mb"], r["compression"]) for r in rows})
+    for streams, mb, comp in keys:
+        sel = [r for r in rows if (r["streams"], r["mb"], r["compression"]) == (streams, mb, comp)]
         reps = sorted({r["repeat"] for r in sel})
         per_rep = [max(r["seconds"] for r in sel if r["repeat"] == k) for k in reps]
         shas = {r["sha"] for r in sel if r["repeat"] == reps[-1]}
         payload = payload_bytes(sel[0]["n"], comp)
         bound = 2 * (N - 1) / N * payload / rate
         best = min(per_rep)
-        out.append({"members": N, "fp32_mb": mb, "compression": comp, "payload_mb": payload / 1e6,
+        out.append({"members": N, "streams": streams, "fp32_mb": mb, "compression": comp, "payload_mb": payload / 1e6,
                     "seconds_best": best, "seconds_median": float(np.median(per_rep)), "bound_s": bound,
                     "fraction_of_link_rate": bound / best, "bit_identical": len(shas) == 1, "rate": rate_label})
     return out
@@ -177,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         mp = argparse.ArgumentParser()
         mp.add_argument("--rank", type=int, required=True)
         mp.add_argument("--addrs", required=True)
+        mp.add_argument("--bind", default="", help="listen here (default: our entry of --addrs)")
         mp.add_argument("--secret-hex", required=True)
         mp.add_argument("--sizes-mb", required=True)
         mp.add_argument("--compression", required=True)
@@ -189,10 +202,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--members", type=int, default=3)
     ap.add_argument("--sizes-mb", default="10,50,200", help="fp32 vector sizes in MB (1e6 bytes)")
     ap.add_argument("--compression", default="int8,none")
-    ap.add_argument("--streams", type=int, default=4)
+    ap.add_argument("--streams", default="4", help="TCP streams per link; a list (1,4,8) runs each in turn")
     ap.add_argument("--chunk-bytes", type=int, default=4 << 20)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--wan", default="", help="e.g. 100mbit: run in netns islands with tbf links (root)")
+    ap.add_argument("--delay-ms", type=float, default=0.0, help="with --wan: one-way delay added to every link by "
+                    "a user-space relay in front of each member (launch/delay_relay.py; RTT = 2x)")
+    ap.add_argument("--window-mb", type=float, default=4.0, help="with --delay-ms: TCP window per stream (MiB) the "
+                    "relay emulates (Linux's default autotuned send window is 4 MiB)")
     ap.add_argument("--encrypt", choices=("on", "off"), default="on",
                     help="AES-256-GCM sealed frames (elastic.encrypt, the default) or HMAC only")
     ap.add_argument("--timeout", type=float, default=1800)
@@ -205,22 +222,38 @@ def main(argv: list[str] | None = None) -> int:
         from wan_emulation import Topology
         with Topology(N, a.wan) as topo:
             addrs = [f"{ip}:{7000}" for ip in topo.ips]
-            rows = run_ring(addrs, [topo.exec_cmd(i, []) for i in range(N)], a)
+            relays, binds = [], None
+            if a.delay_ms > 0:  # each member listens on its loopback; the relay on its link address forwards
+                binds = ["127.0.0.1:7001"] * N
+                relays = [subprocess.Popen(topo.exec_cmd(i, [
+                    sys.executable, str(ROOT / "launch" / "delay_relay.py"), "--listen", addrs[i], "--to",
+                    binds[i], "--delay-ms", str(a.delay_ms), "--window-mb", str(a.window_mb)]),
+                    stdout=subprocess.PIPE, text=True) for i in range(N)]
+                for r in relays:
+                    r.stdout.readline()  # "relay ... -> ...": listening
+            try:
+                rows = run_ring(addrs, [topo.exec_cmd(i, []) for i in range(N)], a, binds)
+            finally:
+                for r in relays:
+                    r.terminate()
+                    r.wait(10)
         rate, label = _rate_bytes(a.wan), f"tbf {a.wan}"
+        if a.delay_ms > 0:
+            label += f", {a.delay_ms:g} ms one-way (RTT {2 * a.delay_ms:g} ms, window {a.window_mb:g} MiB/stream)"
     else:
         rate = loopback_tcp_rate()
         label = f"loopback raw TCP {rate / 1e9:.2f} GB/s"
         addrs = [f"127.0.0.1:{_free_port()}" for _ in range(N)]
         rows = run_ring(addrs, [[] for _ in range(N)], a)
     summary = summarize(rows, N, rate, label)
-    print(f"# ring all-reduce, {N} members, {a.streams} streams/link, chunk {a.chunk_bytes >> 20} MiB, rate: {label}, "
+    print(f"# ring all-reduce, {N} members, chunk {a.chunk_bytes >> 20} MiB, rate: {label}, "
           f"encrypt {a.encrypt}")
-    print(f"{'fp32 MB':>8} {'comp':>5} {'payload MB':>10} {'best s':>8} {'median s':>9} {'bound s':>8} "
+    print(f"{'streams':>7} {'fp32 MB':>8} {'comp':>5} {'payload MB':>10} {'best s':>8} {'median s':>9} {'bound s':>8} "
           f"{'of rate':>8} {'identical':>9}")
     for s in summary:
-        print(f"{s['fp32_mb']:8.0f} {s['compression']:>5} {s['payload_mb']:10.1f} {s['seconds_best']:8.3f} "
-              f"{s['seconds_median']:9.3f} {s['bound_s']:8.3f} {s['fraction_of_link_rate']:8.1%} "
-              f"{str(s['bit_identical']):>9}")
+        print(f"{s['streams']:7d} {s['fp32_mb']:8.0f} {s['compression']:>5} {s['payload_mb']:10.1f} "
+              f"{s['seconds_best']:8.3f} {s['seconds_median']:9.3f} {s['bound_s']:8.3f} "
+              f"{s['fraction_of_link_rate']:8.1%} {str(s['bit_identical']):>9}")
     if a.json:
         Path(a.json).write_text(json.dumps(summary, indent=1))
     if not a.no_write:
@@ -228,11 +261,12 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import common
 
         body = common.table(
-            ["fp32 MB", "mode", "payload MB", "best s", "median s", "bound s", "of link rate", "bit-identical"],
-            [[f"{s['fp32_mb']:.0f}", s["compression"], f"{s['payload_mb']:.1f}", f"{s['seconds_best']:.3f}",
-              f"{s['seconds_median']:.3f}", f"{s['bound_s']:.3f}", f"{s['fraction_of_link_rate']:.1%}",
-              str(s["bit_identical"])] for s in summary])
-        note = (f"{N} islands (separate processes), {a.streams} TCP streams per link, frames "
+            ["streams", "fp32 MB", "mode", "payload MB", "best s", "median s", "bound s", "of link rate",
+             "bit-identical"],
+            [[s["streams"], f"{s['fp32_mb']:.0f}", s["compression"], f"{s['payload_mb']:.1f}",
+              f"{s['seconds_best']:.3f}", f"{s['seconds_median']:.3f}", f"{s['bound_s']:.3f}",
+              f"{s['fraction_of_link_rate']:.1%}", str(s["bit_identical"])] for s in summary])
+        note = (f"{N} islands (separate processes), 'streams' TCP connections per link, frames "
                 f"{'sealed with AES-256-GCM' if a.encrypt == 'on' else 'HMAC-SHA256 only (encrypt off)'}, chunk "
                 f"{a.chunk_bytes >> 20} MiB, rate: {label}. Bound = 2(N-1)/N x payload / link rate (int8 payload "
                 "includes the fp32 block scales). 'bit-identical': every member decoded the same mean bytes.")

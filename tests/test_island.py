@@ -98,6 +98,8 @@ def test_killed_island_recovers_live_from_a_peer(tmp_path, coordinator):
         assert p.wait(timeout=600) == 0, (tmp_path / "island2b.log").read_text()[-3000:]
     log = (tmp_path / "island2b.log").read_text()
     assert "fetching the state from a live peer" in log and "installed the global state" in log
+    clog = (tmp_path / "coord.log").read_text()  # `intellect-jax coordinator` keeps its INFO lines (absl or not)
+    assert "listening on" in clog and "island island2 dead: heartbeat connection closed" in clog
     a, b, c = (_outer(tmp_path / n) for n in ("island0", "island1", "island2b"))
     assert sorted(a) == sorted(b) == list(range(1, 101))  # the survivors lost no outer step and doubled none
     joined = sorted(c)
