@@ -111,7 +111,7 @@ class Chaos:
             extra: list[str] = []
             s = self.run_step() + self.rng.randint(2, 4)
             pending = self.rng.random()
-            if pending < 0.25:
+            if pending < 0.25 and len(self.holders()) >= 3:  # it dies in a ring later: 2 holders must stay
                 extra = ["--die-in-ring", f"{s}:{self.rng.randint(1, 6)}"]
             elif pending < 0.45 and len(self.alive_names()) == len(self.names) - 1:
                 extra = ["--poison", f"{s}:nan"]
@@ -124,6 +124,22 @@ class Chaos:
 
     def alive_names(self) -> list[str]:
         return [n for n in self.names if self.alive(n)]
+
+    def holders(self) -> list[str]:
+        """Live islands that hold the run's state (committed a step or fetched it in this incarnation) and are
+        not armed to kill themselves. Sim islands keep no checkpoint: the soak never kills below 2 holders, since
+        losing every holder is losing the run (a real island would restart from its checkpoint)."""
+        armed = {pid for _, pid, k, _ in self.armed if k == "kill-ring"}
+        out = []
+        for n in self.alive_names():
+            pid = self.run.procs[self.key(n)].pid
+            if pid not in armed and any(e["pid"] == pid and e["event"] in ("step", "fetched")
+                                        for e in self.run.events(n)):
+                out.append(n)
+        return out
+
+    def may_kill(self, *names: str) -> bool:
+        return len([n for n in self.holders() if n not in names]) >= 2
 
     def harvest_armed(self) -> None:
         """Counts the armed faults that fired (a suicide, a poisoned or a corrupted step)."""
@@ -189,6 +205,8 @@ class Chaos:
         live = self.alive_names()
         if kind == "kill-inner" and len(live) >= 3:
             n = self.rng.choice(live)
+            if not self.may_kill(n):
+                return
             last = self.run.events(n, "step")
             if last and last[-1]["pid"] == self.run.procs[self.key(n)].pid:
                 base = len(last)
@@ -202,6 +220,8 @@ class Chaos:
         elif kind == "kill-transfer" and len(live) >= 3 and not self.down:
             # Restart an island at once, and kill it or a peer (it fetches from one) while the state flows.
             n = self.rng.choice(live)
+            if not self.may_kill(n):
+                return
             self.kill(n)
             self.fault("kill-inner", f"island {n} (to watch its state transfer)")
             self.down[n] = 0.0
@@ -213,7 +233,7 @@ class Chaos:
                 time.sleep(0.02)
             time.sleep(self.rng.uniform(0.05, 0.3))
             if mine("joined") and mine("joined")[0]["needs_state"] and not mine("fetched") and self.alive(n):
-                others = [m for m in self.alive_names() if m != n]
+                others = [m for m in self.alive_names() if m != n and self.may_kill(m)]
                 victim = n if self.rng.random() < 0.5 or not others else self.rng.choice(others)
                 self.kill(victim)
                 self.fault("kill-transfer", f"{'the joiner' if victim == n else 'peer'} {victim} while {n} "
@@ -223,7 +243,7 @@ class Chaos:
             p.send_signal(signal.SIGKILL)
             p.wait(10)
             time.sleep(self.rng.uniform(0.2, 2.0))
-            self.run.start_coordinator(min_islands=1)
+            self.run.start_coordinator(min_islands=len(self.names))  # restarted as it was started
             self.fault("coordinator", "SIGKILL, restarted")
         elif kind == "garbage":
             self.garbage()
@@ -334,7 +354,8 @@ def main() -> int:
         f"at random (seed {a.seed}).",
         table(["fault", "injected"], rows),
         f"Outcome over {res['steps']} outer steps: **{res['divergent']} divergent hashes, {res['lost']} lost and "
-        f"{res['doubled']} doubled outer steps, {len(chaos.crashes)} island crashes** (audited against an in-process replay of every step's members and "
+        f"{res['doubled']} doubled outer steps, {len(chaos.crashes)} island crashes** (audited against an "
+        "in-process replay of every step's members and "
         f"ring order); {res['aborts']} aborted reduces were redone.",
         table(["island", "incarnations", "worst stall (s)", "at step"], stall_rows),
         "Worst stall: the longest gap between two outer steps committed by one incarnation (a coordinator restart "

@@ -58,7 +58,8 @@ def _bg(fn):
 
 def test_epoch_waits_for_all_islands_at_the_step_then_commits_and_votes(coord):
     a, b = Isl(coord, "a", 0), Isl(coord, "b", 0)
-    assert a.rpc("register")["needs_state"] is False and b.rpc("register")["needs_state"] is False
+    assert a.rpc("register")["recovering"] is True  # a fresh run starts once min_islands (2) registered
+    assert b.rpc("register")["needs_state"] is False and a.rpc("register")["needs_state"] is False
     assert a.rpc("sync", step=0) == {"wait": True}  # b is expected at step 0
     tb, rb = _bg(lambda: b.wait("sync", step=0))
     ra = a.wait("sync", step=0)
@@ -408,3 +409,17 @@ def test_an_island_holding_a_committed_later_step_advances_the_run(coord, caplog
     no_epoch = Isl(coord, "d", 5)
     no_epoch.rpc("register")
     assert "ahead of the run" in no_epoch.wait("sync", step=5)["error"]  # nothing proves step 5 was committed
+
+
+def test_restart_with_a_fresh_island_first_does_not_restart_the_run_from_zero(slow_grace):
+    """A restarted island with no state yet (step 0, it will fetch) registers before the islands holding the run:
+    alone it is fewer than min_islands, so the coordinator keeps waiting instead of declaring a fresh run at 0."""
+    fresh = Isl(slow_grace, "a", 0)
+    assert fresh.rpc("register")["recovering"] is True
+    time.sleep(0.3)
+    assert slow_grace.recovering
+    le = {"id": 12, "step": 9, "members": ["b", "c"]}
+    for n in "bc":
+        Isl(slow_grace, n, 10, h="h10", last_epoch=le).rpc("register")
+    rep = fresh.rpc("register")
+    assert slow_grace.run_step == 10 and rep["needs_state"] is True

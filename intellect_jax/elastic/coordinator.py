@@ -507,9 +507,11 @@ class Coordinator:
                     newest = ep
         missing = [m for m in (newest["members"] if newest else []) if
                    m not in self.islands or not self.islands[m].alive]
-        # No epoch named but a run in progress (only islands that fetched their state have registered): islands
-        # further ahead may still come back, and a run step taken from these alone would fork the run.
-        unknown = newest is None and any(i.step > 0 for i in regs)
+        # No epoch named: either a fresh run (every island at step 0, and min_islands of them here, as the first
+        # epoch needs), or a restart where only islands without a committed state (fresh starts that will fetch, or
+        # fetchers) have registered yet: islands further ahead may still come back, and a run step taken from these
+        # alone would fork the run. Wait for them (or the grace).
+        unknown = newest is None and (any(i.step > 0 for i in regs) or len(regs) < self.min_islands)
         if (missing or unknown) and time.monotonic() - self.started < self.grace_s:
             return
         self.recovering = False
