@@ -264,7 +264,10 @@ class ElasticConfig:
     advertise_host: str = ""  # address peers use to reach this island ("" -> the address seen by the coordinator)
     heartbeat_s: float = 2.0
     dead_after_s: float = 10.0  # no heartbeat (or no ring traffic) for this long: the island is dead
-    streams: int = 4  # parallel TCP connections per ring link
+    # Parallel TCP connections per ring link. One stream moves at most ~window / RTT (Linux's default 4 MiB window:
+    # 42 MB/s at 100 ms, 14 MB/s at 300 ms; measured with launch/delay_relay.py, benchmarks/RESULTS.md), so use
+    # streams >= link rate x RTT / 4 MiB; 4 covers 1 Gbit/s up to ~130 ms RTT. More streams cost host CPU.
+    streams: int = 4
     chunk_bytes: int = 4 << 20  # pipelining unit of the ring all-reduce and of state transfers
     # A frame is read whole before its MAC can be checked, so each side caps what a connection may make it buffer.
     # Between islands the frames carry ring chunks, state-transfer chunks and link probes (megabytes); to and from
