@@ -366,7 +366,7 @@ def test_bad_norm_field_is_refused(coord):
 
 @pytest.fixture
 def slow_grace():
-    cfg = ElasticConfig(heartbeat_s=0.5, dead_after_s=2.0, min_islands=2, recovery_grace_s=5.0)
+    cfg = ElasticConfig(heartbeat_s=0.5, dead_after_s=2.0, min_islands=2, recovery_grace_s=2.5)
     c = Coordinator(cfg, RUN, "127.0.0.1:0", SECRET).start()
     yield c
     c.close()
@@ -388,7 +388,7 @@ def test_restart_does_not_take_the_run_step_from_islands_that_only_fetched(slow_
     c, d = (Isl(coord, n, 55, h="h55", last_epoch=le54) for n in "cd")
     c.rpc("register"), d.rpc("register")
     if not fetched_epoch:  # nothing named c and d: the grace runs out first
-        time.sleep(5.0)
+        time.sleep(2.5)
     rep = a.rpc("register")
     assert not coord.recovering and coord.run_step == 55 and rep["needs_state"] is True
     assert a.wait("sync", step=54)["stale"] is True

@@ -26,7 +26,7 @@ from intellect_jax.elastic import wire
 from tests.test_elastic_e2e import Run, check_run
 
 RUN_ID = "run"  # sim_island's default run id
-EXAMPLES = 600  # per strategy family and target: a few thousand connections in all, ~1 min
+EXAMPLES = 400  # per strategy family and target: ~2,000 connections in all, ~20 s
 
 
 def _proc(pid: int) -> dict[str, int]:
