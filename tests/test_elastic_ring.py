@@ -7,6 +7,7 @@ import multiprocessing as mp
 import os
 import signal
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -188,6 +189,64 @@ def test_cancel_breaks_a_ring_waiting_on_a_silent_peer():
     assert __import__("time").monotonic() - t0 < 5
     for c in itertools.chain(*send, *recv):
         c.close()
+
+
+def _ring_threads(settle_s=3.0):
+    """The ring's threads still alive once those of earlier rings had `settle_s` to finish."""
+    deadline = time.monotonic() + settle_s
+    while time.monotonic() < deadline and any(t.name.startswith("ring-") for t in threading.enumerate()):
+        time.sleep(0.05)
+    return [t for t in threading.enumerate() if t.name.startswith("ring-")]
+
+
+def _one_real_member(peer_action, timeout=2.0):
+    """Member 0 of a 2-ring runs ring_mean; `peer_action(send, recv)` plays member 1 badly. Returns member 0's error
+    and how long it took."""
+    send, recv = _links(2, 1)
+    out = {}
+
+    def member0():
+        t0 = __import__("time").monotonic()
+        try:
+            ring.ring_mean(np.ones(8 * BLOCK, np.float32), 0, send[0], recv[0], 2, ring.make_codec("int8", BLOCK), 1024,
+                           BLOCK, timeout=timeout, epoch=7)
+        except ring.RingError as e:
+            out["error"] = str(e)
+        out["seconds"] = __import__("time").monotonic() - t0
+
+    th = threading.Thread(target=member0)
+    th.start()
+    peer_action(send[1][0], recv[1][0])
+    th.join(30)
+    for c in itertools.chain(*send, *recv):
+        c.close()
+    return out
+
+
+def test_a_chunk_that_fails_to_decode_aborts_naming_the_link_and_leaks_no_thread():
+    assert not _ring_threads()
+
+    def bad_peer(send, recv):
+        send.send(wire.MsgType.DATA, {"e": 7, "p": "rs", "t": 0, "c": 0}, b"not an int8 chunk")
+
+    out = _one_real_member(bad_peer)
+    assert "link from predecessor 127.0.0.1:" in out["error"] and "int8 chunk of 17 bytes" in out["error"], out
+    assert not _ring_threads()  # every ring thread (senders, receivers, watchdog) ended
+
+
+def test_a_peer_stalling_mid_chunk_aborts_after_the_timeout_naming_the_link():
+    assert not _ring_threads()
+
+    def stalling_peer(send, recv):  # a frame header promising 1000 bytes, then nothing
+        head = wire._HEADER.pack(wire.MAGIC, wire.PROTOCOL_VERSION, int(wire.MsgType.DATA), 0, wire.run_tag(RUN),
+                                 20, 1000, b"\0" * 4)
+        send.sock.sendall(head + b"{}")
+        time.sleep(3.5)
+
+    out = _one_real_member(stalling_peer, timeout=1.0)
+    assert "link from predecessor 127.0.0.1:" in out["error"] and "stalled mid-frame: nothing within 1.0 s" in out["error"], out
+    assert out["seconds"] < 3.0, out
+    assert not _ring_threads()  # every ring thread (senders, receivers, watchdog) ended
 
 
 def test_ring_order_maximises_slowest_link():

@@ -222,7 +222,7 @@ def ring_mean(vec: np.ndarray, rank: int, send: Sequence[wire.Conn], recv: Seque
                 header, parts = item
                 send[k].send(wire.MsgType.DATA, header, parts)
         except BaseException as e:  # noqa: BLE001 - any failure breaks the ring
-            fail(e)
+            fail(RingError(f"link to successor {send[k].peer} (stream {k}): {e}"))
 
     def receiver(k: int) -> None:
         try:
@@ -255,7 +255,7 @@ def ring_mean(vec: np.ndarray, rank: int, send: Sequence[wire.Conn], recv: Seque
                 else:
                     raise wire.MalformedFrame(f"unknown ring phase {phase!r}")
         except BaseException as e:  # noqa: BLE001
-            fail(e)
+            fail(RingError(f"link from predecessor {recv[k].peer} (stream {k}): {e}"))
 
     finished = threading.Event()
 

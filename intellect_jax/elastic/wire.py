@@ -351,6 +351,8 @@ class Conn:
                 mac = bytes(_recv_exact(self.sock, MAC_BYTES, deadline=deadline))
         except WireError:
             raise
+        except TimeoutError as e:
+            raise PeerTimeout(f"{self.peer} stalled mid-frame: nothing within {self.sock.gettimeout()} s") from e
         except OSError as e:
             raise WireError(f"recv from {self.peer} failed: {e}") from e
         if self._recv_aead is not None:
