@@ -63,7 +63,6 @@ class Chaos:
         self.down: dict[str, float] = {}  # killed island -> when to restart it
         self.faults: list[tuple[float, str, str]] = []  # (t, kind, detail)
         self.t0 = time.monotonic()
-        self.threads: list[threading.Thread] = []
         self.armed: list[tuple[str, int, str, str]] = []  # (island, pid, kind, argument) set to fire by itself
         self.crashes: list[str] = []  # islands that exited without being killed: must stay empty
 
@@ -192,9 +191,7 @@ class Chaos:
                 pass
 
         start = time.monotonic()
-        th = threading.Thread(target=trickle, daemon=True)
-        th.start()
-        self.threads.append(th)
+        threading.Thread(target=trickle, daemon=True).start()
         self.fault("slow", f"a byte every 0.5 s to port {port}")
 
     # -- the soak --------------------------------------------------------------------------------------------------
