@@ -12,7 +12,10 @@ every row's peak memory is its own):
    1 GiB fp32 pseudo-gradient; GB/s counts bytes read + written, as the bandwidth row does.
 3. **attention at the 10B preset's shape** (H 32, K 8, Dh 128, L 8192, one row, bf16, forward + backward) for each
    implementation: time and the compiled temporary memory (XLA's memory analysis), with documents in the row.
-4. **1B preset training step** (throughput.measure: the real Trainer, fwd + bwd + clip + AdamW, bf16 compute, fp32
+4. **Pallas tiles** (``--tune``): the Pallas attention kernel's forward and forward + backward time for each tiling
+   in TILES at the 1B preset's training shape; the fastest (dq error within 2x the default's) is used by the pallas
+   rows of 3 and 5 (attention.PALLAS_TUNING holds the tiles a run found).
+5. **1B preset training step** (throughput.measure: the real Trainer, fwd + bwd + clip + AdamW, bf16 compute, fp32
    master weights) per attention implementation: tokens/s, MFU against the dense bf16 peak in metrics.PEAK_FLOPS,
    and the step's peak device memory (``memory_stats()['peak_bytes_in_use']``).
 """
@@ -160,6 +163,77 @@ def section_attention(quick: bool, impls: list[str]) -> list[dict]:
     return rows
 
 
+# Pallas tiles tried by --tune: forward (block_q, block_k), backward (block_q_dkv, block_kv_dkv, block_q_dq,
+# block_kv_dq), num_stages of the forward kernel, num_warps (None: jax's heuristic; a number also sets the backward's).
+TILES = [
+    ((128, 128), (32, 32, 32, 32), 2, None),  # jax's defaults
+    ((128, 64), (32, 32, 32, 32), 3, None),
+    ((128, 128), (64, 64, 64, 64), 2, None),
+    ((128, 64), (64, 64, 64, 64), 3, None),
+    ((128, 64), (32, 128, 128, 32), 3, None),
+    ((128, 64), (64, 128, 128, 64), 3, None),
+    ((128, 128), (32, 128, 128, 32), 2, None),
+    ((64, 64), (32, 64, 64, 32), 3, None),
+    ((128, 32), (32, 64, 64, 32), 4, None),
+    ((128, 64), (16, 128, 128, 16), 3, None),
+    ((128, 64), (32, 128, 128, 32), 3, 8),
+    ((64, 128), (64, 128, 128, 64), 2, None),
+]
+
+
+def tiles_dict(fwd, bwd, stages, warps) -> dict:
+    d = dict(zip(("block_q", "block_k"), fwd)) | dict(
+        zip(("block_q_dkv", "block_kv_dkv", "block_q_dq", "block_kv_dq"), bwd)) | {"num_stages": stages}
+    return d | ({"num_warps": warps} if warps else {})
+
+
+def section_tune(quick: bool) -> list[dict]:
+    """The Pallas kernel's forward and forward + backward time per tiling at the 1B preset's training shape (B4 L4096,
+    32 heads, 8 kv heads, documents of ~1024 tokens), errors against the fp32 XLA reference."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from intellect_jax import attention as attn
+
+    B, L, H, K, D = (1, 256, 4, 2, 32) if quick else (4, 4096, 32, 8, 128)
+    ks = jax.random.split(jax.random.key(0), 4)
+    q, k, v = (jax.random.normal(kk, (B, L, h, D), jnp.bfloat16) for kk, h in zip(ks, (H, K, K)))
+    dout = jax.random.normal(ks[3], q.shape, jnp.bfloat16)
+    starts = np.random.RandomState(0).rand(B, L) < 1 / 1024
+    seg = jnp.asarray(np.cumsum(starts, axis=1) + 1, jnp.int32)
+    flops = 3.5 * 4 * B * H * D * L * L / 2
+    ref = jax.jit(lambda q, k, v: jax.vjp(lambda *a: attn.attention(*a, seg, "xla"),
+                                          *(x.astype(jnp.float32) for x in (q, k, v)))[1](
+        dout.astype(jnp.float32))[0])(q, k, v)
+    rows = []
+    for fwd_t, bwd_t, stages, warps in TILES[:3] if quick else TILES:
+        tiles = tiles_dict(fwd_t, bwd_t, stages, warps)
+        attn.PALLAS_TUNING = tiles
+        f = lambda q, k, v: attn._pallas_attention(q, k, v, seg, interpret=quick)  # noqa: E731
+        fwd = jax.jit(f)
+        fwd_bwd = jax.jit(lambda q, k, v, f=f: jax.vjp(f, q, k, v)[1](dout)[0])
+        row = {"tiles": tiles, "shape": f"B{B} L{L} H{H} K{K} Dh{D}"}
+        try:
+            row["fwd_s"] = _timed(fwd, q, k, v, reps=5)
+            row["seconds"] = _timed(fwd_bwd, q, k, v, reps=5)
+            row["TFLOP/s"] = flops / row["seconds"] / 1e12
+            row["max_err_dq"] = float(jnp.abs(fwd_bwd(q, k, v).astype(jnp.float32) - ref).max())
+        except Exception as e:  # noqa: BLE001 - a tiling that does not build (shared memory) is a result too
+            row["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}".replace("|", "/")
+        rows.append(row)
+    return rows
+
+
+def best_tiles(rows: list[dict]) -> dict | None:
+    """The fastest tiling whose dq error is within 2x the default tiling's (bf16's own error)."""
+    ok = [r for r in rows if "seconds" in r]
+    if not ok:
+        return None
+    bound = 2 * max(ok[0]["max_err_dq"], 1e-3)
+    return min((r for r in ok if r["max_err_dq"] <= bound), key=lambda r: r["seconds"], default=ok[0])["tiles"]
+
+
 def section_train(quick: bool, impl: str, batch: int, remat: str) -> list[dict]:
     from benchmarks import throughput
 
@@ -194,7 +268,7 @@ def _gib(b) -> str:
     return f"{b / GiB:.2f}" if isinstance(b, (int, float)) else "n/a"
 
 
-def report(env, bw, codec, att, train) -> str:
+def report(env, bw, codec, att, train, tune=(), tiles=None) -> str:
     out = []
     e = env[0] if env else {}
     out.append(f"Device: {e.get('device', '?')} ({e.get('backend', '?')}), jax {e.get('jax', '?')}, "
@@ -206,6 +280,22 @@ def report(env, bw, codec, att, train) -> str:
     out.append("Memory bandwidth and the wire codec on the device (1 GiB fp32 pseudo-gradient; GB/s = bytes read "
                "+ written per second; % of the x * 2 row):\n\n"
                + common.table(["kernel", "GB/s (read + write)", "fp32 in GB/s", "% of bandwidth"], rows))
+    if tune:
+        rows = []
+        for r in tune:
+            t = r.get("tiles", {})
+            name = (f"{t.get('block_q')}x{t.get('block_k')} / {t.get('block_q_dkv')}x{t.get('block_kv_dkv')}, "
+                    f"{t.get('block_q_dq')}x{t.get('block_kv_dq')} / {t.get('num_stages')} / "
+                    f"{t.get('num_warps', 'auto')}") if t else r.get("section", "?")
+            rows.append([name] + ([r["error"], "", "", ""] if "error" in r else
+                                  [f"{1e3 * r['fwd_s']:.2f}", f"{1e3 * r['seconds']:.2f}", f"{r['TFLOP/s']:.0f}",
+                                   f"{r['max_err_dq']:.3g}"]))
+        shape = next((r["shape"] for r in tune if "shape" in r), "?")
+        out.append(f"Pallas attention tiles ({shape}, bf16, documents of ~1024 tokens; forward / forward + backward "
+                   f"ms; TFLOP/s of forward + backward, causal half; dq error vs fp32 XLA); the pallas rows below "
+                   f"use {tiles}:\n\n"
+                   + common.table(["fwd q x k / bwd dkv q x kv, dq q x kv / stages / warps", "fwd ms",
+                                   "fwd + bwd ms", "TFLOP/s", "max error dq"], rows, "lrrrr"))
     rows = []
     for r in att:
         if "error" in r and "impl" not in r:
@@ -249,13 +339,21 @@ def main() -> int:
                          "cudnn:6:none, cudnn:8:full)")
     ap.add_argument("--budget", type=float, default=400.0, help="seconds for the whole run; later rows are skipped")
     ap.add_argument("--out", default=None, help="also write the table and raw rows here (a folder)")
+    ap.add_argument("--tune", action="store_true", help="time the Pallas kernel per tiling (TILES) first and run "
+                                                         "the pallas rows with the fastest")
+    ap.add_argument("--tiles", default=None, help="JSON of attention.PALLAS_TUNING for the pallas rows")
     args = ap.parse_args()
     impls = args.impl or ["xla", "cudnn", "cudnn@64", "cudnn_mask", "pallas", "blockwise"]
 
     if args.child:
         if args.quick:
             common.force_cpu_devices(1)
-        fn = {"env": section_env, "bandwidth": section_bandwidth, "codec": section_codec}.get(args.section)
+        if args.tiles:
+            from intellect_jax import attention
+
+            attention.PALLAS_TUNING = json.loads(args.tiles)
+        fn = {"env": section_env, "bandwidth": section_bandwidth, "codec": section_codec,
+              "tune": section_tune}.get(args.section)
         if fn:
             rows = fn(args.quick)
         elif args.section == "attention":
@@ -280,14 +378,21 @@ def main() -> int:
     env = section("env", timeout=60)
     bw = section("bandwidth", timeout=60)
     codec = section("codec", timeout=90)
-    att = section("attention", [a for i in impls for a in ("--impl", i)], timeout=150)
+    tune, tiles = [], args.tiles
+    if args.tune:
+        tune = section("tune", timeout=240)
+        best = best_tiles(tune)
+        tiles = json.dumps(best) if best else tiles
+    t_arg = ["--tiles", tiles] if tiles else []
+    att = section("attention", [a for i in impls for a in ("--impl", i)] + t_arg, timeout=150)
     arms = args.train or ["cudnn:4:none", "cudnn_mask:4:none", "pallas:4:none", "cudnn:6:none", "cudnn:8:full"]
     train = []
     for arm in arms:
-        train += section("train", ["--train", arm], timeout=150)
+        train += section("train", ["--train", arm] + t_arg, timeout=150)
     seconds = time.perf_counter() - t0
-    body = report(env, bw, codec, att, train)
-    raw = json.dumps({"env": env, "bandwidth": bw, "codec": codec, "attention": att, "train": train}, default=str)
+    body = report(env, bw, codec, att, train, tune, tiles)
+    raw = json.dumps({"env": env, "bandwidth": bw, "codec": codec, "tune": tune, "tiles": tiles, "attention": att,
+                      "train": train}, default=str)
     print("\n" + body + f"\n\ntotal {seconds:.0f} s")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,23 @@ def test_blockwise_matches_masked_reference(L, block, H, K, p, with_segments):
         np.testing.assert_allclose(g, g_ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("tiles", [None, {}, {"block_q": 32, "block_k": 64, "block_q_dkv": 16, "block_kv_dkv": 32,
+                                            "block_q_dq": 32, "block_kv_dq": 16, "num_warps": 4, "num_stages": 3}])
+def test_pallas_kernel_with_its_tiles_matches_xla(tiles, monkeypatch):
+    """The Pallas kernel's path (GQA repeat, scale, the tiles of attention.PALLAS_TUNING), run by Pallas' interpreter
+    on the CPU: the same outputs and gradients as the XLA reference, documents included."""
+    if tiles is not None:  # None: the shipped tiles; {}: jax's defaults
+        monkeypatch.setattr(attn, "PALLAS_TUNING", tiles)
+    q, k, v = _qkv(1, 128, 4, 2, 32)
+    seg = _segments(1, 128, 1 / 40)
+    ref, ref_vjp = jax.vjp(lambda q, k, v: attn.attention(q, k, v, seg, "xla"), q, k, v)
+    out, out_vjp = jax.vjp(lambda q, k, v: attn._pallas_attention(q, k, v, seg, interpret=True), q, k, v)
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+    dout = jax.random.normal(jax.random.key(7), ref.shape)
+    for g, g_ref in zip(out_vjp(dout), ref_vjp(dout)):
+        np.testing.assert_allclose(g, g_ref, atol=1e-5, rtol=1e-5)
+
+
 def test_auto_picks_blockwise_for_long_sequences_on_cpu():
     assert attn.resolve_impl("auto", jnp.float32, 128, True) == "xla"
     assert attn.resolve_impl("auto", jnp.float32, attn.AUTO_BLOCKWISE_MIN_LEN, True) == "blockwise"
