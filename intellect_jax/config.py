@@ -445,10 +445,6 @@ class Config:
             raise ConfigError(f"diloco.fragments={d.fragments} exceeds model.num_hidden_layers="
                               f"{self.model.num_hidden_layers}: a fragment is a set of layers; use at most one "
                               "fragment per layer")
-        if (d.fragments > 1 or d.overlap_steps or d.merge_alpha) and self.elastic.coordinator:
-            raise ConfigError("streaming DiLoCo (diloco.fragments > 1, overlap_steps > 0 or merge_alpha > 0) runs in "
-                              "the in-program transport (mesh.islands > 1) only so far; for elastic islands set "
-                              "diloco.fragments=1, overlap_steps=0, merge_alpha=0")
         # A ring frame carries one chunk: chunk_bytes of codes plus an fp32 scale per block (fp32: chunk_bytes).
         e = self.elastic
         bits = COMPRESSION_BITS[self.diloco.compression]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -95,22 +96,70 @@ class ElasticIsland:
 
     def sync(self) -> tuple[dict, str]:
         """The outer step over TCP. Returns (metrics, hash of the committed global state)."""
-        while True:
-            s = int(self.local.state.outer_step)
-            vec = self.local.pseudo_gradient_vector()
-            try:
-                delta = self.client.all_reduce_mean(s, vec)
-            except StaleStep as e:
-                log.warning("outer step %d completed without this island (%s): re-syncing from a peer", s, e)
-                self.install(self.client.fetch_state())
-                return {"resynced": 1.0}, self._provide()[1]["params_hash"]
-            metrics = self.local.apply_delta_vector(delta, sent_from=vec)
-            h = self.refresh_snapshot()
-            if self.client.commit(s, h):
-                return metrics, h
-            log.warning("global state after outer step %d differs from the majority: re-syncing from a peer", s)
-            self.install(self.client.fetch_state())
-            return metrics, self._provide()[1]["params_hash"]
+        s = int(self.local.state.outer_step)
+        vec = self.local.pseudo_gradient_vector()
+        try:
+            delta = self.client.all_reduce_mean(s, vec)
+        except StaleStep as e:
+            return self.resync(f"outer step {s} completed without this island ({e})")
+        return self.settle(s, self.local.apply_delta_vector(delta, sent_from=vec))
+
+    def start_reduce(self, outer_step: int, vec: np.ndarray) -> "Reduce":
+        """The ring reduce of `vec` for this outer step in a background thread (streaming: the islands go on)."""
+        return Reduce(self.client, outer_step, vec)
+
+    def settle(self, outer_step: int, metrics: dict) -> tuple[dict, str]:
+        """After the mean of `outer_step` was applied: the hash vote; a loser re-syncs from a peer."""
+        h = self.refresh_snapshot()
+        if self.client.commit(outer_step, h):
+            return metrics, h
+        log.warning("global state after outer step %d differs from the majority: re-syncing from a peer", outer_step)
+        self.install(self.client.fetch_state())
+        return metrics, self._provide()[1]["params_hash"]
+
+    def resync(self, why: str) -> tuple[dict, str]:
+        log.warning("%s: re-syncing from a peer", why)
+        self.install(self.client.fetch_state())
+        return {"resynced": 1.0}, self._provide()[1]["params_hash"]
 
     def close(self) -> None:
         self.client.close()
+
+
+class Reduce:
+    """One outer step's ring reduce running in a background thread while the inner steps go on (streaming DiLoCo
+    with overlap). The ring works on host buffers (numpy releases the GIL on large arrays, sockets block outside it),
+    so the jitted steps keep the accelerators busy. `result()` waits for it: the mean, or StaleStep when the step
+    completed without this island, or the ring's error."""
+
+    def __init__(self, client: IslandClient, outer_step: int, vec: np.ndarray):
+        self.client, self.outer_step, self.vec = client, outer_step, vec
+        self._delta: np.ndarray | None = None
+        self._error: BaseException | None = None
+        self.started = time.perf_counter()
+        self.finished: float | None = None
+        self._thread = threading.Thread(target=self._run, name=f"elastic-reduce-{outer_step}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._delta = self.client.all_reduce_mean(self.outer_step, self.vec)
+        except BaseException as e:  # noqa: BLE001 - handed to the training thread by result()
+            self._error = e
+        finally:
+            self.finished = time.perf_counter()
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def result(self) -> np.ndarray:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._delta is not None
+        return self._delta
+
+    @property
+    def seconds(self) -> float:
+        """How long the reduce ran (from its start to its result)."""
+        return (self.finished or time.perf_counter()) - self.started

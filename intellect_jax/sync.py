@@ -285,12 +285,14 @@ class DilocoSync(Sync):
         return step
 
     def _record(self, step: int, metrics: dict[str, Any], wait_s: float, wire_bytes: int,
-                extra: dict[str, Any]) -> dict[str, Any]:
-        """An outer step's metrics row (and its log lines); `wait_s`: the time the inner steps waited for it."""
+                extra: dict[str, Any], sync_s: float | None = None) -> dict[str, Any]:
+        """An outer step's metrics row (and its log lines); `wait_s`: the time the inner steps waited for it;
+        `sync_s`: how long the sync itself took (default `wait_s`: nothing of it was hidden)."""
         wall, self._t_outer = time.perf_counter() - self._t_outer, time.perf_counter()
         outer = self.outer_step()
-        record = {"kind": "outer", "outer_step": outer, "step": step, "sync_seconds": wait_s,
-                  "wait_seconds": wait_s, "outer_wall_seconds": wall,
+        sync_s = wait_s if sync_s is None else sync_s
+        record = {"kind": "outer", "outer_step": outer, "step": step, "sync_seconds": sync_s,
+                  "wait_seconds": wait_s, "hidden_seconds": max(0.0, sync_s - wait_s), "outer_wall_seconds": wall,
                   "compute_utilization": (wall - wait_s) / wall if wall > 0 else 1.0,
                   "bytes_sent_per_island": wire_bytes, "wire_ratio_vs_ddp": self.wire_ratio_vs_ddp,
                   "islands": self.num_islands, **summarise(metrics, self.num_islands), **extra}
@@ -566,6 +568,50 @@ class ElasticSync(DilocoSync):
 
             self._codec = make_codec(cfg.diloco.compression, cfg.diloco.block_size)
         self.island = None
+        self._flight = None  # streaming: (fragment, due step, island.Reduce) of the reduce in the background
+        if self.frags is not None:
+            self._build_fragment_programs(cfg)
+
+    def _build_fragment_programs(self, cfg) -> None:
+        """Per fragment: its pseudo-gradient as one flat fp32 vector (what the ring carries), the residual update at
+        the sync (error feedback), and the apply of the ring's mean (outer step + merge, streaming.apply_fragment)."""
+        c, frags, full, rep = cfg.diloco, self.frags, self.shardings, self.replicated
+        self.tau, self.alpha = c.overlap_steps, c.merge_alpha
+        self._frag_vec, self._frag_residual, self._frag_apply, self.fragment_wire_bytes = [], [], [], []
+        abstract_global = jax.eval_shape(lambda s: s.global_params, self.state)
+        for p in range(frags.count):
+            self._frag_vec.append(jax.jit(lambda s, p=p: self._fragment_vector(s, p), in_shardings=(full,),
+                                          out_shardings=rep))
+            self._frag_residual.append(jax.jit(lambda s, r, p=p: self._put_residual(s, r, p),
+                                               in_shardings=(full, rep), out_shardings=full, donate_argnums=0))
+            self._frag_apply.append(jax.jit(lambda s, d, p=p: self._apply_fragment_vector(s, d, p),
+                                            in_shardings=(full, rep), out_shardings=(full, rep), donate_argnums=0))
+            size = sum(x.size for x in jax.tree.leaves(frags.take(abstract_global, p)))
+            self.fragment_wire_bytes.append(collective.wire_bytes_per_island(size, 2, c.compression, c.block_size))
+
+    def _fragment_vector(self, s, p: int):
+        """Fragment p's pseudo-gradient of this island (+ its residual), flat, in ravel_pytree order of the view."""
+        s = self._on_device(s)
+        g = self.frags.take(s.global_params, p)
+        x = self.frags.take(s.inner.params, p, lead=1)
+        pseudo = {k: g[k].astype(jax.numpy.float32) - x[k][0].astype(jax.numpy.float32) for k in g}
+        if s.residual is not None:
+            r = self.frags.take(s.residual, p, lead=1)
+            pseudo = {k: pseudo[k] + r[k][0] for k in pseudo}
+        return jax.flatten_util.ravel_pytree(pseudo)[0]
+
+    def _put_residual(self, s, residual, p: int):
+        s = self._on_device(s)
+        r = self.frags.take(s.residual, p, lead=1)
+        new = _unravel_like({k: v[0] for k, v in r.items()}, residual)
+        return s._replace(residual=self.frags.put(s.residual, p, {k: v[None] for k, v in new.items()}, lead=1))
+
+    def _apply_fragment_vector(self, s, delta, p: int):
+        s = self._on_device(s)
+        g = self.frags.take(s.global_params, p)
+        d = _unravel_like({k: v.astype(jax.numpy.float32) for k, v in g.items()}, delta)
+        s, metrics = streaming.apply_fragment(s, self.frags, p, d, self.outer, self.alpha)
+        return s, metrics | {"delta_norm": jax.numpy.linalg.norm(delta)}
 
     def _flat_pseudo(self, s):
         """This island's pseudo-gradient (+ its residual) as one flat fp32 vector, in ravel_pytree order."""
@@ -591,6 +637,14 @@ class ElasticSync(DilocoSync):
 
     def compile(self, batch) -> None:
         self._inner = self._inner.lower(self.state.inner, batch).compile()
+        if self.frags is None:
+            return
+        for p in range(self.frags.count):  # the first sync of each fragment must not stall on compilation
+            self._frag_vec[p] = self._frag_vec[p].lower(self.state).compile()
+            v = self._vector_abstract(p)
+            self._frag_apply[p] = self._frag_apply[p].lower(self.state, v).compile()
+            if self.error_feedback:
+                self._frag_residual[p] = self._frag_residual[p].lower(self.state, v).compile()
 
     def start(self, step):
         """Joins the run (after compiling: a joiner must not fetch the state and then compile for minutes)."""
@@ -598,11 +652,106 @@ class ElasticSync(DilocoSync):
 
         self.island = ElasticIsland(self.cfg, self)
         self.island.join()
-        return super().start(max(step, self.outer_step() * self.H))  # a peer's state may be ahead
+        return super().start(self._resume_step(step))  # a peer's state may be ahead
+
+    def _resume_step(self, step: int) -> int:
+        """Where this island continues after installing a peer's state (the peer's step), else `step`."""
+        if self.frags is None:
+            return max(step, self.outer_step() * self.H)
+        return max(step, int(self.state.inner.step[0]))
+
+    def round_step(self, outer_step: int) -> int:
+        """Streaming: the inner step at which outer step (fragment sync) `outer_step` starts: round k = r // P + 1 of
+        fragment r mod P (streaming.Fragments.due, in the order the outer steps are counted)."""
+        P = self.frags.count
+        return (outer_step // P + 1) * self.H + self.frags.offset(outer_step % P, self.H)
 
     def maybe(self, step: int, report: Report) -> int:
-        step = super().maybe(step, report)
-        return max(step, self.outer_step() * self.H)  # re-synced from a peer that was ahead: continue from there
+        if self.frags is None:
+            step = super().maybe(step, report)
+            return self._resume_step(step)  # re-synced from a peer that was ahead: continue from there
+        # Streaming: the mean in flight lands when due; the next outer step (fragment r mod P) starts at its step.
+        # The fragment follows from the outer step, not from `step` alone: after a re-sync at a peer's sync step
+        # the fragment due there has already been applied.
+        if self._flight is not None and self._flight[1] == step:
+            step = self._land(step, report)
+        elif self._flight is None and self._pending is not None and self._pending[1] == step:
+            step = self._land(step, report)  # restored from a checkpoint taken while it was in flight
+        if self._flight is None and step == self.round_step(self.outer_step()):
+            self._launch(step)
+            if self.tau == 0:
+                step = self._land(step, report)
+        return step
+
+    def _launch(self, step: int) -> None:
+        """Fragment p's pseudo-gradient leaves the device and its ring reduce starts in the background."""
+        from intellect_jax.island import Reduce
+
+        r = self.outer_step()
+        p = r % self.frags.count
+        jax.block_until_ready(self.state.inner)  # the inner steps before the sync are compute, not waiting
+        t0 = time.perf_counter()
+        vec = np.asarray(jax.device_get(self._frag_vec[p](self.state)), np.float32)
+        if self.error_feedback:  # what the codec drops of this island's contribution, kept at the sync
+            self.state = self._frag_residual[p](self.state, jax.device_put(vec - self._codec.roundtrip(vec),
+                                                                           self.replicated))
+        self._flight = (p, step + self.tau, self.island.start_reduce(r, vec), time.perf_counter() - t0)
+
+    def _land(self, step: int, report: Report) -> int:
+        """The fragment's mean, when due: applied (outer step + merge), the hash vote, one outer row. The time the
+        inner steps wait here (plus the copy at the launch) is the row's wait_seconds; the reduce's own duration is
+        its sync_seconds (the rest of it ran hidden behind the inner steps)."""
+        from intellect_jax.elastic.client import StaleStep
+
+        jax.block_until_ready(self.state.inner)
+        ready_at = time.perf_counter()
+        if self._flight is not None:
+            p, _, reduce, launch_s = self._flight
+            r, sync_s = reduce.outer_step, None
+        else:  # restored: (fragment, due, {"delta": mean}) of an outer step whose reduce had finished
+            p, _, saved = self._pending
+            delta = saved["delta"]
+            r, reduce, launch_s, sync_s = self.outer_step(), None, 0.0, 0.0
+        self._flight = self._pending = None
+        try:
+            if reduce is not None:
+                delta = reduce.result()
+                sync_s = reduce.seconds
+            self.state, metrics = self._frag_apply[p](self.state, jax.device_put(delta, self.replicated))
+            metrics, h = self.island.settle(r, self._block(metrics))
+        except StaleStep as e:
+            metrics, h = self.island.resync(f"outer step {r} completed without this island ({e})")
+        wait_s = time.perf_counter() - ready_at + launch_s
+        stats = self.island.client.last_stats
+        extra = {"fragment": p, "overlap_steps": self.tau, "params_hash": h,
+                 "bytes_sent_per_island": stats.get("bytes_sent", 0), "islands": len(stats.get("members", [])) or 1,
+                 "ring_order": stats.get("order"), "reduce_aborts": stats.get("aborts", 0)}
+        report(self._record(step, jax.device_get(metrics), wait_s, self.fragment_wire_bytes[p], extra,
+                            sync_s=max(sync_s or 0.0, wait_s)), ready_at)
+        return self._resume_step(step)
+
+    def checkpoint_arrays(self):
+        """A reduce in flight is waited for and its mean saved as the pending item (the same on every island), so
+        the checkpoint resumes exactly: the mean is applied at its due step."""
+        if self._flight is not None:
+            p, due, reduce, _ = self._flight
+            try:
+                self._pending = (p, due, {"delta": jax.device_put(reduce.result(), self.replicated)})
+            except Exception as e:  # noqa: BLE001 - it lands (and re-syncs) at its due step
+                log.warning("checkpoint without the outer step in flight: %s", e)
+        return super().checkpoint_arrays()
+
+    def _pending_abstract(self, p: int) -> dict[str, jax.ShapeDtypeStruct]:
+        return {"delta": self._vector_abstract(p)}
+
+    def _vector_abstract(self, p: int) -> jax.ShapeDtypeStruct:
+        n = sum(x.size for x in jax.tree.leaves(self.frags.take(jax.eval_shape(lambda s: s.global_params,
+                                                                               self.state), p)))
+        return jax.ShapeDtypeStruct((n,), jax.numpy.float32, sharding=self.replicated)
+
+    def install_global(self, global_params, outer_opt_state, outer_step: int, step: int) -> None:
+        self._flight = self._pending = None  # a peer's state replaces whatever this island had in flight
+        super().install_global(global_params, outer_opt_state, outer_step, step)
 
     def _outer(self):
         metrics, h = self.island.sync()

@@ -80,10 +80,39 @@ def test_three_islands_identical_global_state(tmp_path, coordinator, extra):
         assert sum(inner[-3:]) / 3 < sum(inner[:3]) / 3 - 0.05, inner
 
 
-@pytest.mark.slow
-def test_killed_island_recovers_live_from_a_peer(tmp_path, coordinator):
+STREAMING = ("--diloco.inner_steps=4", "--diloco.fragments=2", "--diloco.overlap_steps=1", "--diloco.merge_alpha=0.5")
+
+
+def test_streaming_islands_overlap_the_reduce_and_agree_at_every_fragment_sync(tmp_path, coordinator):
+    """Streaming DiLoCo over TCP: 2 fragments (H=4: fragment 0 syncs at 4, 8, .., fragment 1 at 6, 10, ..), each
+    reduce running in the background for one inner step. Every island applies every fragment's mean at the same
+    step and votes the same hash; the rows say which fragment and how much of the reduce was hidden."""
     addr, secret = coordinator
-    procs = [_island(tmp_path, addr, secret, i, steps=300) for i in range(3)]
+    procs = [_island(tmp_path, addr, secret, i, steps=16, extra=STREAMING) for i in range(3)]
+    for p in procs:
+        assert p.wait(timeout=400) == 0, (tmp_path / "island0.log").read_text()[-3000:]
+    outers = [_outer(tmp_path / f"island{i}") for i in range(3)]
+    # syncs at 4 6 8 10 12 14 16; each applied one step later; the one started at the last step is still in flight
+    assert all(sorted(o) == [1, 2, 3, 4, 5, 6] for o in outers), [sorted(o) for o in outers]
+    for k in range(1, 7):
+        rows = [o[k] for o in outers]
+        assert len({r["params_hash"] for r in rows}) == 1, (k, rows)
+        assert {r["fragment"] for r in rows} == {(k - 1) % 2} and {r["step"] for r in rows} == {3 + 2 * k}
+        assert all(r["islands"] == 3 and r["overlap_steps"] == 1 for r in rows)
+        assert all(r["sync_seconds"] >= r["wait_seconds"] >= 0 and r["hidden_seconds"] >= 0 for r in rows)
+        assert all(r["bytes_sent_per_island"] > 0 for r in rows)
+    for i in range(3):
+        inner = [r["loss"] for r in read_metrics(tmp_path / f"island{i}" / "metrics.jsonl") if r["kind"] == "inner"]
+        assert sum(inner[-3:]) / 3 < sum(inner[:3]) / 3 - 0.05, inner
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra,rows", [((), 100), (STREAMING, 148)], ids=["blocking", "streaming"])
+def test_killed_island_recovers_live_from_a_peer(tmp_path, coordinator, extra, rows):
+    """Streaming: syncs every 2 steps from step 4 on (149 in 300 steps, the last one still in flight at the end); an
+    island killed mid-overlap leaves the survivors to finish that fragment's reduce without it."""
+    addr, secret = coordinator
+    procs = [_island(tmp_path, addr, secret, i, steps=300, extra=extra) for i in range(3)]
     victim_metrics = tmp_path / "island2" / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline:  # wait until island2 has been through an outer step, then kill it mid-training
@@ -93,7 +122,7 @@ def test_killed_island_recovers_live_from_a_peer(tmp_path, coordinator):
     procs[2].send_signal(signal.SIGKILL)
     procs[2].wait()
     time.sleep(2)
-    restarted = _island(tmp_path, addr, secret, 2, steps=300, name="island2b")
+    restarted = _island(tmp_path, addr, secret, 2, steps=300, name="island2b", extra=extra)
     for p in procs[:2] + [restarted]:
         assert p.wait(timeout=600) == 0, (tmp_path / "island2b.log").read_text()[-3000:]
     log = (tmp_path / "island2b.log").read_text()
@@ -101,8 +130,8 @@ def test_killed_island_recovers_live_from_a_peer(tmp_path, coordinator):
     clog = (tmp_path / "coord.log").read_text()  # `intellect-jax coordinator` keeps its INFO lines (absl or not)
     assert "listening on" in clog and "island island2 dead: heartbeat connection closed" in clog
     a, b, c = (_outer(tmp_path / n) for n in ("island0", "island1", "island2b"))
-    assert sorted(a) == sorted(b) == list(range(1, 101))  # the survivors lost no outer step and doubled none
+    assert sorted(a) == sorted(b) == list(range(1, rows + 1))  # the survivors lost no outer step, doubled none
     joined = sorted(c)
-    assert joined and joined[-1] == 100
+    assert joined and joined[-1] == rows
     for step in joined:  # the restarted island agrees with the survivors from its first sync on
         assert c[step]["params_hash"] == a[step]["params_hash"] == b[step]["params_hash"], step
