@@ -13,7 +13,8 @@ model for the same inner steps on the same synthetic data:
 * ``streaming P=4 tau=..``: the model in 4 fragments, one synced every H/4 steps, its reduce running in the
   background for tau inner steps before its mean is applied (merge alpha ``--alpha``).
 
-Utilization (end to end) = seconds per inner step of the compute-only arm / seconds per inner step of the arm, over
+Utilization (end to end) = seconds per inner step of the compute-only arm (its slowest island: a synced run goes at
+that pace) / seconds per inner step of the arm, over
 the steps from the first applied outer step to the last (compile, start-up and the first sync's wait for every island
 to arrive are outside the window; the compute-only arm uses the same step window). "1 - wait / wall" is what the
 islands' own rows say (wait_seconds summed over the window). Peak bytes in flight: the most one sync put on the wire
@@ -113,7 +114,8 @@ def summarise(name: str, d: Path, a, seconds: float) -> dict:
     if not outer[0]:  # compute only: the same step window as the synced arms, from step H to the last step
         lo, hi = a.H, a.steps
         per = [(inn[hi]["time"] - inn[lo]["time"]) / (hi - lo) for inn in inner]
-        return out | {"s_per_step": sum(per) / N, "window": [lo, hi]}
+        # a synced run goes at the pace of its slowest island: that island's time per step is the reference
+        return out | {"s_per_step": max(per), "s_per_step_islands": per, "window": [lo, hi]}
     per, wait_frac, hashes_ok, peak, syncs = [], [], True, 0, 0
     for o in outer:
         first, last = o[0], o[-1]
@@ -127,10 +129,15 @@ def summarise(name: str, d: Path, a, seconds: float) -> dict:
     common_steps = set(by_step[0]) & set(by_step[1]) & set(by_step[2])
     hashes_ok = len(common_steps) == syncs and all(len({b[s] for b in by_step}) == 1 for s in common_steps)
     hidden = [sum(r.get("hidden_seconds", 0.0) for r in o) for o in outer]
+    split: dict[str, float] = {}
+    for o in outer:
+        for r in o[1:]:
+            for k in ("launch", "reduce", "apply", "vote"):
+                split[k] = split.get(k, 0.0) + r.get(f"wait_{k}_seconds", 0.0) / N
     synced = [sum(r["sync_seconds"] for r in o) for o in outer]
     return out | {"s_per_step": sum(per) / N, "wait_fraction": sum(wait_frac) / N, "peak_bytes": peak,
                   "syncs": syncs, "hashes_agree": hashes_ok, "window": [outer[0][0]["step"], outer[0][-1]["step"]],
-                  "sync_s": sum(synced) / N, "hidden_s": sum(hidden) / N}
+                  "sync_s": sum(synced) / N, "hidden_s": sum(hidden) / N, "wait_split": split}
 
 
 def report(results: list[dict], a) -> str:
@@ -180,6 +187,7 @@ def main() -> int:
     ap.add_argument("--streams", type=int, default=4)
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds an arm may take")
     ap.add_argument("--out", default=None, help="keep the runs here (default: a temporary directory)")
+    ap.add_argument("--only", nargs="+", default=None, help="run only the arms whose name contains one of these")
     a = ap.parse_args()
     if a.quick:
         a.no_netns, a.hidden, a.steps, a.H, a.taus = True, 64, 48, 8, [1]
@@ -207,6 +215,8 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(a.out or tmp)
             for name, extra in arms(a):
+                if a.only and not any(o in name for o in a.only):
+                    continue
                 r = run_arm(a, name, extra, topo, work)
                 results.append(r)
                 print(json.dumps(r), flush=True)

@@ -568,7 +568,7 @@ class ElasticSync(DilocoSync):
 
             self._codec = make_codec(cfg.diloco.compression, cfg.diloco.block_size)
         self.island = None
-        self._flight = None  # streaming: (fragment, due step, island.Reduce) of the reduce in the background
+        self._flight = None  # streaming: (fragment, due step, island.Reduce, launch s) of the reduce in flight
         if self.frags is not None:
             self._build_fragment_programs(cfg)
 
@@ -713,17 +713,26 @@ class ElasticSync(DilocoSync):
             delta = saved["delta"]
             r, reduce, launch_s, sync_s = self.outer_step(), None, 0.0, 0.0
         self._flight = self._pending = None
+        t_reduce = t_apply = ready_at
         try:
             if reduce is not None:
                 delta = reduce.result()
                 sync_s = reduce.seconds
+            t_reduce = time.perf_counter()
             self.state, metrics = self._frag_apply[p](self.state, jax.device_put(delta, self.replicated))
-            metrics, h = self.island.settle(r, self._block(metrics))
+            metrics = self._block(metrics)
+            t_apply = time.perf_counter()
+            metrics, h = self.island.settle(r, metrics)
         except StaleStep as e:
             metrics, h = self.island.resync(f"outer step {r} completed without this island ({e})")
-        wait_s = time.perf_counter() - ready_at + launch_s
+        done = time.perf_counter()
+        wait_s = done - ready_at + launch_s
         stats = self.island.client.last_stats
         extra = {"fragment": p, "overlap_steps": self.tau, "params_hash": h,
+                 # where the wait went: the pseudo-gradient's copy at the sync, the reduce not done yet, the apply,
+                 # the snapshot + hash vote
+                 "wait_launch_seconds": launch_s, "wait_reduce_seconds": t_reduce - ready_at,
+                 "wait_apply_seconds": t_apply - t_reduce, "wait_vote_seconds": done - t_apply,
                  "bytes_sent_per_island": stats.get("bytes_sent", 0), "islands": len(stats.get("members", [])) or 1,
                  "ring_order": stats.get("order"), "reduce_aborts": stats.get("aborts", 0)}
         report(self._record(step, jax.device_get(metrics), wait_s, self.fragment_wire_bytes[p], extra,
@@ -750,7 +759,7 @@ class ElasticSync(DilocoSync):
         return jax.ShapeDtypeStruct((n,), jax.numpy.float32, sharding=self.replicated)
 
     def install_global(self, global_params, outer_opt_state, outer_step: int, step: int) -> None:
-        self._flight = self._pending = None  # a peer's state replaces whatever this island had in flight
+        self._flight = self._pending = None  # a peer's state replaces what this island had in flight
         super().install_global(global_params, outer_opt_state, outer_step, step)
 
     def _outer(self):
