@@ -118,7 +118,8 @@ def arm_config(args: dict, arm: dict, train_dir: str):
     base = load_config(common.ROOT / "configs" / args["preset"])
     steps = arm["steps"]
     optim = dataclasses.replace(base.optim, total_steps=steps, warmup_steps=max(1, steps // 20),
-                                decay_start=int(steps * 0.8))
+                                decay_start=int(steps * 0.8),
+                                learning_rate=base.optim.learning_rate * args.get("inner_lr_scale", 1.0))
     rows = args["per_island_batch"] * (args["islands"] if arm["islands"] <= 1 else 1)
     data = dataclasses.replace(base.data, seq_len=args["seq_len"], batch_size=rows, prefetch=2, seed=arm["seed"],
                                sources=(SourceConfig(name="stdlib-train", path=train_dir),))
@@ -423,10 +424,11 @@ def gap(r: dict, base: dict) -> str:
     return f"{100.0 * (r['eval_loss'] - base['eval_loss']) / base['eval_loss']:+.2f}%"
 
 
-def report(sweep: list[dict], results: list[dict], args: dict, lrs: dict, best_H: int) -> tuple[str, str, str]:
+def sweep_table(sweep: list[dict], args: dict, lrs: dict | None = None) -> str:
+    """The sweep's table (rows (islands, H), columns (outer lr, momentum)) and its note; `lrs` marks the best."""
     from benchmarks.common import table
 
-    n = args["islands"]
+    lrs = best_settings(sweep) if lrs is None else lrs
     # The sweep: rows (islands, H), columns outer lr.
     s_base = next(r for r in sweep if r["islands"] == 0)
     keys = sorted({(r["islands"], r["H"]) for r in sweep if r["islands"]}, key=lambda k: (k[0], k[1]))
@@ -444,6 +446,14 @@ def report(sweep: list[dict], results: list[dict], args: dict, lrs: dict, best_H
                   f"loss at the end (gap vs ddp {s_base['eval_loss']:.4f} at the same length). Outer SGD + Nesterov "
                   f"(momentum 0: plain SGD on the mean pseudo-gradient; lr 1, momentum 0 is parameter averaging); "
                   f"best per row in bold; 'nan' = diverged.")
+    return sweep_tab + "\n\n" + sweep_note
+
+
+def report(sweep: list[dict], results: list[dict], args: dict, lrs: dict, best_H: int) -> tuple[str, str, str]:
+    from benchmarks.common import table
+
+    n = args["islands"]
+    sweep_tab = sweep_table(sweep, args, lrs)
     base = next(r for r in results if r["islands"] == 0 and r["seed"] == 0)
     rows = []
     for r in results:
@@ -478,7 +488,7 @@ def report(sweep: list[dict], results: list[dict], args: dict, lrs: dict, best_H
              f"run (DiLoCo: collective.wire_bytes_per_island per outer step, codes + one fp32 scale per "
              f"{args['block_size']} elements; ddp: a {n}-worker fp32 ring all-reduce of the gradients every step, "
              f"2(n-1)/n x 4 B x params); M=1 sends nothing across islands.")
-    return sweep_tab + "\n\n" + sweep_note, tab, notes
+    return sweep_tab, tab, notes
 
 
 def plot(results: list[dict], quick: bool) -> str | None:
@@ -537,6 +547,10 @@ def main() -> int:
     ap.add_argument("--split-dir", default="~/.cache/intellect-jax/bench-quality-split")
     ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     ap.add_argument("--streaming", action="store_true", help="run the streaming comparison instead of the protocol")
+    ap.add_argument("--sweep-only", action="store_true", help="run the sweep only and print its table (explorations: "
+                                                               "with --inner-lr-scale, --per-island-batch)")
+    ap.add_argument("--inner-lr-scale", type=float, default=1.0, help="multiply the preset's inner learning rate "
+                                                                      "(every arm)")
     ap.add_argument("--streaming-H", type=int, default=25, help="H of the streaming comparison (default 25)")
     ap.add_argument("--streaming-outer", default="1.0,0", metavar="LR,MOMENTUM",
                     help="outer (lr, momentum) of the streaming comparison (default 1.0,0: the sweep's best at H=25)")
@@ -582,6 +596,9 @@ def main() -> int:
     print(f"sweep: {len(sweep_arms(args))} runs x {a.sweep_steps} steps; then arms x {a.steps} steps; "
           f"{a.jobs} workers", flush=True)
     sweep = run_all(args, sweep_arms(args), a.jobs, "sweep")
+    if a.sweep_only:
+        print("\n" + sweep_table(sweep, args) + f"\n\ntotal {time.perf_counter() - t_all:.0f} s")
+        return 0
     lrs = best_settings(sweep)
     best_H = min(a.H, key=lambda H: min(r["eval_loss"] for r in sweep if r["islands"] == a.islands and r["H"] == H))
     arms = main_arms(args, lrs, best_H)

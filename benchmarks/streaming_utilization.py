@@ -148,26 +148,33 @@ def report(results: list[dict], a) -> str:
     rows = []
     for r in results:
         if "wait_fraction" not in r:
-            rows.append([r["arm"], f"{1e3 * r['s_per_step']:.1f}", "100% (reference)", "–", "–", "–", "–", "–", "–"])
+            rows.append([r["arm"], f"{1e3 * r['s_per_step']:.1f}", "100% (reference)", "–", "–", "–", "–", "–", "–",
+                         "–"])
             continue
         rows.append([r["arm"], f"{1e3 * r['s_per_step']:.1f}", f"{100 * ref / r['s_per_step']:.1f}%",
                      f"{100 * (1 - r['wait_fraction']):.1f}%", f"{r['sync_s']:.1f} / {r['hidden_s']:.1f}",
                      str(r["syncs"]), f"{r['peak_bytes'] / 1e6:.2f}",
                      f"{r['peak_bytes'] / block['peak_bytes']:.2f}" if block else "–",
+                     " / ".join(f"{r['wait_split'].get(k, 0.0):.1f}" for k in ("launch", "reduce", "apply", "vote"))
+                     if any(r.get("wait_split", {}).values()) else "–",
                      "yes" if r["hashes_agree"] else "**NO**"])
     tab = common.table(["arm", "ms / inner step", "utilization (end to end)", "1 - wait / wall (rows)",
                         "sync s / hidden s (per island)", "outer steps", "peak MB in flight / island",
-                        "peak vs blocking", "hashes agree"], rows, "lrrrrrrrl")
+                        "peak vs blocking", "wait s: copy / reduce / apply / vote", "hashes agree"], rows,
+                       "lrrrrrrrrl")
     link = f"tbf {a.rate} up and down per island (launch/wan_emulation.py)" if not a.no_netns else "loopback"
     notes = (f"Three `intellect-jax train` island processes on this machine's CPU cores, {link}, coordinator on the "
              f"bridge; model: debug Llama with hidden {a.hidden}, 4 layers ({a.params / 1e6:.2f}M params), "
              f"{a.batch} x {a.seq_len} tokens per island step, int8 ring, {a.streams} streams, H = {a.H}, "
              f"{a.steps} inner steps; streaming: {a.fragments} fragments, merge alpha {a.alpha}. Utilization (end to "
-             "end) = the compute-only arm's seconds per inner step / the arm's, over the steps between the first and "
-             "the last applied outer step (the compute-only arm over steps H to the end); the compute-only arm ran "
-             f"first and last, {100 * noise:.1f}% apart: read differences below that as noise. Sync / hidden: seconds "
+             "end) = the compute-only seconds per inner step (the mean of its two runs, each the pace of its slowest "
+             "island, which a synced run cannot beat) / the arm's, over the steps between the first and the last "
+             "applied outer step (the compute-only arm over steps H to the end); the two compute-only runs were "
+             f"{100 * noise:.1f}% apart: read differences below that as noise. Sync / hidden: seconds "
              "the reduces took in all / of that, the part that ran while the islands computed (per island, summed "
-             "over the run). Peak in flight: the most bytes one island sent in one sync (measured by the ring).")
+             "over the run). Peak in flight: the most bytes one island sent in one sync (measured by the ring). Wait split "
+             "(streaming rows, per island, summed): the pseudo-gradient's copy off the device at the sync, the reduce "
+             "not finished when its mean was due, the apply, the snapshot + hash vote.")
     return tab + "\n\n" + notes
 
 
