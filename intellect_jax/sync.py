@@ -15,6 +15,7 @@ the outer-step schedule, and the state's checkpoint items. The training loop onl
                                           and hands its record to `report`; returns the run's position (an
                                           elastic island that re-synced from a peer ahead is moved there)
     sync.at_boundary(step) -> bool        a point where every island holds the global state (final checkpoints)
+    sync.checkpoint_ok() -> bool          whether a save (or a stop) may happen now; else the loop saves later
 
 and never asks which mode it is in. A schedule that syncs parts of the model at different steps (streaming DiLoCo
 fragments, overlapped reduces) is a Sync whose ``maybe`` decides which fragment is due.
@@ -78,6 +79,10 @@ class Sync(abc.ABC):
         return step
 
     def at_boundary(self, step: int) -> bool:
+        return True
+
+    def checkpoint_ok(self) -> bool:
+        """Whether the state can be saved (or the run stopped) now (ElasticSync: not while a reduce is in flight)."""
         return True
 
     def close(self) -> None:
@@ -652,7 +657,22 @@ class ElasticSync(DilocoSync):
 
         self.island = ElasticIsland(self.cfg, self)
         self.island.join()
-        return super().start(self._resume_step(step))  # a peer's state may be ahead
+        step = super().start(self._resume_step(step))  # a peer's state may be ahead
+        if self.frags is not None and self._launch_due(step):  # resumed where a fragment's sync starts
+            self._launch(step)
+        return step
+
+    def _launch_due(self, step: int) -> bool:
+        """Streaming: the next outer step starts at this step, unless its mean would be due after the run's last
+        step (it could not be applied in this run; a run resumed from there, or prolonged, launches it as it
+        starts)."""
+        return (self._flight is None and step == self.round_step(self.outer_step())
+                and step + self.tau <= self.cfg.total_inner_steps)
+
+    def checkpoint_ok(self) -> bool:
+        """Streaming: nothing is saved (and the run does not stop) while a reduce is in flight, so that a checkpoint
+        never holds half an outer step: the loop goes on to the step where its mean is applied."""
+        return self._flight is None
 
     def _resume_step(self, step: int) -> int:
         """Where this island continues after installing a peer's state (the peer's step), else `step`."""
@@ -675,9 +695,7 @@ class ElasticSync(DilocoSync):
         # the fragment due there has already been applied.
         if self._flight is not None and self._flight[1] == step:
             step = self._land(step, report)
-        elif self._flight is None and self._pending is not None and self._pending[1] == step:
-            step = self._land(step, report)  # restored from a checkpoint taken while it was in flight
-        if self._flight is None and step == self.round_step(self.outer_step()):
+        if self._launch_due(step):
             self._launch(step)
             if self.tau == 0:
                 step = self._land(step, report)
@@ -705,19 +723,13 @@ class ElasticSync(DilocoSync):
 
         jax.block_until_ready(self.state.inner)
         ready_at = time.perf_counter()
-        if self._flight is not None:
-            p, _, reduce, launch_s = self._flight
-            r, sync_s = reduce.outer_step, None
-        else:  # restored: (fragment, due, {"delta": mean}) of an outer step whose reduce had finished
-            p, _, saved = self._pending
-            delta = saved["delta"]
-            r, reduce, launch_s, sync_s = self.outer_step(), None, 0.0, 0.0
-        self._flight = self._pending = None
+        p, _, reduce, launch_s = self._flight
+        r, sync_s = reduce.outer_step, 0.0
+        self._flight = None
         t_reduce = t_apply = ready_at
         try:
-            if reduce is not None:
-                delta = reduce.result()
-                sync_s = reduce.seconds
+            delta = reduce.result()
+            sync_s = reduce.seconds
             t_reduce = time.perf_counter()
             self.state, metrics = self._frag_apply[p](self.state, jax.device_put(delta, self.replicated))
             metrics = self._block(metrics)
@@ -739,27 +751,13 @@ class ElasticSync(DilocoSync):
                             sync_s=max(sync_s or 0.0, wait_s)), ready_at)
         return self._resume_step(step)
 
-    def checkpoint_arrays(self):
-        """A reduce in flight is waited for and its mean saved as the pending item (the same on every island), so
-        the checkpoint resumes exactly: the mean is applied at its due step."""
-        if self._flight is not None:
-            p, due, reduce, _ = self._flight
-            try:
-                self._pending = (p, due, {"delta": jax.device_put(reduce.result(), self.replicated)})
-            except Exception as e:  # noqa: BLE001 - it lands (and re-syncs) at its due step
-                log.warning("checkpoint without the outer step in flight: %s", e)
-        return super().checkpoint_arrays()
-
-    def _pending_abstract(self, p: int) -> dict[str, jax.ShapeDtypeStruct]:
-        return {"delta": self._vector_abstract(p)}
-
     def _vector_abstract(self, p: int) -> jax.ShapeDtypeStruct:
         n = sum(x.size for x in jax.tree.leaves(self.frags.take(jax.eval_shape(lambda s: s.global_params,
                                                                                self.state), p)))
         return jax.ShapeDtypeStruct((n,), jax.numpy.float32, sharding=self.replicated)
 
     def install_global(self, global_params, outer_opt_state, outer_step: int, step: int) -> None:
-        self._flight = self._pending = None  # a peer's state replaces what this island had in flight
+        self._flight = None  # a peer's state replaces what this island had in flight
         super().install_global(global_params, outer_opt_state, outer_step, step)
 
     def _outer(self):

@@ -169,7 +169,9 @@ class RunCheckpointer:
         log.info("checkpoint step %d saving (async) to %s", step, self.ckpt.dir)
 
     def due(self, step: int) -> bool:
-        return bool(self.every) and step % self.every == 0 and step != self.last_saved
+        """Every `every` steps; a save the sync could not take then (an elastic reduce in flight) is taken at the
+        first step after it where it can."""
+        return bool(self.every) and step // self.every > (self.last_saved or 0) // self.every
 
     def finish(self, step: int) -> None:
         """The last save of the run, so that the same command run again has nothing to redo."""
@@ -310,13 +312,13 @@ def train(cfg: Config) -> dict[str, Any]:
         profiler = closing.enter_context(contextlib.closing(StepProfiler(cfg.run, run_dir, sync)))
         stopped, total = False, cfg.total_inner_steps
         with StopRequest() as stop:
-            while step < total and not (stopped := stop.agreed()):
+            while step < total and not (stopped := stop.agreed() and sync.checkpoint_ok()):
                 profiler.at(step)
                 metrics = sync.inner_step(trainer.make_batch(next(loader)))
                 logger.maybe_flush(step, metrics)  # step N-1's metrics, pulled now that step N is queued
                 step = sync.maybe(step + 1, report=logger.outer)  # the outer step when due (elastic: may move ahead)
                 evaluator.maybe(step, report=logger.eval)  # held-out loss of the global params when due, and at the end
-                if checkpointer.due(step):
+                if checkpointer.due(step) and sync.checkpoint_ok():
                     with logger.paused():  # the save's host time is not the next step's
                         checkpointer.save(step)
             logger.flush()

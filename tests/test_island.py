@@ -26,20 +26,26 @@ def _env():
     return env
 
 
-@pytest.fixture
-def coordinator(tmp_path):
-    secret = tmp_path / "secret"
-    wire.write_secret(secret)
-    port_file = tmp_path / "port"
+def _start_coordinator(tmp_path, secret, tag="", grace_s=0.0):
+    port_file = tmp_path / f"port{tag}"
     proc = subprocess.Popen([sys.executable, "-m", "intellect_jax", "coordinator", "--bind", "127.0.0.1:0",
                              "--secret-file", str(secret), "--run-id", "t", "--min-islands", "3",
-                             "--dead-after-s", "4", "--port-file", str(port_file)],
-                            cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=open(tmp_path / "coord.log", "w"))
+                             "--dead-after-s", "4", "--recovery-grace-s", str(grace_s), "--port-file", str(port_file)],
+                            cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=open(tmp_path / f"coord{tag}.log", "w"))
     deadline = time.time() + 60
     while not port_file.exists() or not port_file.read_text().strip():
         assert time.time() < deadline and proc.poll() is None, "coordinator did not start"
         time.sleep(0.1)
-    yield f"127.0.0.1:{port_file.read_text().strip()}", secret
+    return proc, f"127.0.0.1:{port_file.read_text().strip()}"
+
+
+@pytest.fixture
+def coordinator(tmp_path):
+    secret = tmp_path / "secret"
+    wire.write_secret(secret)
+    proc, addr = _start_coordinator(tmp_path, secret)
+    yield addr, secret
     proc.kill()
     proc.wait()
 
@@ -92,7 +98,7 @@ def test_streaming_islands_overlap_the_reduce_and_agree_at_every_fragment_sync(t
     for p in procs:
         assert p.wait(timeout=400) == 0, (tmp_path / "island0.log").read_text()[-3000:]
     outers = [_outer(tmp_path / f"island{i}") for i in range(3)]
-    # syncs at 4 6 8 10 12 14 16; each applied one step later; the one started at the last step is still in flight
+    # syncs at 4 6 .. 14, each applied one step later; none starts at step 16 (its mean would be due after the end)
     assert all(sorted(o) == [1, 2, 3, 4, 5, 6] for o in outers), [sorted(o) for o in outers]
     for k in range(1, 7):
         rows = [o[k] for o in outers]
@@ -104,6 +110,22 @@ def test_streaming_islands_overlap_the_reduce_and_agree_at_every_fragment_sync(t
     for i in range(3):
         inner = [r["loss"] for r in read_metrics(tmp_path / f"island{i}" / "metrics.jsonl") if r["kind"] == "inner"]
         assert sum(inner[-3:]) / 3 < sum(inner[:3]) / 3 - 0.05, inner
+    # The whole run restarts and is prolonged to 24 steps: every island resumes from its final checkpoint (step 16,
+    # no reduce in flight: none is ever saved) and launches fragment 0's sync at once, as the schedule says. The new
+    # coordinator knows no epoch, so it waits its recovery grace for the islands (restart + compile: ~15 s here).
+    coord, addr = _start_coordinator(tmp_path, secret, tag="2", grace_s=40.0)
+    try:
+        procs = [_island(tmp_path, addr, secret, i, steps=24, extra=STREAMING) for i in range(3)]
+        for p in procs:
+            assert p.wait(timeout=400) == 0, (tmp_path / "island0.log").read_text()[-3000:]
+    finally:
+        coord.kill()
+        coord.wait()
+    outers = [_outer(tmp_path / f"island{i}") for i in range(3)]
+    assert all(sorted(o) == list(range(1, 11)) for o in outers), [sorted(o) for o in outers]
+    for k in range(1, 11):
+        assert len({o[k]["params_hash"] for o in outers}) == 1 and {o[k]["step"] for o in outers} == {3 + 2 * k}
+    assert all("resumed from checkpoint step 16" in (tmp_path / f"island{i}.log").read_text() for i in range(3))
 
 
 @pytest.mark.slow
