@@ -91,7 +91,11 @@ def section_codec(quick: bool) -> list[dict]:
 
     n = (1 << 20) if quick else GiB // 4  # 1 GiB of fp32
     x = jax.random.normal(jax.random.key(0), (n,), jnp.float32)
-    rows = []
+    amax = jax.jit(lambda x: jnp.max(jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1, 256) & 0x7FFFFFFF,
+                                     axis=1))
+    s_amax = _timed(amax, x)
+    rows = [{"what": "block amax pass alone (pack's first read)", "bytes": 4 * n + n // 64, "seconds": s_amax,
+             "GB/s": (4 * n + n // 64) / s_amax / 1e9, "fp32 GB/s": 4 * n / s_amax / 1e9}]
     for bits in (8, 4):
         pack = jax.jit(lambda x, b=bits: quant.pack(x, bits=b))
         unpack = jax.jit(lambda c, s, b=bits: quant.unpack(c, s, bits=b))
@@ -179,6 +183,21 @@ TILES = [
     ((128, 64), (32, 128, 128, 32), 3, 8),
     ((64, 128), (64, 128, 128, 64), 2, None),
 ]
+# Round 2, around round 1's fastest (128x64 / 64x64, 64x64 / 3 / auto): `--tune --tiles-set 2`.
+TILES_2 = [
+    ((128, 64), (64, 64, 64, 64), 3, None),
+    ((128, 64), (64, 64, 64, 64), 4, None),
+    ((128, 64), (64, 64, 64, 64), 3, 8),
+    ((128, 128), (64, 64, 64, 64), 3, None),
+    ((128, 64), (128, 64, 64, 128), 3, None),
+    ((128, 64), (128, 64, 64, 128), 3, 8),
+    ((128, 64), (64, 128, 128, 64), 3, 8),
+    ((128, 64), (128, 128, 128, 128), 3, 8),
+    ((128, 64), (32, 64, 64, 32), 3, None),
+    ((128, 64), (64, 32, 32, 64), 3, None),
+    ((64, 64), (64, 64, 64, 64), 3, None),
+    ((256, 64), (64, 64, 64, 64), 3, 8),
+]
 
 
 def tiles_dict(fwd, bwd, stages, warps) -> dict:
@@ -187,7 +206,7 @@ def tiles_dict(fwd, bwd, stages, warps) -> dict:
     return d | ({"num_warps": warps} if warps else {})
 
 
-def section_tune(quick: bool) -> list[dict]:
+def section_tune(quick: bool, tiles_set: int = 1) -> list[dict]:
     """The Pallas kernel's forward and forward + backward time per tiling at the 1B preset's training shape (B4 L4096,
     32 heads, 8 kv heads, documents of ~1024 tokens), errors against the fp32 XLA reference."""
     import jax
@@ -207,7 +226,8 @@ def section_tune(quick: bool) -> list[dict]:
                                           *(x.astype(jnp.float32) for x in (q, k, v)))[1](
         dout.astype(jnp.float32))[0])(q, k, v)
     rows = []
-    for fwd_t, bwd_t, stages, warps in TILES[:3] if quick else TILES:
+    tilings = TILES_2 if tiles_set == 2 else TILES
+    for fwd_t, bwd_t, stages, warps in tilings[:3] if quick else tilings:
         tiles = tiles_dict(fwd_t, bwd_t, stages, warps)
         attn.PALLAS_TUNING = tiles
         f = lambda q, k, v: attn._pallas_attention(q, k, v, seg, interpret=quick)  # noqa: E731
@@ -342,6 +362,7 @@ def main() -> int:
     ap.add_argument("--tune", action="store_true", help="time the Pallas kernel per tiling (TILES) first and run "
                                                          "the pallas rows with the fastest")
     ap.add_argument("--tiles", default=None, help="JSON of attention.PALLAS_TUNING for the pallas rows")
+    ap.add_argument("--tiles-set", type=int, default=1, choices=(1, 2), help="--tune's tilings: TILES or TILES_2")
     args = ap.parse_args()
     impls = args.impl or ["xla", "cudnn", "cudnn@64", "cudnn_mask", "pallas", "blockwise"]
 
@@ -352,10 +373,11 @@ def main() -> int:
             from intellect_jax import attention
 
             attention.PALLAS_TUNING = json.loads(args.tiles)
-        fn = {"env": section_env, "bandwidth": section_bandwidth, "codec": section_codec,
-              "tune": section_tune}.get(args.section)
+        fn = {"env": section_env, "bandwidth": section_bandwidth, "codec": section_codec}.get(args.section)
         if fn:
             rows = fn(args.quick)
+        elif args.section == "tune":
+            rows = section_tune(args.quick, args.tiles_set)
         elif args.section == "attention":
             rows = section_attention(args.quick, impls)
         else:
@@ -380,7 +402,7 @@ def main() -> int:
     codec = section("codec", timeout=90)
     tune, tiles = [], args.tiles
     if args.tune:
-        tune = section("tune", timeout=240)
+        tune = section("tune", ["--tiles-set", str(args.tiles_set)], timeout=240)
         best = best_tiles(tune)
         tiles = json.dumps(best) if best else tiles
     t_arg = ["--tiles", tiles] if tiles else []

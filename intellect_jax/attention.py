@@ -19,7 +19,7 @@ same document (equal segment ids). The implementations:
   ``blockwise`` from there on. So from 2048 tokens on no [L, L] array is built anywhere.
 
 Measured on one H200 at the 10B preset's attention shape (B1 L8192 H32 K8 Dh128, bf16, fwd + bwd with documents;
-benchmarks/RESULTS.md, GPU): pallas 7.5 ms with the tiles of PALLAS_TUNING (14.7 ms with jax's default tiles),
+benchmarks/RESULTS.md, GPU): pallas 7.5 ms with tuned tiles (14.7 ms with jax's default tiles),
 cudnn_mask 12.9 ms, blockwise 27 ms, xla 25 ms with 20 GiB of temporaries; cuDNN causal without documents 4.1 ms. cuDNN's packed layout ran in 2.8 ms with M = 64 document slots
 but its workspace grows with M (16 GiB at M = 64; M = L asks for TiBs), so it needs a bound on documents per row
 that packed data does not have; :func:`cudnn_packed_attention` keeps it for the benchmark, no config reaches it.
@@ -141,11 +141,12 @@ def cudnn_packed_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, max_documents
 
 # Tiles of the Pallas kernel: BlockSizes fields (block_q, block_k, block_q_dkv, block_kv_dkv, block_q_dq,
 # block_kv_dq) plus num_warps / num_stages; missing keys take jax's defaults (forward 128 x 128, backward 32 x 32,
-# 2 stages). These are the fastest of the 12 tilings benchmarks/gpu.py --tune timed on an H200 at the 1B preset's
-# shape (B4 L4096 H32 K8 Dh128, documents): 7.96 ms forward + backward against 15.2 ms with the defaults (the backward
-# pass's 32 x 32 tiles were the cost); RESULTS.md, GPU.
-PALLAS_TUNING: dict = {"block_q": 128, "block_k": 64, "block_q_dkv": 64, "block_kv_dkv": 64, "block_q_dq": 64,
-                       "block_kv_dq": 64, "num_stages": 3}
+# 2 stages). benchmarks/gpu.py --tune timed 24 tilings on an H200 at the 1B preset's shape (B4 L4096 H32 K8 Dh128,
+# documents): the backward pass's 32 x 32 default tiles were the cost (15.2 ms forward + backward); 64 x 64 or
+# 128 x 128 backward tiles take 7.95-8.2 ms (within noise of each other); these gave the faster 1B step (0.367 s,
+# MFU 40.8%; RESULTS.md, GPU).
+PALLAS_TUNING: dict = {"block_q": 128, "block_k": 64, "block_q_dkv": 128, "block_kv_dkv": 128, "block_q_dq": 128,
+                       "block_kv_dq": 128, "num_stages": 3, "num_warps": 8}
 
 
 def _pallas_attention(q_BLHD, k_BSKD, v_BSKD, segment_ids_BL, interpret: bool = False):
