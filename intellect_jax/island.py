@@ -149,9 +149,6 @@ class Reduce:
         finally:
             self.finished = time.perf_counter()
 
-    def done(self) -> bool:
-        return not self._thread.is_alive()
-
     def result(self) -> np.ndarray:
         self._thread.join()
         if self._error is not None:
