@@ -41,12 +41,12 @@ def test_blockwise_matches_masked_reference(L, block, H, K, p, with_segments):
         np.testing.assert_allclose(g, g_ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("tiles", [None, {}, {"block_q": 32, "block_k": 64, "block_q_dkv": 16, "block_kv_dkv": 32,
+@pytest.mark.parametrize("tiles", [None, {"block_q": 32, "block_k": 64, "block_q_dkv": 16, "block_kv_dkv": 32,
                                             "block_q_dq": 32, "block_kv_dq": 16, "num_warps": 4, "num_stages": 3}])
 def test_pallas_kernel_with_its_tiles_matches_xla(tiles, monkeypatch):
     """The Pallas kernel's path (GQA repeat, scale, the tiles of attention.PALLAS_TUNING), run by Pallas' interpreter
     on the CPU: the same outputs and gradients as the XLA reference, documents included."""
-    if tiles is not None:  # None: the shipped tiles; {}: jax's defaults
+    if tiles is not None:  # None: the shipped tiles
         monkeypatch.setattr(attn, "PALLAS_TUNING", tiles)
     q, k, v = _qkv(1, 128, 4, 2, 32)
     seg = _segments(1, 128, 1 / 40)
