@@ -116,28 +116,18 @@ def summarise(name: str, d: Path, a, seconds: float) -> dict:
         per = [(inn[hi]["time"] - inn[lo]["time"]) / (hi - lo) for inn in inner]
         # a synced run goes at the pace of its slowest island: that island's time per step is the reference
         return out | {"s_per_step": max(per), "s_per_step_islands": per, "window": [lo, hi]}
-    per, wait_frac, hashes_ok, peak, syncs = [], [], True, 0, 0
-    for o in outer:
-        first, last = o[0], o[-1]
-        steps = last["step"] - first["step"]
-        wall = last["time"] - first["time"]
-        per.append(wall / steps)
-        wait_frac.append(sum(r["wait_seconds"] for r in o[1:]) / wall)
-        peak = max(peak, max(r["bytes_sent_per_island"] for r in o))
-        syncs = len(o)
+    per = [(o[-1]["time"] - o[0]["time"]) / (o[-1]["step"] - o[0]["step"]) for o in outer]
+    wait_frac = [sum(r["wait_seconds"] for r in o[1:]) / (o[-1]["time"] - o[0]["time"]) for o in outer]
     by_step = [{r["outer_step"]: r["params_hash"] for r in o} for o in outer]
-    common_steps = set(by_step[0]) & set(by_step[1]) & set(by_step[2])
-    hashes_ok = len(common_steps) == syncs and all(len({b[s] for b in by_step}) == 1 for s in common_steps)
-    hidden = [sum(r.get("hidden_seconds", 0.0) for r in o) for o in outer]
-    split: dict[str, float] = {}
-    for o in outer:
-        for r in o[1:]:
-            for k in ("launch", "reduce", "apply", "vote"):
-                split[k] = split.get(k, 0.0) + r.get(f"wait_{k}_seconds", 0.0) / N
-    synced = [sum(r["sync_seconds"] for r in o) for o in outer]
-    return out | {"s_per_step": sum(per) / N, "wait_fraction": sum(wait_frac) / N, "peak_bytes": peak,
-                  "syncs": syncs, "hashes_agree": hashes_ok, "window": [outer[0][0]["step"], outer[0][-1]["step"]],
-                  "sync_s": sum(synced) / N, "hidden_s": sum(hidden) / N, "wait_split": split}
+    hashes_ok = all(b == by_step[0] for b in by_step)  # the same outer steps, each with the same hash
+    split = {k: sum(r.get(f"wait_{k}_seconds", 0.0) for o in outer for r in o[1:]) / N
+             for k in ("launch", "reduce", "apply", "vote")}
+    return out | {"s_per_step": sum(per) / N, "wait_fraction": sum(wait_frac) / N,
+                  "peak_bytes": max(r["bytes_sent_per_island"] for o in outer for r in o),
+                  "syncs": len(outer[0]), "hashes_agree": hashes_ok,
+                  "window": [outer[0][0]["step"], outer[0][-1]["step"]],
+                  "sync_s": sum(r["sync_seconds"] for o in outer for r in o) / N,
+                  "hidden_s": sum(r.get("hidden_seconds", 0.0) for o in outer for r in o) / N, "wait_split": split}
 
 
 def report(results: list[dict], a) -> str:
