@@ -4,12 +4,15 @@
 
 GB/s are float32 bytes per second (the vector packed, or produced by unpacking), so 1.0x memcpy means the codec
 runs as fast as copying its float32 input once. memcpy is np.copyto of an array of the same size (bytes copied / s).
-Rows: numpy twin (host path of the elastic ring) and jitted jnp on jax's default backend.
+Rows: numpy twin (host path of the elastic ring) on one thread and on its codec pool (quant.np_codec_threads()),
+the ring's hop (decode a partial sum, add this member's values, re-pack) unfused and fused, and jitted jnp on jax's
+default backend. Ring hop GB/s count the float32 vector once (like pack).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import sys
@@ -51,12 +54,23 @@ def main() -> None:
     rows = [("memcpy (np.copyto)", "numpy", memcpy)]
 
     xd = jax.device_put(x)
+    y = np.random.default_rng(1).standard_normal(n).astype(np.float32)
+    pool = quant.np_codec_threads()
     for bits in (8, 4):
         codes, scales = quant.pack_np(x, bits=bits, block_size=bs)
-        rows.append((f"pack int{bits}", "numpy",
-                     gb / best_seconds(lambda: quant.pack_np(x, bits=bits, block_size=bs), args.repeats)))
-        rows.append((f"unpack int{bits}", "numpy",
-                     gb / best_seconds(lambda: quant.unpack_np(codes, scales, bits=bits, block_size=bs), args.repeats)))
+        for threads in sorted({1, pool}):
+            os.environ["INTELLECT_JAX_CODEC_THREADS"] = str(threads)
+            impl = f"numpy, {threads} thread{'s' if threads > 1 else ''}"
+            rows.append((f"pack int{bits}", impl,
+                         gb / best_seconds(lambda: quant.pack_np(x, bits=bits, block_size=bs), args.repeats)))
+            rows.append((f"unpack int{bits}", impl, gb / best_seconds(
+                lambda: quant.unpack_np(codes, scales, bits=bits, block_size=bs), args.repeats)))
+            rows.append((f"ring hop int{bits}: unpack, + x, pack (unfused)", impl, gb / best_seconds(
+                lambda: quant.pack_np(quant.unpack_np(codes, scales, bits=bits, block_size=bs) + y, bits=bits,
+                                      block_size=bs), args.repeats)))
+            rows.append((f"ring hop int{bits}: accumulate_pack_np (fused)", impl, gb / best_seconds(
+                lambda: quant.accumulate_pack_np(codes, scales, y, bits=bits, block_size=bs), args.repeats)))
+        del os.environ["INTELLECT_JAX_CODEC_THREADS"]
         pack = jax.jit(lambda v, bits=bits: quant.pack(v, bits=bits, block_size=bs))
         unpack = jax.jit(lambda c, s, bits=bits: quant.unpack(c, s, bits=bits, block_size=bs))
         cd, sd = jax.device_put(codes), jax.device_put(scales)

@@ -39,14 +39,6 @@ RUN = "ring-bench"
 BLOCK = 256
 
 
-def _rate_bytes(rate: str) -> float:
-    units = {"kbit": 1e3 / 8, "mbit": 1e6 / 8, "gbit": 1e9 / 8}
-    for u, f in units.items():
-        if rate.lower().endswith(u):
-            return float(rate[: -len(u)]) * f
-    raise ValueError(f"rate {rate!r}: use e.g. 100mbit")
-
-
 def payload_bytes(n: int, compression: str) -> int:
     return 4 * n if compression == "none" else n + 4 * (-(-n // BLOCK))
 
@@ -99,8 +91,9 @@ def member(a: argparse.Namespace) -> int:
                 out, st = ring.ring_mean(vec, r, send, recv, N, codec, a.chunk_bytes, BLOCK, timeout=120,
                                          epoch=epoch)
                 print(json.dumps({"rank": r, "mb": mb, "n": n, "compression": comp, "repeat": rep,
-                                  "seconds": st.seconds, "sha": hashlib.sha256(out.tobytes()).hexdigest()}),
+                                  "seconds": st.seconds, "sha": hashlib.sha256(memoryview(out)).hexdigest()}),
                       flush=True)
+                del out
     srv.close()
     return 0
 
@@ -133,6 +126,32 @@ def loopback_tcp_rate(nbytes: int = 512 << 20) -> float:
     dt = time.perf_counter() - t0
     p.wait(10)
     return nbytes / dt
+
+
+_RAW_RECV = ("import socket,sys,threading\ns=socket.create_server(('0.0.0.0',{port}));cs=[s.accept()[0] for _ in "
+             "range({streams})]\ndef rd(c):\n b=bytearray(1<<20)\n while c.recv_into(b): pass\n"
+             "ts=[threading.Thread(target=rd,args=(c,)) for c in cs];[t.start() for t in ts];[t.join() for t in ts]")
+_RAW_SEND = ("import socket,threading,time\ncs=[]\nfor _ in range({streams}):\n while True:\n  try: cs.append("
+             "socket.create_connection(('{host}',{port}))); break\n  except OSError: time.sleep(0.1)\n"
+             "b=bytes(1<<20)\ndef wr(c):\n for _ in range({mib}//{streams}): c.sendall(b)\n c.close()\n"
+             "ts=[threading.Thread(target=wr,args=(c,)) for c in cs];t0=time.perf_counter()\n"
+             "[t.start() for t in ts];[t.join() for t in ts];print(({mib}//{streams})*{streams}*2**20/"
+             "(time.perf_counter()-t0))")
+
+
+def raw_ring_rate(topo, streams: int, mib: int = 256, port: int = 7100) -> float:
+    """Raw TCP (no framing, no codec) bytes/s per island when every island sends to its ring successor at once
+    over the emulated links, `streams` connections each: what the links themselves deliver to the ring's pattern."""
+    n = len(topo.ips)
+    recv = [subprocess.Popen(topo.exec_cmd(i, [sys.executable, "-c", _RAW_RECV.format(port=port, streams=streams)]))
+            for i in range(n)]
+    send = [subprocess.Popen(topo.exec_cmd(i, [sys.executable, "-c", _RAW_SEND.format(
+        host=topo.ips[(i + 1) % n], port=port, streams=streams, mib=mib)]), stdout=subprocess.PIPE, text=True)
+        for i in range(n)]
+    rates = [float(p.communicate(timeout=600)[0]) for p in send]
+    for p in recv:
+        p.wait(60)
+    return min(rates)
 
 
 def run_ring(addrs: list[str], prefixes: list[list[str]], a: argparse.Namespace, binds: list[str] | None = None,
@@ -177,7 +196,7 @@ def summarize(rows: list[dict], N: int, rate: float, rate_label: str) -> list[di
         bound = 2 * (N - 1) / N * payload / rate
         best = min(per_rep)
         out.append({"members": N, "streams": streams, "fp32_mb": mb, "compression": comp, "payload_mb": payload / 1e6,
-                    "seconds_best": best, "seconds_median": float(np.median(per_rep)), "bound_s": bound,
+                    "seconds_best": best, "seconds_median": float(np.median(per_rep)), "seconds_each": per_rep, "bound_s": bound,
                     "fraction_of_link_rate": bound / best, "bit_identical": len(shas) == 1, "rate": rate_label})
     return out
 
@@ -219,8 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     N = a.members
     if a.wan:
-        from wan_emulation import Topology
-        with Topology(N, a.wan) as topo:
+        import wan_emulation
+        with wan_emulation.Topology(N, a.wan) as topo:
+            raw = raw_ring_rate(topo, max(int(v) for v in str(a.streams).split(",")))
             addrs = [f"{ip}:{7000}" for ip in topo.ips]
             relays, binds = [], None
             if a.delay_ms > 0:  # each member listens on its loopback; the relay on its link address forwards
@@ -237,12 +257,15 @@ def main(argv: list[str] | None = None) -> int:
                 for r in relays:
                     r.terminate()
                     r.wait(10)
-        rate, label = _rate_bytes(a.wan), f"tbf {a.wan}"
+        rate, label = wan_emulation.rate_bytes_per_s(a.wan), f"tbf {a.wan}"
         if a.delay_ms > 0:
             label += f", {a.delay_ms:g} ms one-way (RTT {2 * a.delay_ms:g} ms, window {a.window_mb:g} MiB/stream)"
+        link_note = (f" tbf bucket {topo.burst}; raw TCP on these links in the ring's pattern (every island sending "
+                     f"to its successor at once, no relay): {raw * 8 / 1e9:.3f} Gbit/s per island.")
     else:
         rate = loopback_tcp_rate()
         label = f"loopback raw TCP {rate / 1e9:.2f} GB/s"
+        link_note = ""
         addrs = [f"127.0.0.1:{_free_port()}" for _ in range(N)]
         rows = run_ring(addrs, [[] for _ in range(N)], a)
     summary = summarize(rows, N, rate, label)
@@ -269,8 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         note = (f"{N} islands (separate processes), 'streams' TCP connections per link, frames "
                 f"{'sealed with AES-256-GCM' if a.encrypt == 'on' else 'HMAC-SHA256 only (encrypt off)'}, chunk "
                 f"{a.chunk_bytes >> 20} MiB, rate: {label}. Bound = 2(N-1)/N x payload / link rate (int8 payload "
-                "includes the fp32 block scales). 'bit-identical': every member decoded the same mean bytes.")
-        common.write_section(f"Link utilization: {label.split(' raw')[0]}"
+                "includes the fp32 block scales). 'bit-identical': every member decoded the same mean bytes." + link_note)
+        common.write_section(f"Link utilization: {label}"
                              + (", encrypted" if a.encrypt == "on" else ", HMAC only"),
                              common.provenance(time.perf_counter() - t_start) + "\n\n" + body + "\n\n" + note)
     return 0 if all(s["bit_identical"] for s in summary) else 1

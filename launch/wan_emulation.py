@@ -7,7 +7,10 @@ Topology (all inside namespaces this script creates; the root namespace's networ
     ns <tag>1  : eth0 10.77.0.2/24  --veth-- br0
     ...
 
-So every island has a <rate> access link in each direction, as a node on a shared internet would.
+So every island has a <rate> access link in each direction, as a node on a shared internet would. The tbf bucket
+(``burst``) defaults to 4 ms of the rate (at least 64 KiB): a bucket smaller than the kernel's timer tick can refill
+caps the achieved rate below the configured one (measured here on a 3-island raw TCP ring, 4 streams per link: burst
+64 KiB at 1gbit gave 0.60 Gbit/s, 256 KiB or more 0.96 Gbit/s; at 100mbit 64 KiB already gives the rate).
 
     sudo python launch/wan_emulation.py up --islands 3 --rate 100mbit --tag ijw   # prints the namespaces / IPs
     sudo ip netns exec ijw0 python tests/sim_island.py ...
@@ -56,11 +59,25 @@ def netns_available() -> tuple[bool, str]:
         subprocess.run(["ip", "netns", "del", tag], capture_output=True)
 
 
+def rate_bytes_per_s(rate: str) -> float:
+    """tc rate string (e.g. '100mbit', '1gbit', '512kbit') -> bytes per second."""
+    units = {"kbit": 1e3 / 8, "mbit": 1e6 / 8, "gbit": 1e9 / 8}
+    for u, f in units.items():
+        if rate.lower().endswith(u) and rate[: -len(u)].replace(".", "", 1).isdigit():
+            return float(rate[: -len(u)]) * f
+    raise ValueError(f"rate {rate!r}: use a number with kbit, mbit or gbit, e.g. 100mbit")
+
+
+def default_burst(rate: str) -> str:
+    """tbf bucket for `rate`: 4 ms of traffic, at least 64 KiB (see the module docstring)."""
+    return f"{max(64 << 10, int(rate_bytes_per_s(rate) * 0.004)) >> 10}kb"
+
+
 class Topology:
-    def __init__(self, islands: int, rate: str = "100mbit", tag: str | None = None, burst: str = "64kb"):
+    def __init__(self, islands: int, rate: str = "100mbit", tag: str | None = None, burst: str | None = None):
         if not 1 <= islands <= 250:
             raise ValueError("islands must be in 1..250")
-        self.n, self.rate, self.burst = islands, rate, burst
+        self.n, self.rate, self.burst = islands, rate, burst or default_burst(rate)
         self.tag = tag or "ij" + uuid.uuid4().hex[:4]
         self.switch = f"{self.tag}sw"
         self.namespaces = [f"{self.tag}{i}" for i in range(islands)]
@@ -110,7 +127,7 @@ class Topology:
 
     def describe(self) -> str:
         rows = [f"switch {self.switch}: br0 {self.switch_ip}"]
-        rows += [f"island {i}: netns {ns} eth0 {ip} (tbf {self.rate} up and down)"
+        rows += [f"island {i}: netns {ns} eth0 {ip} (tbf {self.rate} burst {self.burst} up and down)"
                  for i, (ns, ip) in enumerate(zip(self.namespaces, self.ips))]
         return "\n".join(rows)
 

@@ -45,15 +45,16 @@ def _links(n_members, streams):
     return send, recv
 
 
-def _run_ring(vecs, codec, streams=2, chunk_bytes=4096, epoch=7):
+def _run_ring(vecs, codec, streams=2, chunk_bytes=4096, epoch=7, stats=None):
     n = len(vecs)
     send, recv = _links(n, streams) if n > 1 else ([[]], [[]])
     outs, errs = [None] * n, []
+    stats = [None] * n if stats is None else stats
 
     def member(i):
         try:
-            outs[i] = ring.ring_mean(vecs[i], i, send[i], recv[i], n, codec, chunk_bytes, BLOCK, timeout=10,
-                                     epoch=epoch)[0]
+            outs[i], stats[i] = ring.ring_mean(vecs[i], i, send[i], recv[i], n, codec, chunk_bytes, BLOCK,
+                                               timeout=10, epoch=epoch)
         except Exception as e:  # noqa: BLE001
             errs.append(e)
 
@@ -88,6 +89,23 @@ def test_ring_bit_identical_and_equal_to_reference(n_members, size, streams, com
         err = np.abs(outs[0] - exact).max()
         assert err <= bound, (err, bound)
         assert err > 0 or n_members == 1  # it really went through the codes
+
+
+def test_ring_buffers_are_bounded_by_the_window_not_the_vector():
+    """Many small chunks: a member may not pack its whole segment ahead; what waits for a socket stays within
+    window x N chunks (every chunk index in the window has one item per segment somewhere in the ring)."""
+    n_members, streams, chunk_bytes = 3, 2, 2048
+    vecs = [np.random.default_rng(i).standard_normal(600_000).astype(np.float32) for i in range(n_members)]
+    codec = ring.make_codec("int8", BLOCK)
+    stats = [None] * n_members
+    outs = _run_ring(vecs, codec, streams=streams, chunk_bytes=chunk_bytes, stats=stats)
+    assert outs[0].tobytes() == ring.reference_ring_mean(vecs, codec, chunk_bytes, BLOCK, streams).tobytes()
+    lay = ring.make_layout(600_000, n_members, BLOCK, chunk_bytes, 8, streams)
+    chunk_wire = codec.wire_bytes(lay.chunk)
+    assert lay.chunks > 4 * ring._window(n_members, streams)  # the window binds: far more chunks than it admits
+    for st in stats:
+        assert 0 < st.peak_queued_bytes <= ring._window(n_members, streams) * n_members * chunk_wire
+        assert st.peak_queued_bytes < codec.wire_bytes(lay.seg) / 2
 
 
 def test_int8_ring_moves_a_quarter_of_the_fp32_bytes():

@@ -97,6 +97,58 @@ def test_jnp_and_numpy_twins_give_same_bytes(edge_x, bits):
         np.testing.assert_array_equal(_bits_of(y_j), _bits_of(y_np))
 
 
+def _tiled_vector(edge_x):
+    """More than the codec's parallel threshold, the edge-case blocks repeated at tile borders and spread out."""
+    rng = np.random.default_rng(5)
+    n = quant._NP_MIN_PARALLEL + 3 * quant._NP_TILE + 7 * BLOCK
+    x = (rng.standard_normal(n) * 10.0 ** rng.integers(-3, 3, n // BLOCK).repeat(BLOCK)).astype(np.float32)
+    for at in (0, quant._NP_TILE - BLOCK * 3, 2 * quant._NP_TILE + BLOCK * 5, n - edge_x.size):
+        x[at:at + edge_x.size] = edge_x
+    return x
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_tiled_threaded_numpy_pack_equals_jnp_and_does_not_depend_on_threads(edge_x, bits, monkeypatch):
+    x = _tiled_vector(edge_x)
+    c_j, s_j = jax.jit(lambda v: quant.pack(v, bits=bits))(x)
+    for threads in ("1", "3"):
+        monkeypatch.setenv("INTELLECT_JAX_CODEC_THREADS", threads)
+        c, s = quant.pack_np(x, bits=bits)
+        np.testing.assert_array_equal(_bits_of(c), _bits_of(c_j))
+        np.testing.assert_array_equal(_bits_of(s), _bits_of(s_j))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("mean_of", [1, 3, 4])
+def test_fused_accumulate_pack_equals_decode_add_pack(edge_x, bits, mean_of, monkeypatch):
+    """The ring's hop in one pass: the same bytes as unpack, + x, (mean), pack; overflow to Inf and NaN included."""
+    x = _tiled_vector(edge_x)
+    y = np.random.default_rng(6).permutation(x)
+    y[BLOCK * 9 + 3] = np.nan
+    x[BLOCK * 12:BLOCK * 13] = np.float32(3e38)
+    y[BLOCK * 12:BLOCK * 13] = np.float32(3e38)  # sum overflows to Inf: that block's scale becomes NaN
+    codes, scales = quant.pack_np(x, bits=bits)
+    with np.errstate(over="ignore", invalid="ignore"):
+        acc = quant.unpack_np(codes, scales, bits=bits) + y
+        if mean_of > 1:
+            acc = acc * np.float32(1 / mean_of) if mean_of == 4 else acc / np.float32(mean_of)
+    c_ref, s_ref = quant.pack_np(acc, bits=bits)
+    assert np.isnan(s_ref[9]) and np.isnan(s_ref[12]) and np.isfinite(s_ref[13])
+    for threads in ("1", "2"):
+        monkeypatch.setenv("INTELLECT_JAX_CODEC_THREADS", threads)
+        c, s = quant.accumulate_pack_np(codes, scales, y, bits=bits, mean_of=mean_of)
+        np.testing.assert_array_equal(_bits_of(c), _bits_of(c_ref))
+        np.testing.assert_array_equal(_bits_of(s), _bits_of(s_ref))
+    with pytest.raises(ValueError, match="do not hold"):
+        quant.accumulate_pack_np(codes[:-BLOCK], scales, y, bits=bits)
+
+
+def test_codec_threads_env_is_checked(monkeypatch):
+    monkeypatch.setenv("INTELLECT_JAX_CODEC_THREADS", "zero")
+    with pytest.raises(ValueError, match="INTELLECT_JAX_CODEC_THREADS"):
+        quant.np_codec_threads()
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_round_trip_within_derived_bound(edge_x, bits):
     rng = np.random.default_rng(2)

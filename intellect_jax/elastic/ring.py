@@ -9,10 +9,14 @@ Reduce-scatter then all-gather (Patarasuk & Yuan 2009), with two changes for slo
   bytes, so the result is bit-identical on all members. PRIME re-quantized at every all-gather hop, so replicas
   could drift apart.
 
-The vector is padded to N segments of whole quantization blocks; each segment is cut into chunks (``chunk_bytes`` of
-wire payload) that flow through the ring independently, so packing, sending, receiving and accumulating overlap, and
-chunk ``c`` travels on stream ``c % streams`` (several TCP connections per link). ``compression="none"`` sends raw
-fp32 the same way (for comparison; also bit-identical, since the all-gather forwards the owner's fp32 bytes).
+The vector is cut into N segments of whole quantization blocks (the last one zero-padded); each segment is cut into
+chunks (``chunk_bytes`` of wire payload) that flow through the ring independently, chunk ``c`` on stream
+``c % streams`` (several TCP connections per link). Per stream a sender and a receiver thread: while chunk k is on
+the wire, the receiver decodes, accumulates and re-packs chunk k+1 in one fused pass (``quant.accumulate_pack_np``)
+split over quant's small codec thread pool (numpy releases the GIL inside each tile's array passes). Buffers are
+bounded: a member packs its own chunk c only once chunk c - window is complete on it (`_window`), so what waits
+for a socket is bounded by the window, not by the vector. ``compression="none"`` sends raw fp32 the same way (for
+comparison; also bit-identical, since the all-gather forwards the owner's fp32 bytes).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import time
 from typing import Callable, Sequence
 
 import numpy as np
+
+from intellect_jax import quant  # the numpy twin; imports no jax
 
 from . import wire
 
@@ -58,6 +64,10 @@ class Fp32Codec:
             raise wire.MalformedFrame("fp32 chunk with non-finite values")
         return x
 
+    def accumulate(self, buf: memoryview, x: np.ndarray, mean_of: int = 1) -> list[memoryview]:
+        """encode(f(decode(buf) + x)), f = the mean's division by `mean_of` (see `_mean`)."""
+        return self.encode(_mean(self.decode(buf, x.size) + x, mean_of))
+
     def wire_bytes(self, n: int) -> int:
         return 4 * n
 
@@ -65,24 +75,30 @@ class Fp32Codec:
         return np.array(x, np.float32)
 
 
-class BlockCodec:
-    """Blockwise absmax int8 or int4 via ``intellect_jax.quant`` (codes then fp32 scales, concatenated)."""
+def _mean(acc: np.ndarray, n: int) -> np.ndarray:
+    """acc / n in float32 as every member computes it: a multiply when 1/n is exact, else a division."""
+    if n == 1:
+        return acc
+    return acc * np.float32(1.0 / n) if n & (n - 1) == 0 else acc / np.float32(n)
 
-    def __init__(self, bits: int, block_size: int, pack: Callable | None = None, unpack: Callable | None = None):
-        if pack is None or unpack is None:
-            from intellect_jax import quant  # numpy twin; imports no jax
-            pack, unpack = quant.pack_np, quant.unpack_np
+
+class BlockCodec:
+    """Blockwise absmax int8 or int4 via ``intellect_jax.quant`` (codes then fp32 scales, concatenated).
+
+    The numpy twin runs tile by tile on quant's codec thread pool; a hop's decode + add + re-pack is one fused pass
+    (``quant.accumulate_pack_np``), byte for byte the same as ``encode(decode(buf) + x)``.
+    """
+
+    def __init__(self, bits: int, block_size: int):
         if bits not in (4, 8) or block_size < 2 or block_size % 2:
             raise ValueError(f"bits must be 4 or 8 and block_size even, got bits={bits}, block_size={block_size}")
         self.name, self.bits, self.block_size = f"int{bits}", bits, block_size
-        self._pack, self._unpack = pack, unpack
 
     def encode(self, x: np.ndarray) -> list[memoryview]:
-        codes, scales = self._pack(np.ascontiguousarray(x, np.float32), bits=self.bits, block_size=self.block_size)
-        return [memoryview(np.ascontiguousarray(codes)).cast("B"),
-                memoryview(np.ascontiguousarray(scales, np.float32)).cast("B")]
+        codes, scales = quant.pack_np(np.ascontiguousarray(x, np.float32), bits=self.bits, block_size=self.block_size)
+        return [memoryview(codes).cast("B"), memoryview(scales).cast("B")]
 
-    def decode(self, buf: memoryview, n: int) -> np.ndarray:
+    def _split(self, buf: memoryview, n: int) -> tuple[np.ndarray, np.ndarray]:
         if n % self.block_size or len(buf) != self.wire_bytes(n):
             raise wire.MalformedFrame(f"{self.name} chunk of {len(buf)} bytes for {n} elements, expected "
                                       f"{self.wire_bytes(n)}")
@@ -91,7 +107,17 @@ class BlockCodec:
         scales = np.frombuffer(buf, np.float32, n // self.block_size, offset=nbytes)
         if not np.isfinite(scales).all():
             raise wire.MalformedFrame(f"{self.name} chunk with non-finite block scales")
-        return np.asarray(self._unpack(codes, scales, bits=self.bits, block_size=self.block_size), np.float32)
+        return codes, scales
+
+    def decode(self, buf: memoryview, n: int) -> np.ndarray:
+        codes, scales = self._split(buf, n)
+        return quant.unpack_np(codes, scales, bits=self.bits, block_size=self.block_size)
+
+    def accumulate(self, buf: memoryview, x: np.ndarray, mean_of: int = 1) -> list[memoryview]:
+        """encode(f(decode(buf) + x)) in one fused pass, f = the mean's division by `mean_of` (see `_mean`)."""
+        codes, scales = quant.accumulate_pack_np(*self._split(buf, x.size), x, bits=self.bits,
+                                                 block_size=self.block_size, mean_of=mean_of)
+        return [memoryview(codes).cast("B"), memoryview(scales).cast("B")]
 
     def wire_bytes(self, n: int) -> int:
         return n * self.bits // 8 + 4 * (n // self.block_size)
@@ -101,8 +127,8 @@ class BlockCodec:
         x = np.asarray(x, np.float32).reshape(-1)
         padded = np.zeros(-(-max(x.size, 1) // self.block_size) * self.block_size, np.float32)
         padded[:x.size] = x
-        codes, scales = self._pack(padded, bits=self.bits, block_size=self.block_size)
-        return np.asarray(self._unpack(codes, scales, bits=self.bits, block_size=self.block_size))[:x.size]
+        codes, scales = quant.pack_np(padded, bits=self.bits, block_size=self.block_size)
+        return quant.unpack_np(codes, scales, bits=self.bits, block_size=self.block_size)[:x.size]
 
 
 Codec = Fp32Codec | BlockCodec
@@ -162,6 +188,18 @@ class RingStats:
     bytes_received: int = 0
     members: int = 1
     chunks: int = 0
+    peak_queued_bytes: int = 0  # the most payload bytes this member held packed and waiting for a socket at once
+
+
+def _window(members: int, streams: int) -> int:
+    """Chunk indices a member may have in flight: it starts chunk c only once chunk c - window is complete here.
+
+    A chunk index crosses 2(N-1) hops, each taking at least one chunk's wire time on a stream that gets 1/S of the
+    link, so about 2(N-1) S indices in flight keep every link busy; one more S covers the coding between hops. The
+    bytes queued anywhere are then bounded by the window, not by the vector's size, and the ring cannot deadlock:
+    chunk c - window never waits on chunk c.
+    """
+    return (2 * (members - 1) + 1) * streams
 
 
 def ring_mean(vec: np.ndarray, rank: int, send: Sequence[wire.Conn], recv: Sequence[wire.Conn], members: int,
@@ -169,33 +207,33 @@ def ring_mean(vec: np.ndarray, rank: int, send: Sequence[wire.Conn], recv: Seque
               epoch: int = 0, cancel: Callable[[], str | None] | None = None) -> tuple[np.ndarray, RingStats]:
     """Mean of `vec` over the ring. `send[k]` goes to the successor, `recv[k]` comes from the predecessor.
 
-    Returns a new float32 array of len(vec), bit-identical on every member. Raises RingError on any failure; the
+    Returns a float32 array of len(vec), bit-identical on every member. Raises RingError on any failure; the
     caller then discards everything and redoes the reduce in a new epoch. `cancel`, asked every CANCEL_POLL_S while
     the ring runs, returns a reason to give up early (the epoch was aborted elsewhere) or None.
     """
     t0 = time.perf_counter()
-    vec = np.asarray(vec, np.float32).reshape(-1)
+    vec = np.ascontiguousarray(vec, np.float32).reshape(-1)
     N = members
     S = max(1, len(send))
     lay = make_layout(vec.size, N, block_size, chunk_bytes, codec.bits, S)
-    x = np.zeros(lay.padded, np.float32)
-    x[:vec.size] = vec
     out = np.empty(lay.padded, np.float32)
-    inv_n = np.float32(1.0 / N) if N & (N - 1) == 0 else None
     C = lay.chunks
     stats = RingStats(members=N, chunks=C)
 
-    def finalize(acc: np.ndarray) -> list[memoryview]:
-        mean = acc * inv_n if inv_n is not None else acc / np.float32(N)
-        return codec.encode(mean.astype(np.float32, copy=False))
+    def own(lo: int, hi: int) -> np.ndarray:
+        """Our values on [lo, hi): a view of vec, zero-padded past its end (only the last segment's tail)."""
+        if hi <= vec.size:
+            return vec[lo:hi]
+        part = np.zeros(hi - lo, np.float32)
+        part[:max(0, vec.size - lo)] = vec[lo:vec.size]
+        return part
 
     if N == 1:
         for c in range(C):
             lo, hi = lay.span(0, c)
-            parts = finalize(x[lo:hi])
-            out[lo:hi] = codec.decode(memoryview(b"".join(parts)), hi - lo)
+            out[lo:hi] = codec.decode(memoryview(b"".join(codec.encode(own(lo, hi)))), hi - lo)
         stats.seconds = time.perf_counter() - t0
-        return out[:vec.size].copy(), stats
+        return out[:vec.size], stats
     if len(send) != len(recv) or not send:
         raise ValueError("ring_mean needs the same positive number of send and recv streams")
 
@@ -203,6 +241,16 @@ def ring_mean(vec: np.ndarray, rank: int, send: Sequence[wire.Conn], recv: Seque
     failed = threading.Event()
     queues = [queue.SimpleQueue() for _ in range(S)]
     expected_units = [2 * (N - 1) * len(range(k, C, S)) for k in range(S)]
+    landed = [0] * C  # segments of chunk c decoded into `out` here; N = chunk c is complete
+    progress = threading.Condition()
+    queued = [0]  # payload bytes waiting in `queues` (guarded by `progress`)
+
+    def enqueue(k: int, header: dict, parts: list) -> None:
+        nbytes = sum(len(p) for p in parts)
+        with progress:
+            queued[0] += nbytes
+            stats.peak_queued_bytes = max(stats.peak_queued_bytes, queued[0])
+        queues[k].put((header, parts, nbytes))
 
     def fail(e: BaseException) -> None:
         if not failed.is_set():
@@ -212,6 +260,15 @@ def ring_mean(vec: np.ndarray, rank: int, send: Sequence[wire.Conn], recv: Seque
                 q.put(None)
             for conn in list(send) + list(recv):
                 conn.close()
+            with progress:
+                progress.notify_all()
+
+    def land(c: int, lo: int, hi: int, blob: memoryview) -> None:
+        out[lo:hi] = codec.decode(blob, hi - lo)
+        with progress:
+            landed[c] += 1
+            if landed[c] == N:
+                progress.notify_all()
 
     def sender(k: int) -> None:
         try:
@@ -219,7 +276,9 @@ def ring_mean(vec: np.ndarray, rank: int, send: Sequence[wire.Conn], recv: Seque
                 item = queues[k].get()
                 if item is None:
                     return
-                header, parts = item
+                header, parts, nbytes = item
+                with progress:
+                    queued[0] -= nbytes
                 send[k].send(wire.MsgType.DATA, header, parts)
         except BaseException as e:  # noqa: BLE001 - any failure breaks the ring
             fail(RingError(f"link to successor {send[k].peer} (stream {k}): {e}"))
@@ -238,20 +297,18 @@ def ring_mean(vec: np.ndarray, rank: int, send: Sequence[wire.Conn], recv: Seque
                 if phase == "rs":
                     g = (rank - t - 1) % N
                     lo, hi = lay.span(g, c)
-                    acc = codec.decode(payload, hi - lo) + x[lo:hi]
                     if t < N - 2:
-                        queues[k].put(({"e": epoch, "p": "rs", "t": t + 1, "c": c}, codec.encode(acc)))
+                        enqueue(k, {"e": epoch, "p": "rs", "t": t + 1, "c": c}, codec.accumulate(payload, own(lo, hi)))
                     else:  # this member owns segment g: pack the mean once, decode the same bytes as everyone
-                        parts = finalize(acc)
-                        blob = memoryview(b"".join(parts))
-                        out[lo:hi] = codec.decode(blob, hi - lo)
-                        queues[k].put(({"e": epoch, "p": "ag", "t": 0, "c": c}, [blob]))
+                        blob = memoryview(b"".join(codec.accumulate(payload, own(lo, hi), mean_of=N)))
+                        enqueue(k, {"e": epoch, "p": "ag", "t": 0, "c": c}, [blob])
+                        land(c, lo, hi, blob)
                 elif phase == "ag":
                     g = (rank - t) % N
                     lo, hi = lay.span(g, c)
-                    out[lo:hi] = codec.decode(payload, hi - lo)
                     if t < N - 2:
-                        queues[k].put(({"e": epoch, "p": "ag", "t": t + 1, "c": c}, [payload]))
+                        enqueue(k, {"e": epoch, "p": "ag", "t": t + 1, "c": c}, [payload])
+                    land(c, lo, hi, payload)
                 else:
                     raise wire.MalformedFrame(f"unknown ring phase {phase!r}")
         except BaseException as e:  # noqa: BLE001
@@ -273,12 +330,16 @@ def ring_mean(vec: np.ndarray, rank: int, send: Sequence[wire.Conn], recv: Seque
         th.start()
     if cancel is not None:
         threading.Thread(target=watchdog, daemon=True, name="ring-watchdog").start()
+    window = _window(N, S)
+    deadline = time.monotonic() + timeout * max(1, 2 * (N - 1) * C)
     for c in range(C):  # reduce-scatter step 0: our own segment `rank`, packed while earlier chunks are in flight
+        with progress:  # ... but at most `window` chunk indices ahead of the last complete one (bounded buffers)
+            while c >= window and landed[c - window] < N and not failed.is_set() and time.monotonic() < deadline:
+                progress.wait(CANCEL_POLL_S)
         if failed.is_set():
             break
         lo, hi = lay.span(rank, c)
-        queues[c % S].put(({"e": epoch, "p": "rs", "t": 0, "c": c}, codec.encode(x[lo:hi])))
-    deadline = time.monotonic() + timeout * max(1, 2 * (N - 1) * C)
+        enqueue(c % S, {"e": epoch, "p": "rs", "t": 0, "c": c}, codec.encode(own(lo, hi)))
     for th in threads:
         th.join(max(0.0, deadline - time.monotonic()))
         if th.is_alive():
@@ -290,7 +351,7 @@ def ring_mean(vec: np.ndarray, rank: int, send: Sequence[wire.Conn], recv: Seque
     stats.seconds = time.perf_counter() - t0
     stats.bytes_sent = sum(c.bytes_sent for c in send)
     stats.bytes_received = sum(c.bytes_received for c in recv)
-    return out[:vec.size].copy(), stats
+    return out[:vec.size], stats
 
 
 def reference_ring_mean(vecs: Sequence[np.ndarray], codec: Codec, chunk_bytes: int,
@@ -308,7 +369,6 @@ def reference_ring_mean(vecs: Sequence[np.ndarray], codec: Codec, chunk_bytes: i
         x[:n] = v
         xs.append(x)
     out = np.empty(lay.padded, np.float32)
-    inv_n = np.float32(1.0 / N) if N & (N - 1) == 0 else None
     for c in range(lay.chunks):
         for g in range(N):
             lo, hi = lay.span(g, c)
@@ -316,8 +376,6 @@ def reference_ring_mean(vecs: Sequence[np.ndarray], codec: Codec, chunk_bytes: i
             acc = xs[g][lo:hi]
             for j in range(1, N):
                 acc = codec.decode(memoryview(b"".join(codec.encode(acc))), hi - lo) + xs[(g + j) % N][lo:hi]
-            if N == 1:
-                acc = acc.copy()
-            mean = acc * inv_n if inv_n is not None else acc / np.float32(N)
+            mean = _mean(acc, N)
             out[lo:hi] = codec.decode(memoryview(b"".join(codec.encode(mean.astype(np.float32)))), hi - lo)
     return out[:n].copy()
