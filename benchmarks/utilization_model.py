@@ -68,7 +68,8 @@ BLOCK = 256
 
 
 def loopback_codec_rate(mib: int = 64, chunk_mib: int = 4, repeats: int = 3) -> tuple[float, float]:
-    """(raw TCP bytes/s, int8 payload bytes/s through pack -> send -> recv -> unpack + accumulate) on 127.0.0.1."""
+    """(raw TCP bytes/s, int8 payload bytes/s through pack -> send -> recv -> the ring's hop: decode + add + re-pack
+    in one pass, quant.accumulate_pack_np on the codec thread pool) on 127.0.0.1."""
     import numpy as np
 
     from intellect_jax import quant
@@ -109,7 +110,6 @@ def loopback_codec_rate(mib: int = 64, chunk_mib: int = 4, repeats: int = 3) -> 
         t0 = time.perf_counter()
         t.start()
         conn, _ = srv.accept()
-        acc = np.zeros(n, np.float32)
         codes = np.empty(n, np.int8)
         scales = np.empty(n // BLOCK, np.float32)
         raw = np.empty(n * 4, np.uint8)
@@ -117,7 +117,7 @@ def loopback_codec_rate(mib: int = 64, chunk_mib: int = 4, repeats: int = 3) -> 
             if codec:
                 recv_exact(conn, memoryview(codes.view(np.uint8)))
                 recv_exact(conn, memoryview(scales.view(np.uint8)))
-                acc += quant.unpack_np(codes, scales, bits=8, block_size=BLOCK)
+                quant.accumulate_pack_np(codes, scales, chunk, bits=8, block_size=BLOCK)
             else:
                 recv_exact(conn, memoryview(raw))
         dt = time.perf_counter() - t0
@@ -216,7 +216,8 @@ def main() -> int:
         ours_src = (f"min({eff:g} x link rate, loopback codec rate {codec_rate * 8 / 1e9:.2f} Gbit/s): {eff:g} is our "
                     "ring's measured fraction of the link-rate bound on tbf 1 Gbit/s links (RESULTS.md, Link "
                     "utilization: tbf 1gbit, encrypted); the codec rate is int8 payload bytes/s through pack -> TCP "
-                    "send -> recv -> unpack + accumulate on 127.0.0.1, one thread each side, measured here (raw "
+                    "send -> recv -> the ring's fused hop (decode + add + re-pack) on 127.0.0.1, one sender and one "
+                    "receiver thread on the codec thread pool, measured here (raw "
                     f"loopback TCP: {raw_rate * 8 / 1e9:.2f} Gbit/s)")
         ours = lambda link: min(eff * link, codec_rate * 8)  # noqa: E731
 

@@ -265,10 +265,19 @@ class ElasticConfig:
     heartbeat_s: float = 2.0
     dead_after_s: float = 10.0  # no heartbeat (or no ring traffic) for this long: the island is dead
     # Parallel TCP connections per ring link. One stream moves at most ~window / RTT (Linux's default 4 MiB window:
-    # 42 MB/s at 100 ms, 14 MB/s at 300 ms; measured with launch/delay_relay.py, benchmarks/RESULTS.md), so use
-    # streams >= link rate x RTT / 4 MiB; 4 covers 1 Gbit/s up to ~130 ms RTT. More streams cost host CPU.
-    streams: int = 4
+    # 42 MB/s at 100 ms, 14 MB/s at 300 ms; measured with launch/delay_relay.py, benchmarks/RESULTS.md), so a link
+    # needs streams >= link rate x RTT / 4 MiB; more streams cost host CPU. 0 (auto): the coordinator picks the count
+    # for each epoch from the round trips the islands measured to each other (elastic.ordering.auto_streams: 4 to
+    # 16, planned for `link_mbit`); a number fixes it (the coordinator's value is the one every island uses).
+    streams: int = 0
+    link_mbit: float = 1000.0  # access-link rate (Mbit/s) the automatic stream count plans for
     chunk_bytes: int = 4 << 20  # pipelining unit of the ring all-reduce and of state transfers
+    # int8/int4 rings: the island packs its pseudo-gradient on its own devices (quant.pack, the jnp twin of the
+    # ring's codec: identical bytes), so only the codes + scales cross to the host (1/4 or 1/8 of fp32) and the host
+    # packs nothing; the ring's mean comes back as codes and is decoded on the devices. Each hop then adds this
+    # island's decoded codes instead of its fp32 values (error feedback keeps what the codes drop either way).
+    # false: the fp32 pseudo-gradient goes to the host and the ring packs it there.
+    device_codes: bool = True
     # A frame is read whole before its MAC can be checked, so each side caps what a connection may make it buffer.
     # Between islands the frames carry ring chunks, state-transfer chunks and link probes (megabytes); to and from
     # the coordinator they carry only JSON control messages (a few kB per island), so the coordinator, which every
@@ -295,10 +304,14 @@ class ElasticConfig:
     data_shards: int = 1
 
     def validate(self) -> None:
-        _positive(self, "max_islands", "heartbeat_s", "dead_after_s", "streams", "chunk_bytes", "peer_max_frame_bytes",
+        _positive(self, "max_islands", "heartbeat_s", "dead_after_s", "link_mbit", "chunk_bytes",
+                  "peer_max_frame_bytes",
                   "coordinator_max_frame_bytes", "coordinator_timeout_s", "barrier_timeout_s", "min_islands",
                   "data_shards")
         _nonnegative(self, "reduce_retries", "probe_bytes", "serve_bytes_per_s", "recovery_grace_s")
+        if not 0 <= self.streams <= 16:
+            raise ConfigError(f"elastic.streams={self.streams}: use 0 (automatic, from the measured round trips) or "
+                              "1..16 TCP streams per ring link")
         if not 0 <= self.data_shard < self.data_shards:
             raise ConfigError(f"elastic.data_shard={self.data_shard} must be in [0, elastic.data_shards="
                               f"{self.data_shards})")

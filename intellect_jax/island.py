@@ -1,10 +1,11 @@
 """One island of an elastic run: the JAX trainer's side of intellect_jax/elastic.
 
 Each island is its own JAX program (its mesh has ``mesh.islands = 1``; sync.ElasticSync drives this module). At
-every outer-step boundary it sends its pseudo-gradient (a flat fp32 vector) through the TCP ring (int8 codes, fp32
-accumulation, verbatim all-gather), so every island receives the same bytes and applies the same outer update; then
-the islands vote on a hash of the new global state and a loser re-syncs from a peer. A new or restarted island pulls the global params and outer
-optimizer state live from a peer while the others train.
+every outer-step boundary it sends its pseudo-gradient through the TCP ring (int8/int4 codes made on its devices, or
+a flat fp32 vector; fp32 accumulation at each hop, verbatim all-gather), so every island receives the same bytes and
+applies the same outer update; then the islands vote on a hash of the new global state and a loser re-syncs from a
+peer. A new or restarted island pulls the global params and outer optimizer state live from a peer while the others
+train.
 
 Limitation: an island is one JAX process (single-host islands); multi-host islands would need process 0 to talk to
 the ring and broadcast the mean to the island's other hosts.
@@ -23,6 +24,7 @@ import numpy as np
 from intellect_jax.config import Config
 from intellect_jax.elastic.client import IslandClient, StaleStep
 from intellect_jax.elastic.recovery import State, params_hash
+from intellect_jax.elastic.ring import Packed
 
 if TYPE_CHECKING:
     from intellect_jax.sync import ElasticSync
@@ -97,16 +99,17 @@ class ElasticIsland:
     def sync(self) -> tuple[dict, str]:
         """The outer step over TCP. Returns (metrics, hash of the committed global state)."""
         s = int(self.local.state.outer_step)
-        vec = self.local.pseudo_gradient_vector()
+        payload, norm, residual = self.local.pseudo_gradient_payload()
         try:
-            delta = self.client.all_reduce_mean(s, vec)
+            delta = self.client.all_reduce_mean(s, payload, norm, packed_out=self.local.device_codes)
         except StaleStep as e:
             return self.resync(f"outer step {s} completed without this island ({e})")
-        return self.settle(s, self.local.apply_delta_vector(delta, sent_from=vec))
+        return self.settle(s, self.local.apply_mean(delta, residual))
 
-    def start_reduce(self, outer_step: int, vec: np.ndarray) -> "Reduce":
-        """The ring reduce of `vec` for this outer step in a background thread (streaming: the islands go on)."""
-        return Reduce(self.client, outer_step, vec)
+    def start_reduce(self, outer_step: int, payload: np.ndarray | Packed, norm: float | None = None,
+                     packed_out: bool = False) -> "Reduce":
+        """The ring reduce of `payload` for this outer step in a background thread (streaming: the islands go on)."""
+        return Reduce(self.client, outer_step, payload, norm, packed_out)
 
     def settle(self, outer_step: int, metrics: dict) -> tuple[dict, str]:
         """After the mean of `outer_step` was applied: the hash vote; a loser re-syncs from a peer."""
@@ -132,9 +135,11 @@ class Reduce:
     so the jitted steps keep the accelerators busy. `result()` waits for it: the mean, or StaleStep when the step
     completed without this island, or the ring's error."""
 
-    def __init__(self, client: IslandClient, outer_step: int, vec: np.ndarray):
-        self.client, self.outer_step, self.vec = client, outer_step, vec
-        self._delta: np.ndarray | None = None
+    def __init__(self, client: IslandClient, outer_step: int, payload: np.ndarray | Packed, norm: float | None = None,
+                 packed_out: bool = False):
+        self.client, self.outer_step, self.payload = client, outer_step, payload
+        self._norm, self._packed_out = norm, packed_out
+        self._delta: np.ndarray | Packed | None = None
         self._error: BaseException | None = None
         self.started = time.perf_counter()
         self.finished: float | None = None
@@ -143,13 +148,13 @@ class Reduce:
 
     def _run(self) -> None:
         try:
-            self._delta = self.client.all_reduce_mean(self.outer_step, self.vec)
+            self._delta = self.client.all_reduce_mean(self.outer_step, self.payload, self._norm, self._packed_out)
         except BaseException as e:  # noqa: BLE001 - handed to the training thread by result()
             self._error = e
         finally:
             self.finished = time.perf_counter()
 
-    def result(self) -> np.ndarray:
+    def result(self) -> np.ndarray | Packed:
         self._thread.join()
         if self._error is not None:
             raise self._error

@@ -238,12 +238,13 @@ def np_codec_threads() -> int:
 
 
 def _pool():
+    """The process's codec pool (a forked child gets its own: the parent's threads do not exist in it)."""
     global _POOL
     with _POOL_LOCK:
-        if _POOL is None:
+        if _POOL is None or _POOL[0] != os.getpid():
             from concurrent.futures import ThreadPoolExecutor
-            _POOL = ThreadPoolExecutor(np_codec_threads(), thread_name_prefix="ij-codec")
-        return _POOL
+            _POOL = (os.getpid(), ThreadPoolExecutor(np_codec_threads(), thread_name_prefix="ij-codec"))
+        return _POOL[1]
 
 
 def _over_tiles(n: int, block_size: int, work) -> None:

@@ -33,7 +33,7 @@ import jax.flatten_util
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from intellect_jax import collective, diloco, streaming
+from intellect_jax import collective, diloco, quant, streaming
 from intellect_jax import sharding as sh
 from intellect_jax.checkpoint import Checkpointer, CheckpointError
 from intellect_jax.config import Config
@@ -552,9 +552,10 @@ class MeshSync(DilocoSync):
 
 
 class ElasticSync(DilocoSync):
-    """DiLoCo across separate island programs: the pseudo-gradient leaves the device as one flat fp32 vector, the
-    TCP ring (island.ElasticIsland) returns the mean the same way on every island, the outer step is applied here;
-    then the islands vote on a hash of the new global state."""
+    """DiLoCo across separate island programs: the pseudo-gradient leaves the device as one flat vector (int8/int4
+    codes + scales packed here, or fp32 with ``elastic.device_codes = false`` or no compression), the TCP ring
+    (island.ElasticIsland) returns the mean the same way on every island, it is decoded and the outer step applied
+    here; then the islands vote on a hash of the new global state."""
 
     def __init__(self, cfg, mesh, setup, inner_step, batch_sharding, params=None):
         if sh.island_count(mesh) != 1:
@@ -563,15 +564,23 @@ class ElasticSync(DilocoSync):
             raise ConfigError(f"elastic.coordinator is set and mesh.islands={sh.island_count(mesh)}; an elastic "
                               "island is one island per program: set mesh.islands=1 (islands join over TCP)")
         super().__init__(cfg, mesh, setup, inner_step, batch_sharding, params, wire_islands=2)
-        full = self.shardings
-        self._pseudo_vec = jax.jit(self._flat_pseudo, in_shardings=(full,), out_shardings=self.replicated)
-        self._apply_delta = jax.jit(self._apply_flat, in_shardings=(full, self.replicated, self.replicated),
-                                    out_shardings=(full, self.replicated), donate_argnums=0)
-        self._codec = None
-        if self.error_feedback:
-            from intellect_jax.elastic.ring import make_codec
+        from intellect_jax.elastic.ring import make_codec
 
-            self._codec = make_codec(cfg.diloco.compression, cfg.diloco.block_size)
+        full, rep = self.shardings, self.replicated
+        # int8/int4: the codes are made here on the devices (quant.pack, the jnp twin of the ring's codec) and only
+        # they cross to the host; the ring's mean comes back as codes and is decoded here too.
+        self.device_codes = cfg.elastic.device_codes and cfg.diloco.compression != "none"
+        self._codec = make_codec(cfg.diloco.compression, cfg.diloco.block_size)
+        if self.device_codes:
+            self._pseudo = jax.jit(lambda s: self._pack_on_device(self._flat_pseudo(s)), in_shardings=(full,),
+                                   out_shardings=rep)
+            self._apply_delta = jax.jit(lambda s, c, sc, r: self._apply_flat(s, self._decode_on_device(s, c, sc), r),
+                                        in_shardings=(full, rep, rep, rep), out_shardings=(full, rep),
+                                        donate_argnums=0)
+        else:
+            self._pseudo = jax.jit(self._flat_pseudo, in_shardings=(full,), out_shardings=rep)
+            self._apply_delta = jax.jit(self._apply_flat, in_shardings=(full, rep, rep),
+                                        out_shardings=(full, rep), donate_argnums=0)
         self.island = None
         self._flight = None  # streaming: (fragment, due step, island.Reduce, launch s) of the reduce in flight
         if self.frags is not None:
@@ -585,14 +594,21 @@ class ElasticSync(DilocoSync):
         self._frag_vec, self._frag_residual, self._frag_apply, self.fragment_wire_bytes = [], [], [], []
         abstract_global = jax.eval_shape(lambda s: s.global_params, self.state)
         for p in range(frags.count):
+            size = sum(x.size for x in jax.tree.leaves(frags.take(abstract_global, p)))
+            self.fragment_wire_bytes.append(collective.wire_bytes_per_island(size, 2, c.compression, c.block_size))
+            if self.device_codes:  # packed on the devices, the residual kept there at the sync, the mean decoded there
+                self._frag_vec.append(jax.jit(lambda s, p=p: self._fragment_packed(s, p), in_shardings=(full,),
+                                              out_shardings=(full, rep, rep, rep), donate_argnums=0))
+                self._frag_apply.append(jax.jit(
+                    lambda s, c, sc, p=p: self._apply_fragment_vector(s, self._decode_on_device(s, c, sc, p), p),
+                    in_shardings=(full, rep, rep), out_shardings=(full, rep), donate_argnums=0))
+                continue
             self._frag_vec.append(jax.jit(lambda s, p=p: self._fragment_vector(s, p), in_shardings=(full,),
                                           out_shardings=rep))
             self._frag_residual.append(jax.jit(lambda s, r, p=p: self._put_residual(s, r, p),
                                                in_shardings=(full, rep), out_shardings=full, donate_argnums=0))
             self._frag_apply.append(jax.jit(lambda s, d, p=p: self._apply_fragment_vector(s, d, p),
                                             in_shardings=(full, rep), out_shardings=(full, rep), donate_argnums=0))
-            size = sum(x.size for x in jax.tree.leaves(frags.take(abstract_global, p)))
-            self.fragment_wire_bytes.append(collective.wire_bytes_per_island(size, 2, c.compression, c.block_size))
 
     def _fragment_vector(self, s, p: int):
         """Fragment p's pseudo-gradient of this island (+ its residual), flat, in ravel_pytree order of the view."""
@@ -604,6 +620,30 @@ class ElasticSync(DilocoSync):
             r = self.frags.take(s.residual, p, lead=1)
             pseudo = {k: pseudo[k] + r[k][0] for k in pseudo}
         return jax.flatten_util.ravel_pytree(pseudo)[0]
+
+    def _pack_on_device(self, v):
+        """A flat fp32 vector -> the ring's Packed form made here (blocks from element 0, the tail zero-padded), its
+        norm (for the coordinator's guard), and with error feedback the new residual: what the codes drop of v."""
+        c = self.cfg.diloco
+        n = v.shape[0]
+        codes, scales = quant.pack(jax.numpy.pad(v, (0, quant.padded_size(n, c.block_size) - n)),
+                                   bits=self._codec.bits, block_size=c.block_size)
+        residual = None
+        if self.error_feedback:
+            residual = v - quant.unpack(codes, scales, bits=self._codec.bits, block_size=c.block_size)[:n]
+        return codes, scales, jax.numpy.linalg.norm(v), residual
+
+    def _decode_on_device(self, s, codes, scales, p: int | None = None):
+        """The ring's mean (Packed codes + scales) -> flat fp32 of the whole state's (or fragment p's) length."""
+        tree = s.global_params if p is None else self.frags.take(s.global_params, p)
+        n = sum(x.size for x in jax.tree.leaves(tree))
+        return quant.unpack(codes, scales, bits=self._codec.bits, block_size=self.cfg.diloco.block_size)[:n]
+
+    def _fragment_packed(self, s, p: int):
+        codes, scales, norm, residual = self._pack_on_device(self._fragment_vector(s, p))
+        if residual is not None:
+            s = self._put_residual(s, residual, p)
+        return s, codes, scales, norm
 
     def _put_residual(self, s, residual, p: int):
         s = self._on_device(s)
@@ -635,7 +675,8 @@ class ElasticSync(DilocoSync):
     def describe(self) -> str:
         c = self.cfg
         return (f"elastic island {c.elastic.data_shard} of a run coordinated at {c.elastic.coordinator}, "
-                f"H={c.diloco.inner_steps}, {c.diloco.compression} ring all-reduce over TCP")
+                f"H={c.diloco.inner_steps}, {c.diloco.compression} ring all-reduce over TCP"
+                + (" (codes made on the devices)" if self.device_codes else ""))
 
     def data_islands(self, local):
         return self.cfg.elastic.data_shards, [self.cfg.elastic.data_shard]
@@ -647,6 +688,10 @@ class ElasticSync(DilocoSync):
         for p in range(self.frags.count):  # the first sync of each fragment must not stall on compilation
             self._frag_vec[p] = self._frag_vec[p].lower(self.state).compile()
             v = self._vector_abstract(p)
+            if self.device_codes:
+                packed = self._packed_abstract(v.shape[0])
+                self._frag_apply[p] = self._frag_apply[p].lower(self.state, *packed).compile()
+                continue
             self._frag_apply[p] = self._frag_apply[p].lower(self.state, v).compile()
             if self.error_feedback:
                 self._frag_residual[p] = self._frag_residual[p].lower(self.state, v).compile()
@@ -709,11 +754,16 @@ class ElasticSync(DilocoSync):
         p = r % self.frags.count
         jax.block_until_ready(self.state.inner)  # the inner steps before the sync are compute, not waiting
         t0 = time.perf_counter()
-        vec = np.asarray(jax.device_get(self._frag_vec[p](self.state)), np.float32)
-        if self.error_feedback:  # what the codec drops of this island's contribution, kept at the sync
-            self.state = self._frag_residual[p](self.state, jax.device_put(vec - self._codec.roundtrip(vec),
-                                                                           self.replicated))
-        self._flight = (p, step + self.tau, self.island.start_reduce(r, vec), time.perf_counter() - t0)
+        if self.device_codes:  # the residual (error feedback) is kept on the devices inside the same program
+            self.state, codes, scales, norm = self._frag_vec[p](self.state)
+            payload, norm = self._packed(*jax.device_get((codes, scales, norm)), self._vector_abstract(p).shape[0])
+        else:
+            payload, norm = np.asarray(jax.device_get(self._frag_vec[p](self.state)), np.float32), None
+            if self.error_feedback:  # what the codec drops of this island's contribution, kept at the sync
+                self.state = self._frag_residual[p](self.state, jax.device_put(
+                    payload - self._codec.roundtrip(payload), self.replicated))
+        self._flight = (p, step + self.tau, self.island.start_reduce(r, payload, norm, self.device_codes),
+                        time.perf_counter() - t0)
 
     def _land(self, step: int, report: Report) -> int:
         """The fragment's mean, when due: applied (outer step + merge), the hash vote, one outer row. The time the
@@ -731,7 +781,7 @@ class ElasticSync(DilocoSync):
             delta = reduce.result()
             sync_s = reduce.seconds
             t_reduce = time.perf_counter()
-            self.state, metrics = self._frag_apply[p](self.state, jax.device_put(delta, self.replicated))
+            self.state, metrics = self._frag_apply[p](self.state, *self._to_device(delta))
             metrics = self._block(metrics)
             t_apply = time.perf_counter()
             metrics, h = self.island.settle(r, metrics)
@@ -751,6 +801,24 @@ class ElasticSync(DilocoSync):
                             sync_s=max(sync_s or 0.0, wait_s)), ready_at)
         return self._resume_step(step)
 
+    def _packed_abstract(self, n: int) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
+        m, c = quant.padded_size(n, self.cfg.diloco.block_size), self._codec
+        return (jax.ShapeDtypeStruct((m * c.bits // 8,), np.int8 if c.bits == 8 else np.uint8,
+                                     sharding=self.replicated),
+                jax.ShapeDtypeStruct((m // c.block_size,), np.float32, sharding=self.replicated))
+
+    @staticmethod
+    def _packed(codes, scales, norm, n: int):
+        from intellect_jax.elastic.ring import Packed
+
+        return Packed(np.asarray(codes), np.asarray(scales), n), float(norm)
+
+    def _to_device(self, delta) -> tuple:
+        """The ring's mean as the apply programs take it: (codes, scales) or (fp32 vector,)."""
+        if self.device_codes:
+            return tuple(jax.device_put(a, self.replicated) for a in (delta.codes, delta.scales))
+        return (jax.device_put(delta, self.replicated),)
+
     def _vector_abstract(self, p: int) -> jax.ShapeDtypeStruct:
         n = sum(x.size for x in jax.tree.leaves(self.frags.take(jax.eval_shape(lambda s: s.global_params,
                                                                                self.state), p)))
@@ -768,19 +836,24 @@ class ElasticSync(DilocoSync):
                          "reduce_aborts": stats.get("aborts", 0)}
 
     # island.py drives these
-    def pseudo_gradient_vector(self) -> np.ndarray:
-        return np.asarray(jax.device_get(self._pseudo_vec(self.state)), np.float32)
+    def pseudo_gradient_payload(self) -> tuple[Any, float | None, Any]:
+        """(what this island puts into the ring: Packed codes made here or the fp32 vector, its norm or None, the
+        new error-feedback residual or None, to hand back to `apply_mean`)."""
+        if self.device_codes:
+            codes, scales, norm, residual = self._pseudo(self.state)
+            n = sum(x.size for x in jax.tree.leaves(self.state.global_params))
+            return (*self._packed(*jax.device_get((codes, scales, norm)), n), residual)
+        vec = np.asarray(jax.device_get(self._pseudo(self.state)), np.float32)
+        # Error feedback: what the ring's codec drops of this island's vector (the same block grid: blocks start at
+        # element 0), kept when the mean is applied.
+        residual = jax.device_put(vec - self._codec.roundtrip(vec), self.replicated) if self.error_feedback else None
+        return vec, None, residual
 
-    def apply_delta_vector(self, delta: np.ndarray, sent_from: np.ndarray | None = None) -> dict:
-        """Applies the ring's mean. `sent_from` (error feedback): the vector this island put into the ring; its new
-        residual is what the ring's codec dropped from it (the same block grid: blocks start at element 0)."""
-        residual = None
-        if self.error_feedback and sent_from is not None:
-            residual = sent_from - self._codec.roundtrip(sent_from)
-        self.state, metrics = self._apply_delta(self.state, jax.device_put(delta, self.replicated),
-                                                None if residual is None else jax.device_put(residual, self.replicated))
+    def apply_mean(self, delta: Any, residual: Any) -> dict:
+        """Applies the ring's mean (outer step) and, with error feedback, the residual from the payload."""
+        self.state, metrics = self._apply_delta(self.state, *self._to_device(delta), residual)
         if residual is not None:
-            metrics["residual_norm"] = float(np.linalg.norm(residual))
+            metrics["residual_norm"] = jax.numpy.linalg.norm(residual)
         return self._block(metrics)
 
     def close(self) -> None:

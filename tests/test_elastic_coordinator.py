@@ -7,7 +7,7 @@ import pytest
 
 from intellect_jax import cli
 from intellect_jax.config import ConfigError, DilocoConfig, ElasticConfig, RunConfig
-from intellect_jax.elastic import wire
+from intellect_jax.elastic import ordering, wire
 from intellect_jax.elastic.coordinator import Coordinator, elastic_config
 
 SECRET = b"c" * 32
@@ -76,6 +76,42 @@ def test_epoch_waits_for_all_islands_at_the_step_then_commits_and_votes(coord):
     tb.join()
     assert rb["r"] == {"ok": True, "hash": "h1"}
     assert coord.canonical == {-1: "h0", 0: "h1"}  # -1: the initial params both registered with
+
+
+def _one_epoch(a, b, step):
+    tb, rb = _bg(lambda: b.wait("sync", step=step))
+    ep = a.wait("sync", step=step)["epoch"]
+    tb.join()
+    assert rb["r"]["epoch"] == ep
+    tb, _ = _bg(lambda: b.wait("done", epoch=ep["id"], step=step, ok=True))
+    a.wait("done", epoch=ep["id"], step=step, ok=True)
+    tb.join()
+    tb, _ = _bg(lambda: b.wait("commit", step=step, hash=f"h{step + 1}"))
+    a.wait("commit", step=step, hash=f"h{step + 1}")
+    tb.join()
+    return ep
+
+
+def test_streams_per_link_follow_the_measured_round_trips(coord):
+    """elastic.streams = 0: the first epoch (nothing measured) uses 4 streams; once the islands report their probed
+    round trips, each epoch carries ceil(link rate x slowest RTT / 4 MiB) within [4, 16], the same for every member."""
+    assert coord.streams == 0 and coord.link_bytes_per_s == 125e6
+    a, b = Isl(coord, "a", 0), Isl(coord, "b", 0)
+    a.rpc("register"), b.rpc("register")
+    assert _one_epoch(a, b, 0)["streams"] == 4
+    a.rpc("rates", rates={"b": 1e8}, rtts={"b": 0.3})  # 125 MB/s x 0.3 s / 4 MiB = 8.9 -> 9
+    b.rpc("rates", rates={"a": 1e8}, rtts={"a": 0.02})
+    assert _one_epoch(a, b, 1)["streams"] == 9
+    a.rpc("rates", rates={"b": 1e8}, rtts={"b": 2.0})  # capped
+    assert _one_epoch(a, b, 2)["streams"] == 16
+    a.close(), b.close()
+
+
+@pytest.mark.parametrize("rtt,streams", [(0.0, 4), (0.1, 4), (0.15, 5), (0.3, 9), (0.5, 15), (5.0, 16)])
+def test_auto_streams_rule(rtt, streams):
+    rtts = {"a": {"b": rtt}, "b": {"c": 0.01}, "c": {"a": 0.0}}
+    assert ordering.auto_streams(["a", "b", "c"], rtts, 125e6) == streams
+    assert ordering.auto_streams(["a", "c", "b"], rtts, 125e6) == 4  # a -> b is not a link of this ring
 
 
 def test_member_death_aborts_and_joiner_is_admitted_only_at_a_boundary(coord):
@@ -235,6 +271,7 @@ def test_cli_bad_values_name_the_key(argv, words, capsys):
     ("port", 70000, "port must be an integer in [1, 65535]"),
     ("advertise_host", "evil host; rm", "advertise_host must be a host name"),
     ("rates", {"b": float("nan")}, "must be a finite number"),
+    ("rtts", {"b": -1.0}, "rtts['b'] must be a finite number"),
     ("incarnation", "", "incarnation must be a printable name"),
 ])
 def test_bad_status_fields_are_refused_and_nothing_breaks(coord, caplog, field, value, needle):

@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 
+from intellect_jax import quant
 from intellect_jax.elastic import ordering, ring, wire
 
 SECRET = b"k" * 32
@@ -45,7 +46,7 @@ def _links(n_members, streams):
     return send, recv
 
 
-def _run_ring(vecs, codec, streams=2, chunk_bytes=4096, epoch=7, stats=None):
+def _run_ring(vecs, codec, streams=2, chunk_bytes=4096, epoch=7, stats=None, packed_out=False):
     n = len(vecs)
     send, recv = _links(n, streams) if n > 1 else ([[]], [[]])
     outs, errs = [None] * n, []
@@ -54,7 +55,7 @@ def _run_ring(vecs, codec, streams=2, chunk_bytes=4096, epoch=7, stats=None):
     def member(i):
         try:
             outs[i], stats[i] = ring.ring_mean(vecs[i], i, send[i], recv[i], n, codec, chunk_bytes, BLOCK,
-                                               timeout=10, epoch=epoch)
+                                               timeout=10, epoch=epoch, packed_out=packed_out)
         except Exception as e:  # noqa: BLE001
             errs.append(e)
 
@@ -91,9 +92,51 @@ def test_ring_bit_identical_and_equal_to_reference(n_members, size, streams, com
         assert err > 0 or n_members == 1  # it really went through the codes
 
 
-def test_ring_buffers_are_bounded_by_the_window_not_the_vector():
+def _packed(v, codec):
+    """What an island's device makes of its vector (quant.pack's numpy twin: the same bytes)."""
+    m = -(-v.size // BLOCK) * BLOCK
+    codes, scales = quant.pack_np(np.pad(v, (0, m - v.size)), bits=codec.bits, block_size=BLOCK)
+    return ring.Packed(codes, scales, v.size)
+
+
+@pytest.mark.parametrize("n_members,size,streams", [(1, 1000, 1), (2, 5000, 2), (3, 70_001, 3), (4, 12_345, 2)])
+@pytest.mark.parametrize("compression", ["int8", "int4"])
+def test_ring_of_device_codes_in_and_out(n_members, size, streams, compression):
+    """Codes made on the device go out at step 0 as they are, each hop adds its decoded codes, and the mean can come
+    back as the owners' codes: bit-identical everywhere and equal to the sequential reference."""
+    rng = np.random.default_rng(size)
+    vecs = [rng.standard_normal(size).astype(np.float32) * (i + 1) for i in range(n_members)]
+    codec = ring.make_codec(compression, BLOCK)
+    packed = [_packed(v, codec) for v in vecs]
+    ref = ring.reference_ring_mean(packed, codec, 4096, BLOCK, streams)
+    outs = _run_ring(packed, codec, streams=streams)
+    for o in outs:
+        assert o.tobytes() == ref.tobytes()
+    stats = [None] * n_members
+    outs = _run_ring(packed, codec, streams=streams, packed_out=True, stats=stats)
+    for o in outs:
+        assert isinstance(o, ring.Packed) and o.n == size
+        assert o.codes.tobytes() == outs[0].codes.tobytes() and o.scales.tobytes() == outs[0].scales.tobytes()
+        assert o.decode(codec).tobytes() == ref.tobytes()
+    if n_members > 1:  # the contributions were quantized once more than the fp32 ring's, within the same kind of bound
+        exact = np.mean(np.stack(vecs).astype(np.float64), axis=0)
+        step = sum(np.abs(v).max() for v in vecs) / (127 if compression == "int8" else 7)
+        assert np.abs(ref - exact).max() <= step
+        fp32_in = ring.reference_ring_mean(vecs, codec, 4096, BLOCK, streams)
+        assert ref.tobytes() != fp32_in.tobytes()  # really a different input path
+    # A packed vector must match the ring's codec
+    other = ring.make_codec("int4" if compression == "int8" else "int8", BLOCK)
+    with pytest.raises(ValueError, match="packed vector"):
+        ring.ring_mean(packed[0], 0, [], [], 1, other, 4096, BLOCK, timeout=1)
+    with pytest.raises(ValueError, match="needs an int8/int4 ring"):
+        ring.ring_mean(packed[0], 0, [], [], 1, ring.make_codec("none", BLOCK), 4096, BLOCK, timeout=1)
+
+
+def test_ring_buffers_are_bounded_by_the_window_not_the_vector(monkeypatch):
     """Many small chunks: a member may not pack its whole segment ahead; what waits for a socket stays within
-    window x N chunks (every chunk index in the window has one item per segment somewhere in the ring)."""
+    window x N chunks (every chunk index in the window has one item per segment somewhere in the ring). (No TCP
+    window allowance here, so that the window is a few chunks.)"""
+    monkeypatch.setattr(ordering, "STREAM_WINDOW_BYTES", 0)
     n_members, streams, chunk_bytes = 3, 2, 2048
     vecs = [np.random.default_rng(i).standard_normal(600_000).astype(np.float32) for i in range(n_members)]
     codec = ring.make_codec("int8", BLOCK)
@@ -102,9 +145,10 @@ def test_ring_buffers_are_bounded_by_the_window_not_the_vector():
     assert outs[0].tobytes() == ring.reference_ring_mean(vecs, codec, chunk_bytes, BLOCK, streams).tobytes()
     lay = ring.make_layout(600_000, n_members, BLOCK, chunk_bytes, 8, streams)
     chunk_wire = codec.wire_bytes(lay.chunk)
-    assert lay.chunks > 4 * ring._window(n_members, streams)  # the window binds: far more chunks than it admits
+    window = ring._window(n_members, streams, chunk_wire)
+    assert lay.chunks > 4 * window  # the window binds: far more chunks than it admits
     for st in stats:
-        assert 0 < st.peak_queued_bytes <= ring._window(n_members, streams) * n_members * chunk_wire
+        assert 0 < st.peak_queued_bytes <= window * n_members * chunk_wire
         assert st.peak_queued_bytes < codec.wire_bytes(lay.seg) / 2
 
 

@@ -64,12 +64,18 @@ def _outer(run_dir):
     return {r["outer_step"]: r for r in read_metrics(Path(run_dir) / "metrics.jsonl") if r["kind"] == "outer"}
 
 
+def _codes_on_device(yes):
+    return (f"--elastic.device_codes={'true' if yes else 'false'}",)
+
+
 @pytest.mark.parametrize("extra", [(), pytest.param(("--diloco.compression=int4", "--diloco.error_feedback=true"),
                                                      marks=pytest.mark.slow)],  # the streaming test runs int4 + EF
                          ids=["int8", "int4-ef"])
 def test_three_islands_identical_global_state(tmp_path, coordinator, extra):
+    """Island 0 packs its pseudo-gradient on the host (elastic.device_codes=false), the others on their devices and
+    decode the mean there: the ring's all-gather bytes and the twins' identical arithmetic keep every hash equal."""
     addr, secret = coordinator
-    procs = [_island(tmp_path, addr, secret, i, steps=15, extra=extra) for i in range(3)]
+    procs = [_island(tmp_path, addr, secret, i, steps=15, extra=extra + _codes_on_device(i > 0)) for i in range(3)]
     for p in procs:
         assert p.wait(timeout=400) == 0, (tmp_path / "island0.log").read_text()[-3000:]
     outers = [_outer(tmp_path / f"island{i}") for i in range(3)]
@@ -85,6 +91,7 @@ def test_three_islands_identical_global_state(tmp_path, coordinator, extra):
     for i in range(3):
         inner = [r["loss"] for r in read_metrics(tmp_path / f"island{i}" / "metrics.jsonl") if r["kind"] == "inner"]
         assert sum(inner[-3:]) / 3 < sum(inner[:3]) / 3 - 0.05, inner
+        assert ("codes made on the devices" in (tmp_path / f"island{i}.log").read_text()) == (i > 0)
 
 
 STREAMING = ("--diloco.inner_steps=4", "--diloco.fragments=2", "--diloco.overlap_steps=1", "--diloco.merge_alpha=0.5")
@@ -97,9 +104,10 @@ def test_streaming_islands_overlap_the_reduce_and_agree_at_every_fragment_sync(t
     """Streaming DiLoCo over TCP (int4 + error feedback): 2 fragments (H=4: fragment 0 syncs at 4, 8, .., fragment 1
     at 6, 10, ..), each reduce running in the background for one inner step. Every island applies every fragment's
     mean at the same step and votes the same hash; the rows say which fragment and how much of the reduce was
-    hidden."""
+    hidden. Island 0 packs on the host, the others on their devices (as in the blocking test)."""
     addr, secret = coordinator
-    procs = [_island(tmp_path, addr, secret, i, steps=16, extra=STREAMING_EF) for i in range(3)]
+    procs = [_island(tmp_path, addr, secret, i, steps=16, extra=STREAMING_EF + _codes_on_device(i > 0))
+             for i in range(3)]
     for p in procs:
         assert p.wait(timeout=400) == 0, (tmp_path / "island0.log").read_text()[-3000:]
     outers = [_outer(tmp_path / f"island{i}") for i in range(3)]
@@ -120,7 +128,8 @@ def test_streaming_islands_overlap_the_reduce_and_agree_at_every_fragment_sync(t
     # coordinator knows no epoch, so it waits its recovery grace for the islands (restart + compile: ~15 s here).
     coord, addr = _start_coordinator(tmp_path, secret, tag="2", grace_s=40.0)
     try:
-        procs = [_island(tmp_path, addr, secret, i, steps=24, extra=STREAMING_EF) for i in range(3)]
+        procs = [_island(tmp_path, addr, secret, i, steps=24, extra=STREAMING_EF + _codes_on_device(i > 0))
+                 for i in range(3)]
         for p in procs:
             assert p.wait(timeout=400) == 0, (tmp_path / "island0.log").read_text()[-3000:]
     finally:

@@ -143,6 +143,28 @@ def test_fused_accumulate_pack_equals_decode_add_pack(edge_x, bits, mean_of, mon
         quant.accumulate_pack_np(codes[:-BLOCK], scales, y, bits=bits)
 
 
+def _pack_in_child(x, q):
+    q.put(quant.pack_np(x)[0].tobytes())
+
+
+def test_a_forked_child_packs_on_its_own_pool(edge_x):
+    """The parent's pool threads do not exist after fork: a child must not queue work on them (it would hang)."""
+    import multiprocessing as mp
+
+    x = _tiled_vector(edge_x)
+    want = quant.pack_np(x)[0].tobytes()  # the parent's pool is up
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_pack_in_child, args=(x, q))
+    p.start()
+    try:
+        assert q.get(timeout=60) == want
+    finally:
+        p.join(10)
+        if p.is_alive():
+            p.kill()
+
+
 def test_codec_threads_env_is_checked(monkeypatch):
     monkeypatch.setenv("INTELLECT_JAX_CODEC_THREADS", "zero")
     with pytest.raises(ValueError, match="INTELLECT_JAX_CODEC_THREADS"):

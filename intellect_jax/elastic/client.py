@@ -41,7 +41,7 @@ import numpy as np
 
 from intellect_jax.config import ElasticConfig
 
-from . import recovery, ring, wire
+from . import ordering, recovery, ring, wire
 from .recovery import State, StateProvider
 
 log = logging.getLogger("intellect_jax.elastic.client")
@@ -101,6 +101,7 @@ class IslandClient:
         self.last_stats: dict[str, Any] = {}
         self._probed: frozenset[str] = frozenset()
         self._rates: dict[str, float] = {}  # our measured outbound bytes/s per peer (re-sent after a restart)
+        self._rtts: dict[str, float] = {}  # our measured round trip (s) to each peer (likewise)
 
         self._mail = threading.Condition()
         self._ring_inbox: dict[tuple[int, str, int], wire.Conn] = {}
@@ -129,10 +130,20 @@ class IslandClient:
             self._hb_thread.start()
         return JoinInfo(rep.get("run_step"), bool(rep.get("needs_state")))
 
-    def all_reduce_mean(self, outer_step: int, vec: np.ndarray) -> np.ndarray:
-        """Mean of every member's `vec` for this outer step; identical bytes on all members."""
-        vec = np.ascontiguousarray(vec, np.float32).reshape(-1)
-        norm = float(np.linalg.norm(vec))
+    def all_reduce_mean(self, outer_step: int, vec: np.ndarray | ring.Packed, norm: float | None = None,
+                        packed_out: bool = False) -> np.ndarray | ring.Packed:
+        """Mean of every member's `vec` for this outer step; identical bytes on all members.
+
+        `vec` may be float32 or `ring.Packed` (codes made on the island's device; pass its `norm`, the L2 norm of
+        what was packed, for the coordinator's outlier guard). `packed_out`: the mean comes back as `ring.Packed`.
+        """
+        if isinstance(vec, ring.Packed):
+            vec.check(self.codec)
+            if norm is None:
+                norm = float(np.linalg.norm(vec.decode(self.codec)))
+        else:
+            vec = np.ascontiguousarray(vec, np.float32).reshape(-1)
+            norm = float(np.linalg.norm(vec)) if norm is None else norm
         norm = norm if np.isfinite(norm) else None  # None: not finite (JSON has no NaN)
         aborts, excluded = 0, False
         while True:
@@ -152,11 +163,11 @@ class IslandClient:
             ep = rep["epoch"]
             with self._lock:
                 self.pending = {"id": ep["id"], "step": outer_step, "members": ep["members"], "order": ep["order"],
-                                "status": "running"}
+                                "streams": _epoch_streams(ep, self.cfg), "status": "running"}
             result, err = None, None
             try:
-                result, stats = self._ring(ep, vec)
-                if not np.isfinite(result).all():
+                result, stats = self._ring(ep, vec, packed_out)
+                if not np.isfinite(result.scales if packed_out else result).all():
                     raise ring.RingError("the decoded mean is not finite; it is not applied")
             except (ring.RingError, OSError, wire.WireError, wire.RemoteError) as e:
                 err = e
@@ -249,7 +260,8 @@ class IslandClient:
         with self._lock:
             return {"incarnation": self.incarnation, "step": self.step, "hash": self.hash,
                     "last_epoch": self.last_epoch, "pending": dict(self.pending) if self.pending else None,
-                    "advertise_host": self.cfg.advertise_host, "port": self.port, "rates": self._rates}
+                    "advertise_host": self.cfg.advertise_host, "port": self.port, "rates": self._rates,
+                    "rtts": self._rtts}
 
     def _connect_coord(self, kind: str) -> wire.Conn:
         conn, _ = wire.connect(self.cfg.coordinator, self._secret, self.run_id, self.cfg.coordinator_max_frame_bytes,
@@ -342,10 +354,10 @@ class IslandClient:
         if op == "ring":
             key = (hello.get("epoch"), hello.get("from"), hello.get("stream"))
             if not (isinstance(key[0], int) and isinstance(key[1], str) and isinstance(key[2], int)
-                    and 0 <= key[2] < self.cfg.streams and not isinstance(key[0], bool)):
+                    and 0 <= key[2] < ordering.MAX_STREAMS and not isinstance(key[0], bool)):
                 raise wire.MalformedFrame(f"ring HELLO with epoch/from/stream {key!r:.120}")
             with self._mail:
-                if len(self._ring_inbox) >= max(MAX_RING_INBOX, 4 * self.cfg.streams):
+                if len(self._ring_inbox) >= max(MAX_RING_INBOX, 4 * ordering.MAX_STREAMS):
                     # Unconsumed streams (peers ahead of us, or bogus epochs): the furthest-ahead one goes.
                     far = max(self._ring_inbox)
                     if far[0] <= key[0]:
@@ -388,10 +400,11 @@ class IslandClient:
             return f"the coordinator aborted epoch {epoch_id} (a member died)"
         return None
 
-    def _ring(self, ep: dict[str, Any], vec: np.ndarray) -> tuple[np.ndarray, ring.RingStats]:
+    def _ring(self, ep: dict[str, Any], vec: np.ndarray | ring.Packed, packed_out: bool,
+              ) -> tuple[np.ndarray | ring.Packed, ring.RingStats]:
         order = ep["order"]
         N, r = len(order), order.index(self.name)
-        S = self.cfg.streams
+        S = _epoch_streams(ep, self.cfg)
         if self.on_ring_frame is not None:
             self.on_ring_frame(0)  # the ring starts (0 frames sent)
         send: list[wire.Conn] = []
@@ -425,7 +438,7 @@ class IslandClient:
                 send = [_Tap(c, self.on_ring_frame) for c in send]
             return ring.ring_mean(vec, r, send, recv, N, self.codec, self.cfg.chunk_bytes, self.block_size,
                                   timeout=self.cfg.dead_after_s, epoch=ep["id"],
-                                  cancel=lambda: self._epoch_aborted(ep["id"]))
+                                  cancel=lambda: self._epoch_aborted(ep["id"]), packed_out=packed_out)
         finally:
             for c in send + recv:
                 c.close()
@@ -435,22 +448,25 @@ class IslandClient:
 
     def _maybe_probe(self, ep: dict[str, Any]) -> None:
         members = frozenset(ep["members"])
-        if len(members) < 3 or members == self._probed or self.cfg.probe_bytes <= 0:
-            return  # with 2 members every order is the same ring
+        wanted = 2 if self.cfg.streams == 0 else 3  # 2 members: one ring order, but the round trip sets the streams
+        if members == self._probed or self.cfg.probe_bytes <= 0 or len(members) < wanted:
+            return
         self._probed = members
         peers = {m: ep["addrs"][m] for m in members if m != self.name}
         threading.Thread(target=self._probe, args=(peers,), name="probe", daemon=True).start()
 
     def _probe(self, peers: dict[str, str]) -> None:
-        """Measures our outbound throughput to each peer (during the inner steps) and reports it."""
-        rates = {}
+        """Measures our outbound throughput and round trip to each peer (during the inner steps) and reports them."""
+        rates, rtts = {}, {}
         blob = os.urandom(self.cfg.probe_bytes)
         for name, addr in peers.items():
             try:
                 conn = self._connect_peer(addr, {"op": "probe"})
                 try:
-                    conn.send(wire.MsgType.DATA, {}, blob[:4096])  # warm-up: connection + slow start
+                    t0 = time.perf_counter()  # warm-up (connection, slow start) and the round trip: 4 KiB fit
+                    conn.send(wire.MsgType.DATA, {}, blob[:4096])  # in TCP's first window, so this is one RTT
                     conn.recv()
+                    rtts[name] = time.perf_counter() - t0
                     t0 = time.perf_counter()
                     conn.send(wire.MsgType.DATA, {}, blob)
                     conn.recv()
@@ -460,12 +476,17 @@ class IslandClient:
             except (OSError, wire.WireError) as e:
                 log.info("probe to %s failed: %s", name, e)
         with self._lock:
-            self._rates = dict(rates)
+            self._rates, self._rtts = dict(rates), dict(rtts)
         if rates and not self._closed.is_set():
             try:
-                self._rpc("rates", retry=False, rates=rates)
+                self._rpc("rates", retry=False, rates=rates, rtts=rtts)
             except ElasticError as e:
                 log.info("could not report link rates: %s", e)
+
+
+def _epoch_streams(ep: dict[str, Any], cfg: ElasticConfig) -> int:
+    """TCP streams per link in this epoch: the coordinator's choice (the same for every member)."""
+    return int(ep.get("streams") or cfg.streams or ordering.MIN_STREAMS)
 
 
 class _Tap:

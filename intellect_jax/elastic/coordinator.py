@@ -74,16 +74,16 @@ def _names(v: Any, what: str) -> list[str]:
     return [_name(x, what) for x in v]
 
 
-def _rates(v: Any) -> dict[str, float]:
+def _rates(v: Any, what: str = "rates") -> dict[str, float]:
     if v is None:
         return {}
     if not isinstance(v, dict) or len(v) > 4096:
-        raise ValueError(f"rates must be an object of island name -> bytes/s, got {type(v).__name__}")
+        raise ValueError(f"{what} must be an object of island name -> a number, got {type(v).__name__}")
     out = {}
     for k, x in v.items():
         if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
-            raise ValueError(f"rates[{k!r:.40}] must be a finite number >= 0, got {x!r:.40}")
-        out[_name(k, "rates key")] = float(x)
+            raise ValueError(f"{what}[{k!r:.40}] must be a finite number >= 0, got {x!r:.40}")
+        out[_name(k, f"{what} key")] = float(x)
     return out
 
 
@@ -96,6 +96,7 @@ def _epoch(v: Any, what: str, pending: bool) -> dict | None:
            "members": _names(v.get("members"), f"{what}.members")}
     if pending:
         out["order"] = _names(v.get("order", []), f"{what}.order")
+        out["streams"] = _int(v.get("streams", 0), f"{what}.streams", 0, ordering.MAX_STREAMS)
         if v.get("status") not in ("running", "ok", "fail"):
             raise ValueError(f"{what}.status must be 'running', 'ok' or 'fail', got {v.get('status')!r:.40}")
         out["status"] = v["status"]
@@ -114,7 +115,8 @@ def check_status(st: Any) -> dict[str, Any]:
         _hash(h)
     return {"incarnation": _name(st.get("incarnation"), "incarnation"), "step": _int(st.get("step"), "step", -1),
             "hash": h, "advertise_host": host, "port": _int(st.get("port"), "port", 1, 65535),
-            "rates": _rates(st.get("rates")), "last_epoch": _epoch(st.get("last_epoch"), "last_epoch", False),
+            "rates": _rates(st.get("rates")), "rtts": _rates(st.get("rtts"), "rtts"),
+            "last_epoch": _epoch(st.get("last_epoch"), "last_epoch", False),
             "pending": _epoch(st.get("pending"), "pending", True)}
 
 
@@ -167,6 +169,7 @@ class Island:
     last_epoch: dict | None = None  # {"id", "step", "members"} of its last committed epoch
     pending: dict | None = None  # {"id", "step", "members", "status": running|ok|fail}
     rates: dict[str, float] = dataclasses.field(default_factory=dict)
+    rtts: dict[str, float] = dataclasses.field(default_factory=dict)  # measured round trip (s) to each peer
 
 
 @dataclasses.dataclass
@@ -175,13 +178,14 @@ class Epoch:
     step: int
     members: list[str]
     order: list[str]
+    streams: int = ordering.MIN_STREAMS  # TCP streams per ring link, the same on every member
     done: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> "ok" | "fail"
     decision: str | None = None
     excluded: dict[str, str] = dataclasses.field(default_factory=dict)  # ready islands left out -> why
 
     def public(self, islands: dict[str, Island]) -> dict[str, Any]:
         return {"id": self.id, "step": self.step, "members": self.members, "order": self.order,
-                "addrs": {m: islands[m].addr for m in self.members}}
+                "streams": self.streams, "addrs": {m: islands[m].addr for m in self.members}}
 
 
 class Coordinator:
@@ -197,6 +201,7 @@ class Coordinator:
         self.guard_errors: dict[int, str] = {}  # step -> why no island is left to reduce it
         self.dead_after_s = cfg.dead_after_s
         self.min_islands = cfg.min_islands
+        self.streams, self.link_bytes_per_s = cfg.streams, cfg.link_mbit * 1e6 / 8
         self.islands: dict[str, Island] = {}
         self.run_step: int | None = None
         self.epoch: Epoch | None = None
@@ -305,6 +310,7 @@ class Coordinator:
                 return {"decision": d[0] if d else None}
             if op == "rates":
                 isl.rates = _rates(req.get("rates"))
+                isl.rtts = _rates(req.get("rtts"), "rtts")
                 log.info("island %s measured links (MB/s): %s", name,
                          {k: round(v / 1e6, 1) for k, v in isl.rates.items()})
                 return {"ok": True}
@@ -360,6 +366,8 @@ class Coordinator:
                 self.hashes[step - 1].setdefault(name, st["hash"])
         if st.get("rates"):
             isl.rates = st["rates"]
+        if st.get("rtts"):
+            isl.rtts = st["rtts"]
         isl.last_epoch = st.get("last_epoch")
         isl.pending = st.get("pending")
         if isl.last_epoch:
@@ -475,11 +483,19 @@ class Coordinator:
                         "step (diloco.max_norm_ratio=%g)", s, n, why, self.max_norm_ratio)
         rates = {i.name: i.rates for i in live}
         order = ordering.ring_order(members, rates)
-        self.epoch = Epoch(self.next_epoch_id, s, members, order, excluded=excluded)
+        self.epoch = Epoch(self.next_epoch_id, s, members, order, self._streams(order), excluded=excluded)
         self.next_epoch_id += 1
         self.epochs_formed += 1
-        log.info("epoch %d: outer step %d, members %s, ring order %s (slowest link %s)", self.epoch.id, s,
-                 members, order, _fmt_rate(ordering.bottleneck(order, rates)))
+        log.info("epoch %d: outer step %d, members %s, ring order %s (slowest link %s, longest round trip %.0f ms, "
+                 "%d streams per link)", self.epoch.id, s, members, order, _fmt_rate(ordering.bottleneck(order, rates)),
+                 1e3 * ordering.slowest_rtt(order, self._rtts()), self.epoch.streams)
+
+    def _rtts(self) -> dict[str, dict[str, float]]:
+        return {i.name: i.rtts for i in self.islands.values()}
+
+    def _streams(self, order: list[str]) -> int:
+        """elastic.streams, or (0) the automatic count for the ring's measured round trips."""
+        return self.streams or ordering.auto_streams(order, self._rtts(), self.link_bytes_per_s)
 
     def _maybe_canonical(self) -> None:
         for s, hs in self.hashes.items():
@@ -524,7 +540,8 @@ class Coordinator:
         current = [i.pending for i in regs if i.pending and i.pending["step"] == s]
         if current:
             p = max(current, key=lambda p: p["id"])
-            e = Epoch(p["id"], s, list(p["members"]), list(p.get("order", p["members"])))
+            order = list(p.get("order", p["members"]))
+            e = Epoch(p["id"], s, list(p["members"]), order, p.get("streams") or self._streams(order))
             for i in regs:
                 if i.pending and i.pending["id"] == e.id and i.pending["status"] in ("ok", "fail"):
                     e.done[i.name] = i.pending["status"]
@@ -628,6 +645,8 @@ FLAGS = {  # ElasticConfig field -> help
     "coordinator_max_frame_bytes": "largest control frame accepted from an island",
     "recovery_grace_s": "after a restart, longest wait for the newest epoch's members to re-register "
                         "(0: dead_after_s)",
+    "streams": "TCP streams per ring link that every island uses (0: automatic, from the measured round trips)",
+    "link_mbit": "access-link rate (Mbit/s) the automatic stream count plans for",
 }
 
 

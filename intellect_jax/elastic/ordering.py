@@ -13,6 +13,11 @@ import math
 from typing import Mapping, Sequence
 
 EXACT_MAX = 8
+# Automatic stream count (elastic.streams = 0): one TCP stream moves at most ~window / RTT, with Linux's default
+# autotuned send window of 4 MiB (net.ipv4.tcp_wmem max); measured through launch/delay_relay.py at 1 Gbit/s
+# (benchmarks/RESULTS.md): at 100 ms RTT 4 streams did best, at 300 ms 8, and 16 cost more host CPU than they gained.
+STREAM_WINDOW_BYTES = 4 << 20
+MIN_STREAMS, MAX_STREAMS = 4, 16
 
 
 def _rate(rates: Mapping[str, Mapping[str, float]], a: str, b: str) -> float:
@@ -24,6 +29,19 @@ def bottleneck(order: Sequence[str], rates: Mapping[str, Mapping[str, float]]) -
     if len(order) < 2:
         return math.inf
     return min(_rate(rates, order[i], order[(i + 1) % len(order)]) for i in range(len(order)))
+
+
+def slowest_rtt(order: Sequence[str], rtts: Mapping[str, Mapping[str, float]]) -> float:
+    """The longest measured round trip (s) of the ring's links `order[i] -> order[i + 1]` (0 if none measured)."""
+    n = len(order)
+    return max((_rate(rtts, order[i], order[(i + 1) % n]) for i in range(n)), default=0.0) if n > 1 else 0.0
+
+
+def auto_streams(order: Sequence[str], rtts: Mapping[str, Mapping[str, float]], link_bytes_per_s: float) -> int:
+    """TCP streams per ring link so that window-bound streams fill a `link_bytes_per_s` link over the ring's slowest
+    round trip: ceil(rate x RTT / window), within [MIN_STREAMS, MAX_STREAMS]; every member uses the same count."""
+    need = math.ceil(link_bytes_per_s * slowest_rtt(order, rtts) / STREAM_WINDOW_BYTES)
+    return max(MIN_STREAMS, min(MAX_STREAMS, need))
 
 
 def _score(order: Sequence[str], rates) -> tuple[float, float]:

@@ -33,7 +33,7 @@ import numpy as np
 
 from intellect_jax import quant  # the numpy twin; imports no jax
 
-from . import wire
+from . import ordering, wire
 
 log = logging.getLogger("intellect_jax.elastic.ring")
 
@@ -142,6 +142,46 @@ def make_codec(compression: str, block_size: int) -> Codec:
     raise ValueError(f"compression={compression!r}: expected 'none', 'int8' or 'int4'")
 
 
+@dataclasses.dataclass(frozen=True)
+class Packed:
+    """A vector of `n` elements as a BlockCodec carries it: `codes` and fp32 `scales` over whole blocks from element
+    0, the last block zero-padded (``quant.pack`` of the vector padded to ``blocks(n) x block_size``). An island
+    packs its pseudo-gradient on its own devices into this form (only the codes cross PCIe), and the ring can return
+    the mean in it, to be decoded on the device."""
+
+    codes: np.ndarray  # int8 [m] (int8) or uint8 [m // 2] (int4), m = n rounded up to whole blocks
+    scales: np.ndarray  # float32 [m // block_size]
+    n: int
+
+    def check(self, codec: "Codec") -> None:
+        if not isinstance(codec, BlockCodec):
+            raise ValueError(f"a packed vector needs an int8/int4 ring, not compression={codec.name!r}")
+        m = -(-self.n // codec.block_size) * codec.block_size
+        want = np.int8 if codec.bits == 8 else np.uint8
+        if (self.codes.dtype != want or self.codes.size != m * codec.bits // 8 or self.scales.dtype != np.float32
+                or self.scales.size != m // codec.block_size):
+            raise ValueError(f"packed vector of {self.n} elements has {self.codes.size} {self.codes.dtype} codes and "
+                             f"{self.scales.size} {self.scales.dtype} scales; {codec.name} with blocks of "
+                             f"{codec.block_size} needs {m * codec.bits // 8} {np.dtype(want)} and "
+                             f"{m // codec.block_size} float32")
+
+    def parts(self, codec: "BlockCodec", lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """Codes and scales of elements [lo, hi) (whole blocks), zero blocks past the end."""
+        b, bs = codec.bits, codec.block_size
+        m = self.scales.size * bs
+        if hi <= m:
+            return self.codes[lo * b // 8:hi * b // 8], self.scales[lo // bs:hi // bs]
+        codes = np.zeros((hi - lo) * b // 8, self.codes.dtype)
+        scales = np.zeros((hi - lo) // bs, np.float32)
+        if lo < m:
+            codes[:(m - lo) * b // 8] = self.codes[lo * b // 8:]
+            scales[:(m - lo) // bs] = self.scales[lo // bs:]
+        return codes, scales
+
+    def decode(self, codec: "BlockCodec") -> np.ndarray:
+        return quant.unpack_np(self.codes, self.scales, bits=codec.bits, block_size=codec.block_size)[:self.n]
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Layout.
 
@@ -191,49 +231,90 @@ class RingStats:
     peak_queued_bytes: int = 0  # the most payload bytes this member held packed and waiting for a socket at once
 
 
-def _window(members: int, streams: int) -> int:
+def _window(members: int, streams: int, chunk_wire_bytes: int) -> int:
     """Chunk indices a member may have in flight: it starts chunk c only once chunk c - window is complete here.
 
-    A chunk index crosses 2(N-1) hops, each taking at least one chunk's wire time on a stream that gets 1/S of the
-    link, so about 2(N-1) S indices in flight keep every link busy; one more S covers the coding between hops. The
-    bytes queued anywhere are then bounded by the window, not by the vector's size, and the ring cannot deadlock:
-    chunk c - window never waits on chunk c.
+    A chunk index crosses 2(N-1) hops; on each, a link's S streams hold up to one TCP window each in the network
+    (ordering.STREAM_WINDOW_BYTES: on a long path that, not the rate, is what is in flight) plus the chunk being
+    coded, so 2(N-1) S (1 + window / chunk) indices keep every link busy (measured: a window of 5 S indices, blind to
+    the round trip, cut a 1 Gbit/s ring with 300 ms round trips and 256 KiB chunks to 43% of the bound). What waits
+    for a socket is then bounded by the window, not by the vector, and the ring cannot deadlock: chunk c - window
+    never waits on chunk c.
     """
-    return (2 * (members - 1) + 1) * streams
+    per_hop = 1 + -(-ordering.STREAM_WINDOW_BYTES // max(1, chunk_wire_bytes))
+    return 2 * (members - 1) * streams * per_hop
 
 
-def ring_mean(vec: np.ndarray, rank: int, send: Sequence[wire.Conn], recv: Sequence[wire.Conn], members: int,
-              codec: Codec, chunk_bytes: int, block_size: int, timeout: float,
-              epoch: int = 0, cancel: Callable[[], str | None] | None = None) -> tuple[np.ndarray, RingStats]:
+def ring_mean(vec: np.ndarray | Packed, rank: int, send: Sequence[wire.Conn], recv: Sequence[wire.Conn],
+              members: int, codec: Codec, chunk_bytes: int, block_size: int, timeout: float,
+              epoch: int = 0, cancel: Callable[[], str | None] | None = None, packed_out: bool = False,
+              ) -> tuple[np.ndarray | Packed, RingStats]:
     """Mean of `vec` over the ring. `send[k]` goes to the successor, `recv[k]` comes from the predecessor.
 
-    Returns a float32 array of len(vec), bit-identical on every member. Raises RingError on any failure; the
-    caller then discards everything and redoes the reduce in a new epoch. `cancel`, asked every CANCEL_POLL_S while
-    the ring runs, returns a reason to give up early (the epoch was aborted elsewhere) or None.
+    `vec` is float32, or `Packed` (made on the island's device): then this member's own chunks go out as they are
+    (no host pack) and each hop adds their decoded values. Returns the mean, bit-identical on every member: float32
+    of len(vec), or with `packed_out` the owners' codes as `Packed` (to be decoded on the device). Raises RingError
+    on any failure; the caller then discards everything and redoes the reduce in a new epoch. `cancel`, asked every
+    CANCEL_POLL_S while the ring runs, returns a reason to give up early (the epoch was aborted elsewhere) or None.
     """
     t0 = time.perf_counter()
-    vec = np.ascontiguousarray(vec, np.float32).reshape(-1)
+    packed_in = isinstance(vec, Packed)
+    if packed_in:
+        vec.check(codec)
+        n = vec.n
+    else:
+        vec = np.ascontiguousarray(vec, np.float32).reshape(-1)
+        n = vec.size
+    if packed_out and not isinstance(codec, BlockCodec):
+        raise ValueError(f"packed_out needs an int8/int4 ring, not compression={codec.name!r}")
     N = members
     S = max(1, len(send))
-    lay = make_layout(vec.size, N, block_size, chunk_bytes, codec.bits, S)
-    out = np.empty(lay.padded, np.float32)
+    lay = make_layout(n, N, block_size, chunk_bytes, codec.bits, S)
     C = lay.chunks
     stats = RingStats(members=N, chunks=C)
+    if packed_out:
+        out_codes = np.empty(lay.padded * codec.bits // 8, np.int8 if codec.bits == 8 else np.uint8)
+        out_scales = np.empty(lay.padded // block_size, np.float32)
+    else:
+        out = np.empty(lay.padded, np.float32)
 
     def own(lo: int, hi: int) -> np.ndarray:
-        """Our values on [lo, hi): a view of vec, zero-padded past its end (only the last segment's tail)."""
+        """Our values on [lo, hi) in float32: a view of vec (zero-padded past its end), or the packed ones decoded."""
+        if packed_in:
+            return quant.unpack_np(*vec.parts(codec, lo, hi), bits=codec.bits, block_size=block_size)
         if hi <= vec.size:
             return vec[lo:hi]
         part = np.zeros(hi - lo, np.float32)
         part[:max(0, vec.size - lo)] = vec[lo:vec.size]
         return part
 
-    if N == 1:
+    def own_wire(lo: int, hi: int) -> list[memoryview]:
+        """Our chunk as it goes out at step 0: the device's codes as they are, else packed here."""
+        if packed_in:
+            return [memoryview(np.ascontiguousarray(a)).cast("B") for a in vec.parts(codec, lo, hi)]
+        return codec.encode(own(lo, hi))
+
+    def store(lo: int, hi: int, blob: memoryview) -> None:
+        """The mean's chunk (the owner's bytes) into the result."""
+        if packed_out:
+            codes, scales = codec._split(blob, hi - lo)
+            out_codes[lo * codec.bits // 8:hi * codec.bits // 8] = codes
+            out_scales[lo // block_size:hi // block_size] = scales
+        else:
+            out[lo:hi] = codec.decode(blob, hi - lo)
+
+    def result():
+        if not packed_out:
+            return out[:n]
+        m = -(-n // block_size) * block_size
+        return Packed(out_codes[:m * codec.bits // 8], out_scales[:m // block_size], n)
+
+    if N == 1:  # the mean of one: its own values, through the codec once (packed ones as they are)
         for c in range(C):
             lo, hi = lay.span(0, c)
-            out[lo:hi] = codec.decode(memoryview(b"".join(codec.encode(own(lo, hi)))), hi - lo)
+            store(lo, hi, memoryview(b"".join(own_wire(lo, hi))))
         stats.seconds = time.perf_counter() - t0
-        return out[:vec.size], stats
+        return result(), stats
     if len(send) != len(recv) or not send:
         raise ValueError("ring_mean needs the same positive number of send and recv streams")
 
@@ -264,7 +345,7 @@ def ring_mean(vec: np.ndarray, rank: int, send: Sequence[wire.Conn], recv: Seque
                 progress.notify_all()
 
     def land(c: int, lo: int, hi: int, blob: memoryview) -> None:
-        out[lo:hi] = codec.decode(blob, hi - lo)
+        store(lo, hi, blob)
         with progress:
             landed[c] += 1
             if landed[c] == N:
@@ -330,7 +411,7 @@ def ring_mean(vec: np.ndarray, rank: int, send: Sequence[wire.Conn], recv: Seque
         th.start()
     if cancel is not None:
         threading.Thread(target=watchdog, daemon=True, name="ring-watchdog").start()
-    window = _window(N, S)
+    window = _window(N, S, codec.wire_bytes(lay.chunk))
     deadline = time.monotonic() + timeout * max(1, 2 * (N - 1) * C)
     for c in range(C):  # reduce-scatter step 0: our own segment `rank`, packed while earlier chunks are in flight
         with progress:  # ... but at most `window` chunk indices ahead of the last complete one (bounded buffers)
@@ -339,7 +420,7 @@ def ring_mean(vec: np.ndarray, rank: int, send: Sequence[wire.Conn], recv: Seque
         if failed.is_set():
             break
         lo, hi = lay.span(rank, c)
-        enqueue(c % S, {"e": epoch, "p": "rs", "t": 0, "c": c}, codec.encode(own(lo, hi)))
+        enqueue(c % S, {"e": epoch, "p": "rs", "t": 0, "c": c}, own_wire(lo, hi))
     for th in threads:
         th.join(max(0.0, deadline - time.monotonic()))
         if th.is_alive():
@@ -351,31 +432,35 @@ def ring_mean(vec: np.ndarray, rank: int, send: Sequence[wire.Conn], recv: Seque
     stats.seconds = time.perf_counter() - t0
     stats.bytes_sent = sum(c.bytes_sent for c in send)
     stats.bytes_received = sum(c.bytes_received for c in recv)
-    return out[:vec.size], stats
+    return result(), stats
 
 
-def reference_ring_mean(vecs: Sequence[np.ndarray], codec: Codec, chunk_bytes: int,
+def reference_ring_mean(vecs: Sequence[np.ndarray | Packed], codec: Codec, chunk_bytes: int,
                         block_size: int, streams: int = 1) -> np.ndarray:
-    """The same arithmetic as :func:`ring_mean`, sequentially in one process (ring order = list order).
+    """The same arithmetic as :func:`ring_mean`, sequentially in one process (ring order = list order), float32 out.
 
-    For tests: the networked ring must equal this bit for bit.
+    For tests: the networked ring must equal this bit for bit (with `Packed` inputs too; all of one kind).
     """
     N = len(vecs)
-    n = vecs[0].size
+    packed = isinstance(vecs[0], Packed)
+    n = vecs[0].n if packed else vecs[0].size
     lay = make_layout(n, N, block_size, chunk_bytes, codec.bits, streams)
-    xs = []
-    for v in vecs:
-        x = np.zeros(lay.padded, np.float32)
-        x[:n] = v
-        xs.append(x)
+    enc = lambda a: memoryview(b"".join(codec.encode(a)))  # noqa: E731
+    if packed:
+        wires = [lambda lo, hi, v=v: memoryview(b"".join(np.ascontiguousarray(a).tobytes()
+                                                         for a in v.parts(codec, lo, hi))) for v in vecs]
+        xs = [np.concatenate([v.decode(codec), np.zeros(lay.padded - n, np.float32)]) for v in vecs]
+    else:
+        xs = [np.concatenate([np.asarray(v, np.float32), np.zeros(lay.padded - n, np.float32)]) for v in vecs]
+        wires = [lambda lo, hi, x=x: enc(x[lo:hi]) for x in xs]
     out = np.empty(lay.padded, np.float32)
     for c in range(lay.chunks):
         for g in range(N):
             lo, hi = lay.span(g, c)
             # Segment g starts at member g (rs step 0) and is accumulated by g+1, g+2, ..., g+N-1 (its owner).
-            acc = xs[g][lo:hi]
+            blob = wires[g](lo, hi)
             for j in range(1, N):
-                acc = codec.decode(memoryview(b"".join(codec.encode(acc))), hi - lo) + xs[(g + j) % N][lo:hi]
-            mean = _mean(acc, N)
-            out[lo:hi] = codec.decode(memoryview(b"".join(codec.encode(mean.astype(np.float32)))), hi - lo)
+                acc = codec.decode(blob, hi - lo) + xs[(g + j) % N][lo:hi]
+                blob = enc(_mean(acc, N) if j == N - 1 else acc)
+            out[lo:hi] = codec.decode(blob, hi - lo)
     return out[:n].copy()
