@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{'sealed with AES-256-GCM' if a.encrypt == 'on' else 'HMAC-SHA256 only (encrypt off)'}, chunk "
                 f"{a.chunk_bytes >> 20} MiB, rate: {label}. Bound = 2(N-1)/N x payload / link rate (int8 payload "
                 "includes the fp32 block scales). 'bit-identical': every member decoded the same mean bytes." + link_note)
-        common.write_section(f"Link utilization: {label}"
+        common.write_section(f"Link utilization: {label if a.wan else 'loopback'}"
                              + (", encrypted" if a.encrypt == "on" else ", HMAC only"),
                              common.provenance(time.perf_counter() - t_start) + "\n\n" + body + "\n\n" + note)
     return 0 if all(s["bit_identical"] for s in summary) else 1

@@ -59,8 +59,9 @@ PRIME_LINK_EFFICIENCY = 0.16  # INTELLECT-1 report: 1B all-reduce ~102 s at 500 
 # ... defined as payload / rate / time, i.e. without the ring's 2(N-1)/N: on our definition (bytes one member sends
 # / rate / time) it is 0.16 x 2(N-1)/N, computed below with the table's N.
 # Our ring, measured (benchmarks/RESULTS.md, "Link utilization: tbf 1gbit, encrypted", 2026-11-27): 3 island
-# processes over tc tbf 1 Gbit/s links, 200 MB fp32 as int8, best of 3: 45.6% of 2(N-1)/N x payload / rate.
-MEASURED_RING_EFFICIENCY = 0.456
+# processes over tc tbf 1 Gbit/s links, 1000 MB fp32 as int8, median of 3 (best 86.0%): 83.4% of
+# 2(N-1)/N x payload / rate.
+MEASURED_RING_EFFICIENCY = 0.834
 MAX_LINK_GBPS = 4.0  # INTELLECT-1 report: links between nodes were 0.5-4 Gbit/s
 # Assumed one-way latencies (not in the report): a ring step waits one message before its chunks pipeline.
 DEFAULT_LATENCY_MS = {"USA": 30.0, "USA + Europe": 60.0, "Global": 120.0}
@@ -214,7 +215,8 @@ def main() -> int:
         raw_rate, codec_rate = loopback_codec_rate()
         eff = MEASURED_RING_EFFICIENCY
         ours_src = (f"min({eff:g} x link rate, loopback codec rate {codec_rate * 8 / 1e9:.2f} Gbit/s): {eff:g} is our "
-                    "ring's measured fraction of the link-rate bound on tbf 1 Gbit/s links (RESULTS.md, Link "
+                    "ring's measured fraction of the link-rate bound on tbf 1 Gbit/s links, 1 GB, median of 3 "
+                    "(RESULTS.md, Link "
                     "utilization: tbf 1gbit, encrypted); the codec rate is int8 payload bytes/s through pack -> TCP "
                     "send -> recv -> the ring's fused hop (decode + add + re-pack) on 127.0.0.1, one sender and one "
                     "receiver thread on the codec thread pool, measured here (raw "
@@ -279,8 +281,9 @@ def main() -> int:
               + ". 'Link-bound' = the same model at 100% of the implied link rate. No overlap of sync and compute "
               "(INTELLECT-1 and a blocking outer step) except in the streaming columns: P fragments of 1/P of the "
               f"bytes, each reduce hidden behind tau={args.overlap} inner steps of {compute10 / REPORT_H:.1f} s "
-              "(model, not measured: it assumes the reduce runs beside the compute without slowing it; streaming "
-              "runs in the in-program transport today, not yet over the elastic TCP ring that this row models).")
+              "(model, not measured: it assumes the reduce runs beside the compute without slowing it; the elastic "
+              "TCP ring's measured streaming utilization on this machine, where the ring shares 2 cores with 3 "
+              "islands' compute, is in 'Streaming utilization (elastic, 20mbit)').")
 
     # Table 2: a preset measured on this machine (or a given step time).
     preset = Path(args.preset)

@@ -147,6 +147,7 @@ def _pack_in_child(x, q):
     q.put(quant.pack_np(x)[0].tobytes())
 
 
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # the child runs numpy only, never jax
 def test_a_forked_child_packs_on_its_own_pool(edge_x):
     """The parent's pool threads do not exist after fork: a child must not queue work on them (it would hang)."""
     import multiprocessing as mp
