@@ -23,7 +23,7 @@ import numpy as np
 
 from intellect_jax.config import Config
 from intellect_jax.elastic.client import IslandClient, StaleStep
-from intellect_jax.elastic.recovery import State, params_hash
+from intellect_jax.elastic.recovery import State, array_digests, params_hash
 from intellect_jax.elastic.ring import Packed
 
 if TYPE_CHECKING:
@@ -59,7 +59,8 @@ class ElasticIsland:
         """Copies the global state to the host (served to joiners from a background thread); returns its hash."""
         arrays = _flat(jax.device_get(self._global_tree()))
         meta = {"outer_step": int(self.local.state.outer_step), "step": int(self.local.state.inner.step[0])}
-        meta["params_hash"] = params_hash(arrays)
+        meta["array_digests"] = array_digests(arrays)  # kept for the state manifest: hashed once per sync
+        meta["params_hash"] = params_hash(arrays, meta["array_digests"])
         with self._lock:
             self._snapshot = (arrays, meta)
         return meta["params_hash"]

@@ -24,8 +24,10 @@ def make_state(step: int, seed: int | None = None):
     return arrays, {"outer_step": step, "params_hash": recovery.params_hash(arrays)}
 
 
-def _source(step, rate, port_q, mutate=False, liar=False):
+def _source(step, rate, port_q, mutate=False, liar=False, digests=False):
     arrays, meta = make_state(step, seed=step + 1000 if liar else None)  # a liar: self-consistent, not the run's
+    if digests:  # as an island's snapshot: the digests hashed once per sync, reused by every manifest
+        meta = dict(meta, array_digests=recovery.array_digests(arrays))
 
     def provider():
         if mutate:  # a buggy trainer that mutates the served arrays in place after the manifest was hashed
@@ -41,9 +43,9 @@ def _source(step, rate, port_q, mutate=False, liar=False):
         time.sleep(1)
 
 
-def _start(ctx, step, rate, mutate=False, liar=False):
+def _start(ctx, step, rate, mutate=False, liar=False, digests=False):
     q = ctx.Queue()
-    p = ctx.Process(target=_source, args=(step, rate, q, mutate, liar), daemon=True)
+    p = ctx.Process(target=_source, args=(step, rate, q, mutate, liar, digests), daemon=True)
     p.start()
     return p, f"127.0.0.1:{q.get(timeout=30)}"
 
@@ -182,3 +184,26 @@ def test_malformed_or_oversized_manifests_are_refused_before_allocation(ctx, cap
     assert report["source"] == "good" and recovery.params_hash(state.arrays) == meta["params_hash"]
     assert any(needle in r.getMessage() and "bad" in r.getMessage() for r in caplog.records), \
         [r.getMessage() for r in caplog.records]
+
+
+def test_digests_hash_pieces_in_parallel_and_the_transfer_checks_them(ctx, monkeypatch):
+    """Arrays are hashed in pieces (here 1 MiB: 12 pieces for the 12 MB array) on a thread pool; a changed piece
+    changes its array's digest only; a served snapshot's own digests go into the manifest, not into the meta."""
+    monkeypatch.setattr(recovery, "PIECE_BYTES", 1 << 20)  # inherited by the forked source
+    arrays, meta = make_state(5)
+    d = recovery.array_digests(arrays)
+    changed = dict(arrays, params=arrays["params"].copy())
+    changed["params"][2_000_000] += 1.0  # byte 8e6: piece 7
+    d2 = recovery.array_digests(changed)
+    assert d2["params"] != d["params"] and d2["momentum"] == d["momentum"] and d2["count"] == d["count"]
+    assert recovery.params_hash(arrays) == recovery.params_hash(arrays, d) != recovery.params_hash(changed)
+    monkeypatch.setattr(recovery, "PIECE_BYTES", 64 << 20)
+    assert recovery.array_digests(arrays)["params"] != d["params"]  # the piece size is part of the definition
+    monkeypatch.setattr(recovery, "PIECE_BYTES", 1 << 20)
+    p, addr = _start(ctx, 5, 0, digests=True)
+    try:
+        state, _ = recovery.fetch_state([("a", addr)], _connect, chunk_bytes=1 << 20)
+    finally:
+        p.kill()
+    assert state.meta == meta  # the digests stayed out of the meta
+    assert all(np.array_equal(state.arrays[k], arrays[k]) for k in arrays)

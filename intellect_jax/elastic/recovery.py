@@ -3,7 +3,7 @@
 The source serves from a background thread of its listener (its training loop keeps running): its
 ``state_provider()`` returns ``(arrays, meta)``, the latest committed state (the trainer replaces, never mutates,
 those arrays). The transfer is chunked and pipelined (``window`` requests in flight); every array is verified end
-to end with SHA-256 from the manifest. If the source dies mid-transfer the fetch continues from the next source,
+to end with SHA-256 from the manifest (`array_digests`: pieces hashed in parallel). If the source dies mid-transfer the fetch continues from the next source,
 keeping every array prefix whose SHA-256 in the new manifest is unchanged (same outer step -> nothing is re-sent).
 
 Protocol on a connection opened with HELLO ``{"op": "state"}``:
@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import threading
 import time
 from typing import Any, Callable, Iterable, NamedTuple
 
@@ -37,18 +39,44 @@ class TransferError(RuntimeError):
 StateProvider = Callable[[], tuple[dict[str, np.ndarray], dict[str, Any]]]
 
 
-def params_hash(arrays: dict[str, np.ndarray]) -> str:
-    """SHA-256 over names, dtypes, shapes and bytes, in name order: equal iff the states are bit-identical."""
+PIECE_BYTES = 64 << 20  # an array's bytes are hashed in pieces of this size, in parallel
+_HASH_POOL = None
+_HASH_POOL_LOCK = threading.Lock()
+
+
+def _hash_pool():
+    """Threads for SHA-256 (hashlib releases the GIL on large buffers); a forked child gets its own."""
+    global _HASH_POOL
+    with _HASH_POOL_LOCK:
+        if _HASH_POOL is None or _HASH_POOL[0] != os.getpid():
+            from concurrent.futures import ThreadPoolExecutor
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            _HASH_POOL = (os.getpid(), ThreadPoolExecutor(max(1, min(16, cores)), thread_name_prefix="ij-hash"))
+        return _HASH_POOL[1]
+
+
+def array_digests(arrays: dict[str, Any]) -> dict[str, str]:
+    """Per array: SHA-256 over the SHA-256 of each PIECE_BYTES piece of its bytes (every piece of every array hashed
+    in parallel). The state manifest carries these; the receiver recomputes them on what it got."""
+    views = {k: memoryview(np.ascontiguousarray(a)).cast("B") for k, a in arrays.items()}
+    pieces = [(k, off) for k, v in views.items() for off in range(0, max(len(v), 1), PIECE_BYTES)]
+    sha = lambda kv: hashlib.sha256(views[kv[0]][kv[1]:kv[1] + PIECE_BYTES]).digest()  # noqa: E731
+    out = {k: hashlib.sha256() for k in views}
+    digests = list(_hash_pool().map(sha, pieces)) if len(pieces) > 1 else [sha(p) for p in pieces]
+    for (k, _), d in zip(pieces, digests):
+        out[k].update(d)
+    return {k: h.hexdigest() for k, h in out.items()}
+
+
+def params_hash(arrays: dict[str, np.ndarray], digests: dict[str, str] | None = None) -> str:
+    """SHA-256 over names, dtypes, shapes and the arrays' digests (`array_digests`, computed unless given), in name
+    order: equal iff the states are bit-identical (barring a SHA-256 collision)."""
+    digests = array_digests(arrays) if digests is None else digests
     h = hashlib.sha256()
     for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name])
-        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
-        h.update(memoryview(a).cast("B"))
+        a = np.asarray(arrays[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|{digests[name]}|".encode())
     return h.hexdigest()
-
-
-def _sha(a: np.ndarray) -> str:
-    return hashlib.sha256(memoryview(np.ascontiguousarray(a)).cast("B")).hexdigest()
 
 
 def serve_state(conn: wire.Conn, provider: StateProvider, max_bytes_per_s: float = 0.0) -> None:
@@ -61,8 +89,10 @@ def serve_state(conn: wire.Conn, provider: StateProvider, max_bytes_per_s: float
         if op == "manifest":
             arrays, meta = provider()
             arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+            meta = dict(meta)
+            digests = meta.pop("array_digests", None) or array_digests(arrays)  # the snapshot's, when it has them
             man = [{"name": k, "dtype": v.dtype.str, "shape": list(v.shape), "nbytes": int(v.nbytes),
-                    "sha256": _sha(v)} for k, v in sorted(arrays.items())]
+                    "sha256": digests[k]} for k, v in sorted(arrays.items())]
             conn.send(wire.MsgType.REPLY, {"meta": meta, "arrays": man})
             log.info("serving state (outer step %s, %d arrays, %.1f MB) to %s", meta.get("outer_step"),
                      len(man), sum(m["nbytes"] for m in man) / 1e6, conn.peer)
@@ -174,14 +204,14 @@ def fetch_state(sources: Iterable[tuple[str, str]], connect: Callable[[str], wir
                     got[rk] = roff + rn
                     fetched += rn
                     inflight -= 1
-            out = {}
+            out = {m["name"]: np.frombuffer(bufs[m["name"]], np.dtype(m["dtype"])).reshape(m["shape"]) for m in arrays}
+            digests = array_digests(out)
             for m in arrays:
                 k = m["name"]
-                if hashlib.sha256(bufs[k]).hexdigest() != m["sha256"]:
+                if digests[k] != m["sha256"]:
                     bufs.pop(k), got.pop(k), shas.pop(k)
                     raise TransferError(f"array {k!r} from {name} failed its SHA-256 check")
-                out[k] = np.frombuffer(bufs[k], np.dtype(m["dtype"])).reshape(m["shape"])
-            got_hash = params_hash(out)
+            got_hash = params_hash(out, digests)
             want = expected_hash(int(meta["outer_step"])) if expected_hash else None
             if got_hash != meta["params_hash"] or (want is not None and got_hash != want):
                 bufs.clear(), got.clear(), shas.clear()  # nothing of a lying source is kept for the next one
