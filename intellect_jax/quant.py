@@ -35,10 +35,11 @@ Special blocks:
 from __future__ import annotations
 
 import os
-import threading
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from intellect_jax import pools
 
 if TYPE_CHECKING:
     import jax
@@ -222,8 +223,6 @@ def unpack(codes, scales, *, bits: int = 8, block_size: int = 256) -> jax.Array:
 # ran 1.9x slower on two threads), and the tile's temporaries stay in cache.
 _NP_TILE = 1 << 18
 _NP_MIN_PARALLEL = 4 * _NP_TILE  # below this a vector is coded on the calling thread
-_POOL = None
-_POOL_LOCK = threading.Lock()
 
 
 def np_codec_threads() -> int:
@@ -234,17 +233,7 @@ def np_codec_threads() -> int:
         if not env.isdigit() or int(env) < 1:
             raise ValueError(f"INTELLECT_JAX_CODEC_THREADS={env!r}: expected a positive integer")
         return int(env)
-    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
-
-
-def _pool():
-    """The process's codec pool (a forked child gets its own: the parent's threads do not exist in it)."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None or _POOL[0] != os.getpid():
-            from concurrent.futures import ThreadPoolExecutor
-            _POOL = (os.getpid(), ThreadPoolExecutor(np_codec_threads(), thread_name_prefix="ij-codec"))
-        return _POOL[1]
+    return min(4, pools.usable_cores())
 
 
 def _over_tiles(n: int, block_size: int, work) -> None:
@@ -259,7 +248,8 @@ def _over_tiles(n: int, block_size: int, work) -> None:
         work(0, n)
         return
     per = -(-n // threads // tile) * tile
-    futures = [_pool().submit(work, lo, min(n, lo + per)) for lo in range(0, n, per)]
+    futures = [pools.pool("codec", np_codec_threads()).submit(work, lo, min(n, lo + per))
+               for lo in range(0, n, per)]
     for f in futures:
         f.result()
 

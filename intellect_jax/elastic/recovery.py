@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import threading
 import time
 from typing import Any, Callable, Iterable, NamedTuple
 
 import numpy as np
+
+from intellect_jax import pools
 
 from . import wire
 
@@ -40,19 +40,6 @@ StateProvider = Callable[[], tuple[dict[str, np.ndarray], dict[str, Any]]]
 
 
 PIECE_BYTES = 64 << 20  # an array's bytes are hashed in pieces of this size, in parallel
-_HASH_POOL = None
-_HASH_POOL_LOCK = threading.Lock()
-
-
-def _hash_pool():
-    """Threads for SHA-256 (hashlib releases the GIL on large buffers); a forked child gets its own."""
-    global _HASH_POOL
-    with _HASH_POOL_LOCK:
-        if _HASH_POOL is None or _HASH_POOL[0] != os.getpid():
-            from concurrent.futures import ThreadPoolExecutor
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-            _HASH_POOL = (os.getpid(), ThreadPoolExecutor(max(1, min(16, cores)), thread_name_prefix="ij-hash"))
-        return _HASH_POOL[1]
 
 
 def array_digests(arrays: dict[str, Any]) -> dict[str, str]:
@@ -62,7 +49,8 @@ def array_digests(arrays: dict[str, Any]) -> dict[str, str]:
     pieces = [(k, off) for k, v in views.items() for off in range(0, max(len(v), 1), PIECE_BYTES)]
     sha = lambda kv: hashlib.sha256(views[kv[0]][kv[1]:kv[1] + PIECE_BYTES]).digest()  # noqa: E731
     out = {k: hashlib.sha256() for k in views}
-    digests = list(_hash_pool().map(sha, pieces)) if len(pieces) > 1 else [sha(p) for p in pieces]
+    hashers = pools.pool("hash", min(16, pools.usable_cores()))
+    digests = list(hashers.map(sha, pieces)) if len(pieces) > 1 else [sha(p) for p in pieces]
     for (k, _), d in zip(pieces, digests):
         out[k].update(d)
     return {k: h.hexdigest() for k, h in out.items()}
