@@ -85,6 +85,9 @@ class Sync(abc.ABC):
         """Whether the state can be saved (or the run stopped) now (ElasticSync: not while a reduce is in flight)."""
         return True
 
+    def run_finished(self) -> None:
+        """The run reached its last step (it was not stopped); called before `close`."""
+
     def close(self) -> None:
         pass
 
@@ -855,6 +858,10 @@ class ElasticSync(DilocoSync):
         if residual is not None:
             metrics["residual_norm"] = jax.numpy.linalg.norm(residual)
         return self._block(metrics)
+
+    def run_finished(self) -> None:
+        if self.island is not None:
+            self.island.client.mark_finished()
 
     def close(self) -> None:
         if self.island is not None:

@@ -323,6 +323,8 @@ def train(cfg: Config) -> dict[str, Any]:
                         checkpointer.save(step)
             logger.flush()
             checkpointer.finish(step)
+            if not stopped and step >= total:
+                sync.run_finished()
     if stopped:
         log.info("stopped by signal at step %d; resume with the same command", step)
     log.info("done: steps %d-%d, loss %s -> %s", logger.start, step, logger.first_loss, logger.last_loss)

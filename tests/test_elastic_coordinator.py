@@ -460,3 +460,34 @@ def test_restart_with_a_fresh_island_first_does_not_restart_the_run_from_zero(sl
         Isl(slow_grace, n, 10, h="h10", last_epoch=le).rpc("register")
     rep = fresh.rpc("register")
     assert slow_grace.run_step == 10 and rep["needs_state"] is True
+
+
+def test_a_late_joiner_is_told_the_run_finished_instead_of_waiting(coord, tmp_path):
+    """Every island that held the state finished its run and left (its goodbye says finished): an island that still
+    needs the state fails at once with what to do, not after elastic.barrier_timeout_s (1 h by default)."""
+    import os
+
+    from intellect_jax.elastic import ElasticError, IslandClient
+
+    a = Isl(coord, "a", 3, h="h3")
+    a.rpc("register")
+    time.sleep(1.0)  # the recovery grace (0.5 s): the run is at outer step 3
+    assert a.rpc("members")["finished_step"] is None
+    assert a.rpc("bye", finished=True) == {"ok": True}
+    assert coord.finished_step == 3
+    secret = tmp_path / "secret"
+    secret.write_bytes(SECRET)
+    os.chmod(secret, 0o600)
+    cfg = ElasticConfig(coordinator=f"127.0.0.1:{coord.port}", secret_file=str(secret), island_name="late",
+                        listen="127.0.0.1:0", heartbeat_s=0.5, dead_after_s=2.0, barrier_timeout_s=10.0)
+    late = IslandClient(cfg, RUN, lambda: ({}, {}), compression="int8", block_size=256)
+    try:
+        info = late.join(-1, None)
+        assert info.needs_state and info.run_step == 3
+        t0 = time.monotonic()
+        with pytest.raises(ElasticError, match="the run finished at outer step 3 .* resume an island from its final"):
+            late.fetch_state()
+        assert time.monotonic() - t0 < 5
+    finally:
+        late.close()
+        a.close()

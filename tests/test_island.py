@@ -80,6 +80,8 @@ def test_three_islands_identical_global_state(tmp_path, coordinator, extra):
         assert p.wait(timeout=400) == 0, (tmp_path / "island0.log").read_text()[-3000:]
     outers = [_outer(tmp_path / f"island{i}") for i in range(3)]
     assert all(sorted(o) == [1, 2, 3, 4, 5] for o in outers), [sorted(o) for o in outers]
+    # each goodbye said the run finished (a late joiner would be told the run is over, not wait for a peer)
+    assert (tmp_path / "coord.log").read_text().count("finished its run at outer step 5") == 3
     for step in range(1, 6):
         hashes = {o[step]["params_hash"] for o in outers}
         assert len(hashes) == 1, (step, hashes)

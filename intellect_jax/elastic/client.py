@@ -112,6 +112,7 @@ class IslandClient:
         self._rpc_conn: wire.Conn | None = None
         self._rpc_lock = threading.Lock()
         self._closed = threading.Event()
+        self._finished = False  # our run reached its last step: the goodbye says so
         self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         log.info("island %s listening on port %d", self.name, self.port)
 
@@ -228,6 +229,11 @@ class IslandClient:
                     log.info("fetched outer step %d but the run is at %d; fetching again", step, run_step)
                 except recovery.TransferError as e:
                     log.warning("state fetch failed: %s", e)
+            if not peers and rep.get("finished_step") is not None:
+                raise ElasticError(
+                    f"the run finished at outer step {rep['finished_step']} and every island that held its state has "
+                    f"left, so {self.name} (at outer step {self.step}) cannot catch up; to train on, resume an island "
+                    "from its final checkpoint with a larger run.steps")
             if time.monotonic() > deadline:
                 raise ElasticError("no live island could provide the state")
             time.sleep(0.5)
@@ -240,12 +246,17 @@ class IslandClient:
         self._register(wait_recovery=True)
         return state
 
+    def mark_finished(self) -> None:
+        """Our run reached its last step: `close` tells the coordinator, so that an island still catching up when
+        every island has left is told the run is over instead of waiting for a peer that will not come."""
+        self._finished = True
+
     def close(self) -> None:
         """Leaves the run cleanly (deathrattle), then stops the listener."""
         if self._closed.is_set():
             return
         try:
-            self._rpc("bye", retry=False)
+            self._rpc("bye", retry=False, finished=self._finished)
         except Exception as e:  # noqa: BLE001 - leaving anyway
             log.info("deathrattle not delivered: %s", e)
         self._closed.set()

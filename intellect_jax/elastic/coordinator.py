@@ -202,6 +202,7 @@ class Coordinator:
         self.dead_after_s = cfg.dead_after_s
         self.min_islands = cfg.min_islands
         self.streams, self.link_bytes_per_s = cfg.streams, cfg.link_mbit * 1e6 / 8
+        self.finished_step: int | None = None  # the newest outer step an island finished its run at
         self.islands: dict[str, Island] = {}
         self.run_step: int | None = None
         self.epoch: Epoch | None = None
@@ -294,6 +295,9 @@ class Coordinator:
                 log.info("island %s is back", name)
                 isl.alive = True
             if op == "bye":
+                if req.get("finished") is True:
+                    self.finished_step = max(self.finished_step if self.finished_step is not None else -1, isl.step)
+                    log.info("island %s finished its run at outer step %d", name, isl.step)
                 self._mark_dead(isl, "left (deathrattle)", clean=True)
                 self._advance()
                 self.cv.notify_all()
@@ -301,6 +305,7 @@ class Coordinator:
             if op == "members":  # with the committed (majority) hashes a fetched state must match
                 recent = sorted(self.canonical)[-8:]
                 return {"run_step": self.run_step, "recovering": self.recovering,
+                        "finished_step": self.finished_step,
                         "islands": [{"name": i.name, "addr": i.addr, "step": i.step, "hash": i.hash}
                                     for i in self.islands.values() if i.alive],
                         "canonical": {str(k): self.canonical[k] for k in recent},
