@@ -86,6 +86,7 @@ def section_bandwidth(quick: bool) -> list[dict]:
 def section_codec(quick: bool) -> list[dict]:
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
     from intellect_jax import quant
 
@@ -107,6 +108,22 @@ def section_codec(quick: bool) -> list[dict]:
                      "GB/s": (4 * n + wire) / s_pack / 1e9, "fp32 GB/s": 4 * n / s_pack / 1e9})
         rows.append({"what": f"unpack int{bits}", "bytes": 4 * n + wire, "seconds": s_unpack,
                      "GB/s": (4 * n + wire) / s_unpack / 1e9, "fp32 GB/s": 4 * n / s_unpack / 1e9})
+    # An elastic island's pseudo-gradient leaving the device (elastic.device_codes): fp32 to the host and packed
+    # there by the numpy codec pool, or packed here and only codes + scales copied (what the ring sends either way).
+    pack8 = jax.jit(lambda x: quant.pack(x, bits=8))
+    host = lambda x: quant.pack_np(np.asarray(jax.device_get(x)), bits=8)  # noqa: E731
+    dev = lambda x: jax.device_get(pack8(x))  # noqa: E731
+    for what, fn in [("leave the device, host packs (device_codes off)", host),
+                     ("leave the device, packed on it (device_codes on)", dev)]:
+        fn(x)
+        t = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            fn(x)
+            t.append(time.perf_counter() - t0)
+        sec = statistics.median(t)
+        rows.append({"what": what, "bytes": 4 * n, "seconds": sec, "GB/s": 4 * n / sec / 1e9,
+                     "fp32 GB/s": 4 * n / sec / 1e9, "host_path": True})
     return rows
 
 
@@ -294,11 +311,13 @@ def report(env, bw, codec, att, train, tune=(), tiles=None) -> str:
     out.append(f"Device: {e.get('device', '?')} ({e.get('backend', '?')}), jax {e.get('jax', '?')}, "
                f"cuDNN {e.get('cudnn', '?')}.")
     copy = next((r["GB/s"] for r in bw if "GB/s" in r), None)
-    rows = [[r["what"], f"{r['GB/s']:.0f}", f"{r.get('fp32 GB/s', r['GB/s'] / 2):.0f}",
-             f"{100 * r['GB/s'] / copy:.0f}%" if copy else "n/a"] for r in bw + codec if "GB/s" in r]
+    rows = [[r["what"], "" if r.get("host_path") else f"{r['GB/s']:.0f}", f"{r.get('fp32 GB/s', r['GB/s'] / 2):.1f}",
+             "" if r.get("host_path") else f"{100 * r['GB/s'] / copy:.0f}%" if copy else "n/a"]
+            for r in bw + codec if "GB/s" in r]
     rows += [[r.get("section", "?"), r["error"], "", ""] for r in bw + codec if "error" in r]
     out.append("Memory bandwidth and the wire codec on the device (1 GiB fp32 pseudo-gradient; GB/s = bytes read "
-               "+ written per second; % of the x * 2 row):\n\n"
+               "+ written per second; % of the x * 2 row; the 'leave the device' rows: int8 codes in host memory, "
+               "end to end, fp32 GB/s):\n\n"
                + common.table(["kernel", "GB/s (read + write)", "fp32 in GB/s", "% of bandwidth"], rows))
     if tune:
         rows = []

@@ -556,7 +556,7 @@ class MeshSync(DilocoSync):
 
 class ElasticSync(DilocoSync):
     """DiLoCo across separate island programs: the pseudo-gradient leaves the device as one flat vector (int8/int4
-    codes + scales packed here, or fp32 with ``elastic.device_codes = false`` or no compression), the TCP ring
+    codes + scales packed here, or fp32 with ``elastic.device_codes`` off or no compression), the TCP ring
     (island.ElasticIsland) returns the mean the same way on every island, it is decoded and the outer step applied
     here; then the islands vote on a hash of the new global state."""
 
@@ -572,7 +572,9 @@ class ElasticSync(DilocoSync):
         full, rep = self.shardings, self.replicated
         # int8/int4: the codes are made here on the devices (quant.pack, the jnp twin of the ring's codec) and only
         # they cross to the host; the ring's mean comes back as codes and is decoded here too.
-        self.device_codes = cfg.elastic.device_codes and cfg.diloco.compression != "none"
+        mode = cfg.elastic.device_codes
+        self.device_codes = cfg.diloco.compression != "none" and (
+            mode == "on" or (mode == "auto" and jax.default_backend() != "cpu"))
         self._codec = make_codec(cfg.diloco.compression, cfg.diloco.block_size)
         if self.device_codes:
             self._pseudo = jax.jit(lambda s: self._pack_on_device(self._flat_pseudo(s)), in_shardings=(full,),

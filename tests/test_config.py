@@ -75,6 +75,9 @@ def test_bad_override_names_key_and_fix(override, words):
     ("--elastic.probe_bytes=268435456", ["elastic.probe_bytes", "raise elastic.peer_max_frame_bytes"]),
     ("--elastic.chunk_bytes=268435456", ["elastic.chunk_bytes", "elastic.peer_max_frame_bytes", "lower the chunk"]),
     ("--elastic.max_frame_bytes=1", ["elastic.max_frame_bytes", "peer_max_frame_bytes"]),  # renamed key
+    ("--elastic.device_codes=maybe", ["elastic.device_codes='maybe'", '"auto"', '"on"', '"off"']),
+    ("--elastic.streams=17", ["elastic.streams=17", "0 (automatic", "1..16"]),
+    ("--elastic.link_mbit=0", ["elastic.link_mbit=0.0", "> 0"]),
 ])
 def test_bad_elastic_values_name_key_and_fix(override, words):
     with pytest.raises(ConfigError) as e:

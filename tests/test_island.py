@@ -65,14 +65,14 @@ def _outer(run_dir):
 
 
 def _codes_on_device(yes):
-    return (f"--elastic.device_codes={'true' if yes else 'false'}",)
+    return (f"--elastic.device_codes={'on' if yes else 'off'}",)
 
 
 @pytest.mark.parametrize("extra", [(), pytest.param(("--diloco.compression=int4", "--diloco.error_feedback=true"),
                                                      marks=pytest.mark.slow)],  # the streaming test runs int4 + EF
                          ids=["int8", "int4-ef"])
 def test_three_islands_identical_global_state(tmp_path, coordinator, extra):
-    """Island 0 packs its pseudo-gradient on the host (elastic.device_codes=false), the others on their devices and
+    """Island 0 packs its pseudo-gradient on the host (elastic.device_codes "off"), the others on their devices and
     decode the mean there: the ring's all-gather bytes and the twins' identical arithmetic keep every hash equal."""
     addr, secret = coordinator
     procs = [_island(tmp_path, addr, secret, i, steps=15, extra=extra + _codes_on_device(i > 0)) for i in range(3)]
