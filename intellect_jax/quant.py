@@ -304,24 +304,17 @@ def _pack_tile(x, codes8, scales, bits, block_size, pre, lo, hi, q_max, u32, r64
 
 def _pack_into(n: int, bits: int, block_size: int, x: np.ndarray | None, pre) -> tuple[np.ndarray, np.ndarray]:
     scales = np.empty(n // block_size, np.float32)
-    if bits == 8:
-        codes = np.empty(n, np.int8)
+    out = np.empty(n, np.int8) if bits == 8 else np.empty(n // 2, np.uint8)
 
-        def work(lo, hi):
-            _pack_range(x[lo:hi] if x is not None else None, codes[lo:hi], scales[lo // block_size:hi // block_size],
-                        bits, block_size, pre and (lambda a, b, buf: pre(lo + a, lo + b, buf)))
-        _over_tiles(n, block_size, work)
-        return codes, scales
-    packed = np.empty(n // 2, np.uint8)
-
-    def work4(lo, hi):
-        c8 = np.empty(hi - lo, np.int8)
+    def work(lo, hi):
+        c8 = out[lo:hi] if bits == 8 else np.empty(hi - lo, np.int8)
         _pack_range(x[lo:hi] if x is not None else None, c8, scales[lo // block_size:hi // block_size], bits,
                     block_size, pre and (lambda a, b, buf: pre(lo + a, lo + b, buf)))
-        nib = (c8.view(np.uint8) & 0xF).reshape(-1, 2)
-        np.bitwise_or(nib[:, 0], nib[:, 1] << 4, out=packed[lo // 2:hi // 2])
-    _over_tiles(n, block_size, work4)
-    return packed, scales
+        if bits == 4:  # two codes per byte: element 2j in the low nibble
+            nib = (c8.view(np.uint8) & 0xF).reshape(-1, 2)
+            np.bitwise_or(nib[:, 0], nib[:, 1] << 4, out=out[lo // 2:hi // 2])
+    _over_tiles(n, block_size, work)
+    return out, scales
 
 
 def pack_np(x: np.ndarray, *, bits: int = 8, block_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
@@ -334,10 +327,23 @@ def pack_np(x: np.ndarray, *, bits: int = 8, block_size: int = 256) -> tuple[np.
     return _pack_into(x.shape[0], bits, block_size, x, None)
 
 
+def mean_np(acc: np.ndarray, n: int, out: np.ndarray | None = None) -> np.ndarray:
+    """acc / n in float32 as every ring member computes it: a multiply when 1/n is exact (n a power of two), else a
+    division; n = 1 returns acc (into `out` if given)."""
+    if n == 1:
+        if out is None:
+            return acc
+        out[...] = acc
+        return out
+    if n & (n - 1) == 0:
+        return np.multiply(acc, np.float32(1.0 / n), out=out, dtype=np.float32)
+    return np.divide(acc, np.float32(n), out=out, dtype=np.float32)
+
+
 def accumulate_pack_np(codes: np.ndarray, scales: np.ndarray, x: np.ndarray, *, bits: int = 8,
                        block_size: int = 256, mean_of: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """``pack_np(f(unpack_np(codes, scales) + x))`` in one pass per tile, same bytes; f divides by `mean_of` (the
-    ring owner's mean: ``* float32(1/N)`` when N is a power of two, else ``/ float32(N)``; identity for 1).
+    """``pack_np(mean_np(unpack_np(codes, scales) + x, mean_of))`` in one pass per tile, same bytes (`mean_of` = N:
+    the ring owner's mean; 1: a plain hop).
 
     The ring's hop: decode a partial sum, add this member's values in float32, re-pack the new partial sum.
     """
@@ -349,17 +355,12 @@ def accumulate_pack_np(codes: np.ndarray, scales: np.ndarray, x: np.ndarray, *, 
     scales = np.asarray(scales, np.float32)
     if codes.size != n * bits // 8 or scales.size != n // block_size:
         raise ValueError(f"{codes.size} codes / {scales.size} scales do not hold {n} int{bits} elements")
-    inv_n = np.float32(1.0 / mean_of) if mean_of & (mean_of - 1) == 0 else None
 
     def pre(lo, hi, buf):
         _unpack_into(codes[lo * bits // 8:hi * bits // 8], scales[lo // block_size:hi // block_size], bits,
                      block_size, buf)
         np.add(buf, x[lo:hi], out=buf)
-        if mean_of != 1:
-            if inv_n is not None:
-                np.multiply(buf, inv_n, out=buf)
-            else:
-                np.divide(buf, np.float32(mean_of), out=buf)
+        mean_np(buf, mean_of, out=buf)
 
     return _pack_into(n, bits, block_size, None, pre)
 

@@ -65,21 +65,14 @@ class Fp32Codec:
         return x
 
     def accumulate(self, buf: memoryview, x: np.ndarray, mean_of: int = 1) -> list[memoryview]:
-        """encode(f(decode(buf) + x)), f = the mean's division by `mean_of` (see `_mean`)."""
-        return self.encode(_mean(self.decode(buf, x.size) + x, mean_of))
+        """encode(f(decode(buf) + x)), f = quant.mean_np by `mean_of`."""
+        return self.encode(quant.mean_np(self.decode(buf, x.size) + x, mean_of))
 
     def wire_bytes(self, n: int) -> int:
         return 4 * n
 
     def roundtrip(self, x: np.ndarray) -> np.ndarray:
         return np.array(x, np.float32)
-
-
-def _mean(acc: np.ndarray, n: int) -> np.ndarray:
-    """acc / n in float32 as every member computes it: a multiply when 1/n is exact, else a division."""
-    if n == 1:
-        return acc
-    return acc * np.float32(1.0 / n) if n & (n - 1) == 0 else acc / np.float32(n)
 
 
 class BlockCodec:
@@ -114,7 +107,7 @@ class BlockCodec:
         return quant.unpack_np(codes, scales, bits=self.bits, block_size=self.block_size)
 
     def accumulate(self, buf: memoryview, x: np.ndarray, mean_of: int = 1) -> list[memoryview]:
-        """encode(f(decode(buf) + x)) in one fused pass, f = the mean's division by `mean_of` (see `_mean`)."""
+        """encode(f(decode(buf) + x)) in one fused pass, f = quant.mean_np by `mean_of`."""
         codes, scales = quant.accumulate_pack_np(*self._split(buf, x.size), x, bits=self.bits,
                                                  block_size=self.block_size, mean_of=mean_of)
         return [memoryview(codes).cast("B"), memoryview(scales).cast("B")]
@@ -461,6 +454,6 @@ def reference_ring_mean(vecs: Sequence[np.ndarray | Packed], codec: Codec, chunk
             blob = wires[g](lo, hi)
             for j in range(1, N):
                 acc = codec.decode(blob, hi - lo) + xs[(g + j) % N][lo:hi]
-                blob = enc(_mean(acc, N) if j == N - 1 else acc)
+                blob = enc(quant.mean_np(acc, N) if j == N - 1 else acc)
             out[lo:hi] = codec.decode(blob, hi - lo)
     return out[:n].copy()
