@@ -9,15 +9,18 @@ every row's peak memory is its own):
 1. **memory bandwidth**: a jitted ``x * 2`` over 4 GiB of fp32, bytes read + written per second (the ceiling for
    the codec rows).
 2. **int8 / int4 codec on the device**: ``quant.pack`` and ``quant.unpack`` (the jitted twin of the wire codec) on a
-   1 GiB fp32 pseudo-gradient; GB/s counts bytes read + written, as the bandwidth row does.
+   1 GiB fp32 pseudo-gradient, then the float64 rounding route and the Pallas kernel per tile (PALLAS_PACK), each
+   checked byte for byte against ``quant.pack``; GB/s counts bytes read + written, as the bandwidth row does.
 3. **attention at the 10B preset's shape** (H 32, K 8, Dh 128, L 8192, one row, bf16, forward + backward) for each
    implementation: time and the compiled temporary memory (XLA's memory analysis), with documents in the row.
 4. **Pallas tiles** (``--tune``): the Pallas attention kernel's forward and forward + backward time for each tiling
    in TILES at the 1B preset's training shape; the fastest (dq error within 2x the default's) is used by the pallas
    rows of 3 and 5 (attention.PALLAS_TUNING holds the tiles a run found).
 5. **1B preset training step** (throughput.measure: the real Trainer, fwd + bwd + clip + AdamW, bf16 compute, fp32
-   master weights) per attention implementation: tokens/s, MFU against the dense bf16 peak in metrics.PEAK_FLOPS,
-   and the step's peak device memory (``memory_stats()['peak_bytes_in_use']``).
+   master weights) per arm (attention, batch, remat, LM-head backward, XLA flags, config overrides): tokens/s, MFU
+   against the dense bf16 peak in metrics.PEAK_FLOPS, and the step's peak device memory
+   (``memory_stats()['peak_bytes_in_use']``). ``--profile`` also traces the first arm's step and writes the
+   device's kernels by time (profile.md under --out).
 """
 
 from __future__ import annotations
@@ -83,6 +86,11 @@ def section_bandwidth(quick: bool) -> list[dict]:
     return [{"what": "x * 2 (fp32)", "bytes": 8 * n, "seconds": s, "GB/s": 8 * n / s / 1e9}]
 
 
+# (bits, blocks per program, warps, rounding route) of the Pallas pack rows.
+PALLAS_PACK = [(8, 8, 4, "u32"), (8, 16, 4, "u32"), (8, 4, 2, "f64"), (8, 4, 4, "f64"), (8, 8, 1, "f64"),
+               (8, 8, 2, "f64"), (8, 8, 4, "f64"), (8, 16, 4, "f64"), (8, 16, 8, "f64"), (4, 8, 4, "f64")]
+
+
 def section_codec(quick: bool) -> list[dict]:
     import jax
     import jax.numpy as jnp
@@ -108,13 +116,36 @@ def section_codec(quick: bool) -> list[dict]:
                      "GB/s": (4 * n + wire) / s_pack / 1e9, "fp32 GB/s": 4 * n / s_pack / 1e9})
         rows.append({"what": f"unpack int{bits}", "bytes": 4 * n + wire, "seconds": s_unpack,
                      "GB/s": (4 * n + wire) / s_unpack / 1e9, "fp32 GB/s": 4 * n / s_unpack / 1e9})
+    # The Pallas kernel (one read of x per tile) per tile size and warp count; its bytes must equal XLA's.
+    want = {b: jax.jit(lambda x, b=b: quant.pack(x, bits=b))(x) for b in (8, 4)}
+    same = jax.jit(lambda a, b: jnp.all(a[0] == b[0]) & jnp.all(jax.lax.bitcast_convert_type(a[1], jnp.uint32)
+                                                                 == jax.lax.bitcast_convert_type(b[1], jnp.uint32)))
+    variants = [(f"pack int{b}, XLA, f64 route", jax.jit(lambda x, b=b: quant.pack(x, bits=b, route="f64")), b)
+                for b in (8, 4)]
+    variants += [(f"pack int{bits}, Pallas kernel, {route} route, {tile} blocks x {warps} warps",
+                  jax.jit(lambda x, b=bits, r=tile, w=warps, rt=route: quant.pack_pallas(
+                      x, bits=b, rows=r, num_warps=w, route=rt, interpret=quick)), bits)
+                 for bits, tile, warps, route in PALLAS_PACK]
+    for what, fn, bits in variants:
+        try:
+            got = fn(x)
+            wire = got[0].nbytes + got[1].nbytes
+            sec = _timed(fn, x)
+            rows.append({"what": what, "bytes": 4 * n + wire,
+                         "seconds": sec, "GB/s": (4 * n + wire) / sec / 1e9, "fp32 GB/s": 4 * n / sec / 1e9,
+                         "same_bytes": bool(same(got, want[bits]))})
+        except Exception as e:  # noqa: BLE001 - a tiling that does not build costs its row only
+            rows.append({"section": what, "error": f"{type(e).__name__}: {e}"[:300]})
     # An elastic island's pseudo-gradient leaving the device (elastic.device_codes): fp32 to the host and packed
     # there by the numpy codec pool, or packed here and only codes + scales copied (what the ring sends either way).
     pack8 = jax.jit(lambda x: quant.pack(x, bits=8))
+    pallas8 = jax.jit(lambda x: quant.pack_padded(x, bits=8))  # the production route: on a GPU the Pallas kernel
     host = lambda x: quant.pack_np(np.asarray(jax.device_get(x)), bits=8)  # noqa: E731
     dev = lambda x: jax.device_get(pack8(x))  # noqa: E731
+    dev_pallas = lambda x: jax.device_get(pallas8(x))  # noqa: E731
     for what, fn in [("leave the device, host packs (device_codes off)", host),
-                     ("leave the device, packed on it (device_codes on)", dev)]:
+                     ("leave the device, packed on it by XLA (device_codes on)", dev),
+                     ("leave the device, packed on it by quant.pack_padded (Pallas)", dev_pallas)]:
         fn(x)
         t = []
         for _ in range(5):
@@ -271,23 +302,74 @@ def best_tiles(rows: list[dict]) -> dict | None:
     return min((r for r in ok if r["max_err_dq"] <= bound), key=lambda r: r["seconds"], default=ok[0])["tiles"]
 
 
-def section_train(quick: bool, impl: str, batch: int, remat: str) -> list[dict]:
+# Named XLA flag sets a training arm can run under (IMPL:BATCH:REMAT:HEAD:FLAGS).
+XLA_FLAG_SETS = {"default": "", "cublas": "--xla_gpu_enable_triton_gemm=false",
+                 "nocmdbuf": "--xla_gpu_enable_command_buffer="}
+
+
+def device_profile(run_step, steps: int = 2, top: int = 60) -> dict:
+    """Traces ``steps`` calls of run_step and sums the device's events by name per timeline line (jax.profiler's
+    XSpace read back through ProfileData): the kernels a step spends its time in, in ms per step."""
+    import collections
+    import glob
+    import tempfile
+
+    import jax
+    from jax.profiler import ProfileData
+
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            for _ in range(steps):
+                run_step()
+        data = ProfileData.from_file(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[0])
+    lines = {}
+    planes = [p for p in data.planes if p.name.startswith("/device:")] or [  # the CPU smoke test: the host's
+        p for p in data.planes if p.name == "/host:CPU"]
+    for plane in planes:
+        for line in plane.lines:
+            total = collections.Counter()
+            for ev in line.events:
+                op = dict(ev.stats).get("hlo_op")  # the HLO instruction a kernel runs, where the trace names it
+                total[f"{ev.name} [{op}]" if op and op != ev.name else ev.name] += ev.duration_ns
+            if total:
+                key = f"{plane.name} / {line.name}"
+                lines[key] = {"ms_per_step": sum(total.values()) / 1e6 / steps,
+                              "top": [[name[:160], ns / 1e6 / steps] for name, ns in total.most_common(top)]}
+    return lines
+
+
+def section_train(quick: bool, impl: str, batch: int, remat: str, head: str = "custom",
+                  profile: bool = False, extra: tuple[str, ...] = ()) -> list[dict]:
     from benchmarks import throughput
 
+    if head == "autodiff":  # the LM head's backward as plain autodiff makes it: fp32 cotangent x bf16 operands
+        import jax.numpy as jnp
+
+        from intellect_jax import model
+
+        model.head_logits = lambda x, w: jnp.einsum("bld,dv->blv", x, w, preferred_element_type=jnp.float32)
+    elif head != "custom":
+        raise ValueError(f"head must be custom or autodiff, got {head!r}")
     preset, steps = ("debug.toml", 3) if quick else ("1b.toml", 6)
-    overrides = [f"data.batch_size={batch}", f"model.attention_impl={impl}", f"model.remat={remat}"]
+    overrides = [f"data.batch_size={batch}", f"model.attention_impl={impl}", f"model.remat={remat}", *extra]
     if quick:
         overrides += ["mesh.islands=1", "mesh.fsdp=1", "data.seq_len=128", "run.host_devices=1"]
-    row = throughput.measure(preset, overrides, steps)
+    row = throughput.measure(preset, overrides, steps, after=device_profile if profile else None)
+    if profile:
+        row["profile"] = row.pop("after")
     row["peak_bytes"] = _peak_bytes()
+    row["head"] = head
     return [row]
 
 
-def run_section(args_list: list[str], timeout: float) -> list[dict]:
+def run_section(args_list: list[str], timeout: float, flags: str = "") -> list[dict]:
     cmd = [sys.executable, __file__, "--child", *args_list]
+    env = dict(os.environ)
+    if flags:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
     t = time.perf_counter()
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=common.ROOT)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=common.ROOT, env=env)
     except subprocess.TimeoutExpired:
         return [{"section": " ".join(args_list), "error": f"timed out after {timeout:.0f} s"}]
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("[")]
@@ -298,11 +380,22 @@ def run_section(args_list: list[str], timeout: float) -> list[dict]:
     rows = json.loads(lines[-1])
     for r in rows:
         r["section_s"] = time.perf_counter() - t
+        if flags:
+            r["xla_flags"] = flags
     return rows
 
 
 def _gib(b) -> str:
     return f"{b / GiB:.2f}" if isinstance(b, (int, float)) else "n/a"
+
+
+def profile_report(lines: dict) -> str:
+    out = []
+    for key, v in sorted(lines.items(), key=lambda kv: -kv[1]["ms_per_step"]):
+        out.append(f"{key}: {v['ms_per_step']:.1f} ms per step\n\n"
+                   + common.table(["event", "ms per step"], [[n.replace("|", "/"), f"{ms:.2f}"] for n, ms in v["top"]],
+                                  "lr"))
+    return "\n\n".join(out)
 
 
 def report(env, bw, codec, att, train, tune=(), tiles=None) -> str:
@@ -311,7 +404,8 @@ def report(env, bw, codec, att, train, tune=(), tiles=None) -> str:
     out.append(f"Device: {e.get('device', '?')} ({e.get('backend', '?')}), jax {e.get('jax', '?')}, "
                f"cuDNN {e.get('cudnn', '?')}.")
     copy = next((r["GB/s"] for r in bw if "GB/s" in r), None)
-    rows = [[r["what"], "" if r.get("host_path") else f"{r['GB/s']:.0f}", f"{r.get('fp32 GB/s', r['GB/s'] / 2):.1f}",
+    rows = [[r["what"] + ("" if r.get("same_bytes", True) else " (**bytes differ from XLA's**)"),
+             "" if r.get("host_path") else f"{r['GB/s']:.0f}", f"{r.get('fp32 GB/s', r['GB/s'] / 2):.1f}",
              "" if r.get("host_path") else f"{100 * r['GB/s'] / copy:.0f}%" if copy else "n/a"]
             for r in bw + codec if "GB/s" in r]
     rows += [[r.get("section", "?"), r["error"], "", ""] for r in bw + codec if "error" in r]
@@ -356,7 +450,9 @@ def report(env, bw, codec, att, train, tune=(), tiles=None) -> str:
         if "error" in r:
             rows.append([r.get("section", "?"), "", "", "", "", r["error"]])
             continue
-        rows.append([r["attention"], r["remat"], f"{r['batch']} x {r['seq_len']}", f"{r['step_s']:.3f}",
+        variant = ("" if r.get("head", "custom") == "custom" else ", autodiff head") + (
+            f", {r['xla_flags']}" if r.get("xla_flags") else "") + "".join(f", {o}" for o in r["overrides"][3:])
+        rows.append([r["attention"] + variant, r["remat"], f"{r['batch']} x {r['seq_len']}", f"{r['step_s']:.3f}",
                      f"{r['tokens_s']:,.0f}", f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a",
                      _gib(r.get("peak_bytes"))])
     out.append("1B preset inner step (Trainer: fwd + bwd + clip + AdamW; bf16 compute, fp32 master weights; random "
@@ -372,10 +468,15 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="toy sizes on any backend (a smoke test; writes nothing)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--section", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--impl", action="append", default=None, help="attention implementation(s) to compare")
-    ap.add_argument("--train", action="append", default=None, metavar="IMPL:BATCH:REMAT",
-                    help="1B training arm(s) (default: cudnn:4:none, cudnn_mask:4:none, pallas:4:none, "
-                         "cudnn:6:none, cudnn:8:full)")
+    ap.add_argument("--impl", action="append", default=None,
+                    help="attention implementation(s) to compare ('none': skip the attention section)")
+    ap.add_argument("--train", action="append", default=None, metavar="IMPL:BATCH:REMAT[:HEAD[:FLAGS[:SETS]]]",
+                    help="1B training arm(s); HEAD custom (model.head_logits, default) or autodiff (the LM head's "
+                         "backward as autodiff makes it), FLAGS a name in XLA_FLAG_SETS, SETS comma-separated config "
+                         "overrides (default: pallas:4:none, pallas:4:none:custom:default:model.scan_layers=true, "
+                         "pallas:4:none:autodiff, pallas:6:none)")
+    ap.add_argument("--profile", action="store_true", help="also trace the first training arm's step and list the "
+                                                            "device's kernels by time (raw rows and profile.md)")
     ap.add_argument("--budget", type=float, default=400.0, help="seconds for the whole run; later rows are skipped")
     ap.add_argument("--out", default=None, help="also write the table and raw rows here (a folder)")
     ap.add_argument("--tune", action="store_true", help="time the Pallas kernel per tiling (TILES) first and run "
@@ -384,6 +485,13 @@ def main() -> int:
     ap.add_argument("--tiles-set", type=int, default=1, choices=(1, 2), help="--tune's tilings: TILES or TILES_2")
     args = ap.parse_args()
     impls = args.impl or ["xla", "cudnn", "cudnn@64", "cudnn_mask", "pallas", "blockwise"]
+    impls = [] if impls == ["none"] else impls
+    for arm in args.train or []:
+        spec = arm.split(":")
+        if len(spec) < 3 or len(spec) > 6 or (len(spec) > 3 and spec[3] not in ("custom", "autodiff")) or (
+                len(spec) > 4 and spec[4] not in XLA_FLAG_SETS):
+            ap.error(f"--train {arm}: want IMPL:BATCH:REMAT[:HEAD[:FLAGS[:KEY=VALUE,...]]], HEAD custom or "
+                     f"autodiff, FLAGS one of {sorted(XLA_FLAG_SETS)}, then config overrides")
 
     if args.child:
         if args.quick:
@@ -400,8 +508,10 @@ def main() -> int:
         elif args.section == "attention":
             rows = section_attention(args.quick, impls)
         else:
-            impl, batch, remat = args.train[0].split(":")
-            rows = section_train(args.quick, impl, int(batch), remat)
+            spec = args.train[0].split(":")
+            impl, batch, remat, head = (spec + ["custom"])[:4]
+            extra = tuple(spec[5].split(",")) if len(spec) > 5 and spec[5] else ()
+            rows = section_train(args.quick, impl, int(batch), remat, head, args.profile, extra)
         print(json.dumps(rows, default=str))
         return 0
 
@@ -409,10 +519,10 @@ def main() -> int:
     q = ["--quick"] if args.quick else []
     left = lambda: args.budget - (time.perf_counter() - t0)  # noqa: E731
 
-    def section(name, extra=(), timeout=120.0):
+    def section(name, extra=(), timeout=120.0, flags=""):
         if left() < 20:
             return [{"section": name, "error": "skipped: the run's time budget is spent"}]
-        rows = run_section(["--section", name, *q, *extra], min(timeout, left()))
+        rows = run_section(["--section", name, *q, *extra], min(timeout, left()), flags)
         print(json.dumps(rows, default=str), flush=True)
         return rows
 
@@ -425,11 +535,17 @@ def main() -> int:
         best = best_tiles(tune)
         tiles = json.dumps(best) if best else tiles
     t_arg = ["--tiles", tiles] if tiles else []
-    att = section("attention", [a for i in impls for a in ("--impl", i)] + t_arg, timeout=150)
-    arms = args.train or ["cudnn:4:none", "cudnn_mask:4:none", "pallas:4:none", "cudnn:6:none", "cudnn:8:full"]
+    att = section("attention", [a for i in impls for a in ("--impl", i)] + t_arg, timeout=150) if impls else []
+    arms = args.train or ["pallas:4:none", "pallas:4:none:custom:default:model.scan_layers=true",
+                          "pallas:4:none:autodiff", "pallas:6:none"]
     train = []
-    for arm in arms:
-        train += section("train", ["--train", arm] + t_arg, timeout=150)
+    for i, arm in enumerate(arms):
+        spec = arm.split(":")
+        flags = XLA_FLAG_SETS[spec[4]] if len(spec) > 4 else ""
+        prof = ["--profile"] if args.profile and i == 0 else []
+        # The child gets the head and the overrides; the flags travel in its XLA_FLAGS.
+        spec = spec[:3] + [spec[3] if len(spec) > 3 else "custom", "default", spec[5] if len(spec) > 5 else ""]
+        train += section("train", ["--train", ":".join(spec)] + t_arg + prof, timeout=150, flags=flags)
     seconds = time.perf_counter() - t0
     body = report(env, bw, codec, att, train, tune, tiles)
     raw = json.dumps({"env": env, "bandwidth": bw, "codec": codec, "tune": tune, "tiles": tiles, "attention": att,
@@ -439,6 +555,9 @@ def main() -> int:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "gpu_table.md").write_text(body + "\n")
         (Path(args.out) / "gpu_raw.json").write_text(raw + "\n")
+        profiles = [r["profile"] for r in train if r.get("profile")]
+        if profiles:
+            (Path(args.out) / "profile.md").write_text(profile_report(profiles[0]) + "\n")
     if not args.quick:
         common.write_section("GPU (benchmarks/gpu.sh)", "\n\n".join([common.provenance(seconds), body,
                                                                      "Raw: `" + raw + "`"]))

@@ -41,8 +41,9 @@ CPU_STEP_LIMIT_S = 120.0  # a preset whose estimated step exceeds this on CPU is
 REFERENCE_MFU = "INTELLECT-1 43.3% (no communication, INTELLECT-1 report); MaxText ~50% (issue 8)"
 
 
-def measure(preset: str, overrides: list[str], steps: int) -> dict:
-    """Runs in the child process: builds the Trainer, times `steps` inner steps, returns the numbers."""
+def measure(preset: str, overrides: list[str], steps: int, after=None) -> dict:
+    """Runs in the child process: builds the Trainer, times `steps` inner steps, returns the numbers (and, with
+    ``after``, what ``after(run_one_step)`` returns under "after": a profile, say)."""
     import jax
 
     from intellect_jax.config import load_config
@@ -64,6 +65,7 @@ def measure(preset: str, overrides: list[str], steps: int) -> dict:
         jax.block_until_ready(trainer.inner_step(batch))
         times.append(time.perf_counter() - t)
     step_s = statistics.median(times)
+    extra = {"after": after(lambda: jax.block_until_ready(trainer.inner_step(batch)))} if after else {}
     devices = trainer.mesh.devices.size
     params = count_params(cfg.model).total_params
     fpt = flops_per_token(cfg.model, L, params)
@@ -75,7 +77,7 @@ def measure(preset: str, overrides: list[str], steps: int) -> dict:
             "attention": cfg.model.attention_impl, "remat": cfg.model.remat, "steps": steps,
             "step_s": step_s, "step_min_s": min(times), "step_max_s": max(times), "compile_s": compile_s,
             "tokens_s": tokens_s, "flops_per_token": fpt, "model_flops_s": fpt * tokens_s,
-            "mfu": fpt * tokens_s / (peak * devices) if peak else None}
+            "mfu": fpt * tokens_s / (peak * devices) if peak else None, **extra}
 
 
 def run_child(preset: str, overrides: list[str], steps: int, host_devices: int | None, timeout: float) -> dict:

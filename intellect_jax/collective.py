@@ -101,7 +101,7 @@ def make_island_mean(mesh, specs, *, compression: str = "int8", block_size: int 
         scales = jax.lax.all_to_all(scales.reshape(n, -1), island_axis, 0, 0, tiled=True)
         decoded = jax.vmap(lambda c, s: quant.unpack(c, s, bits=bits, block_size=block_size))(codes, scales)
         mine = jnp.sum(decoded, axis=0) * jnp.float32(1.0 / n)
-        codes, scales = quant.pack(mine, bits=bits, block_size=block_size)  # re-quantized once, by its owner
+        codes, scales = quant.pack_padded(mine, bits=bits, block_size=block_size)  # re-quantized once, by its owner
         return (jax.lax.all_gather(codes, island_axis, axis=0, tiled=True),
                 jax.lax.all_gather(scales, island_axis, axis=0, tiled=True))
 
@@ -132,13 +132,13 @@ def make_island_mean(mesh, specs, *, compression: str = "int8", block_size: int 
             if return_sent:
                 # Packed whole, so every replica knows what its island sent; a part is a whole number of blocks
                 # (and bytes), so the sliced codes are exactly the part's codes.
-                codes, scales = quant.pack(v, bits=bits, block_size=block_size)
+                codes, scales = quant.pack_padded(v, bits=bits, block_size=block_size)
                 own = quant.unpack(codes, scales, bits=bits, block_size=block_size)
                 for j, k in enumerate(members):
                     sent[k] = own[starts[j]:starts[j] + local[k].size].reshape((1,) + local[k].shape)
                 codes, scales = part(codes), part(scales)
             else:
-                codes, scales = quant.pack(part(v), bits=bits, block_size=block_size)
+                codes, scales = quant.pack_padded(part(v), bits=bits, block_size=block_size)
             codes, scales = island_mean_codes(codes, scales)
             if r > 1:
                 codes = jax.lax.all_gather(codes, rep_axes, axis=0, tiled=True)

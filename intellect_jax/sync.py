@@ -631,8 +631,7 @@ class ElasticSync(DilocoSync):
         norm (for the coordinator's guard), and with error feedback the new residual: what the codes drop of v."""
         c = self.cfg.diloco
         n = v.shape[0]
-        codes, scales = quant.pack(jax.numpy.pad(v, (0, quant.padded_size(n, c.block_size) - n)),
-                                   bits=self._codec.bits, block_size=c.block_size)
+        codes, scales = quant.pack_padded(v, bits=self._codec.bits, block_size=c.block_size)
         residual = None
         if self.error_feedback:
             residual = v - quant.unpack(codes, scales, bits=self._codec.bits, block_size=c.block_size)[:n]

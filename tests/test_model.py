@@ -1,4 +1,5 @@
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -97,3 +98,43 @@ def test_llama3_rope_scaling_changes_only_low_frequencies():
     np.testing.assert_allclose(np.asarray(scaled)[hi], np.asarray(plain)[hi], rtol=1e-6)
     np.testing.assert_allclose(np.asarray(scaled)[lo], np.asarray(plain)[lo] / 8.0, rtol=1e-6)
     assert lo.any() and hi.any()
+
+
+def _head_reference(x, w):
+    return jnp.einsum("bld,dv->blv", x, w, preferred_element_type=jnp.float32)
+
+
+def _head_loss(head):
+    return lambda x, w: jnp.sum(jax.nn.log_softmax(head(x, w), axis=-1)[..., 0] + jnp.sin(head(x, w)).mean(-1))
+
+
+def test_head_backward_equals_autodiff_in_float32():
+    kx, kw = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, (2, 5, 16), jnp.float32)
+    w = jax.random.normal(kw, (16, 40), jnp.float32)
+    got = jax.grad(_head_loss(M.head_logits), argnums=(0, 1))(x, w)
+    want = jax.grad(_head_loss(_head_reference), argnums=(0, 1))(x, w)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-6)
+
+
+def test_head_backward_runs_its_matmuls_in_the_compute_dtype():
+    """Autodiff pairs the fp32 logit cotangent with bf16 operands (an fp32 matmul on the GPU); the custom backward
+    rounds the cotangent to bf16 first, and its gradients stay within bf16 rounding of the fp32 reference."""
+    kx, kw = jax.random.split(jax.random.key(1))
+    x32 = jax.random.normal(kx, (2, 8, 64), jnp.float32)
+    w32 = jax.random.normal(kw, (64, 96), jnp.float32) / 8
+    x, w = x32.astype(jnp.bfloat16), w32.astype(jnp.bfloat16)
+
+    def dot_dtypes(head):
+        jaxpr = jax.make_jaxpr(jax.grad(_head_loss(head), argnums=(0, 1)))(x, w)
+        return {tuple(v.aval.dtype.name for v in e.invars) for e in jaxpr.eqns if e.primitive.name == "dot_general"}
+
+    assert ("float32", "bfloat16") in dot_dtypes(_head_reference)  # what the custom backward avoids
+    assert dot_dtypes(M.head_logits) == {("bfloat16", "bfloat16")}
+    got = jax.grad(_head_loss(M.head_logits), argnums=(0, 1))(x, w)
+    want = jax.grad(_head_loss(_head_reference), argnums=(0, 1))(x.astype(jnp.float32), w.astype(jnp.float32))
+    for g, r, inp in zip(got, want, (x, w)):
+        assert g.dtype == inp.dtype
+        err = np.abs(np.asarray(g, np.float32) - np.asarray(r))
+        assert err.max() <= 2**-7 * np.abs(np.asarray(r)).max(), err.max()

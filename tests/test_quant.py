@@ -89,7 +89,10 @@ def test_jnp_and_numpy_twins_give_same_bytes(edge_x, bits):
         assert c_np.shape == (x.size * bits // 8,) and s_np.shape == (x.size // BLOCK,) and s_np.dtype == np.float32
         # Eager (op by op) too, on the edge cases only: XLA must not be able to change a byte by fusing differently.
         eager = [quant.pack(jnp.asarray(x), bits=bits)] if x is edge_x else []
-        for c, s in [(c_j, s_j)] + eager:
+        # And the device's own route (on a GPU the Pallas kernel: run there with JAX_PLATFORMS=cuda).
+        padded = jax.jit(lambda v: quant.pack_padded(v, bits=bits))(x)
+        f64 = jax.jit(lambda v: quant.pack(v, bits=bits, route="f64"))(x)  # the float64 route through XLA
+        for c, s in [(c_j, s_j), padded, f64] + eager:
             np.testing.assert_array_equal(_bits_of(c), _bits_of(c_np))
             np.testing.assert_array_equal(_bits_of(s), _bits_of(s_np))
         y_np = quant.unpack_np(c_np, s_np, bits=bits)
@@ -285,3 +288,36 @@ def test_sizes():
         quant.pack(jnp.ones(100), bits=8, block_size=256)
     with pytest.raises(ValueError):
         quant.pack_np(np.ones(256, np.float32), bits=3)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_pallas_pack_kernel_gives_the_same_bytes(edge_x, bits):
+    """The GPU kernel (run by Pallas's interpreter here) against the numpy reference, edge cases included, for a
+    tile size that splits the vector and one where the edge blocks straddle tiles."""
+    x = np.concatenate([edge_x, edge_x[::-1]])
+    x = np.concatenate([x, np.zeros(8 * BLOCK - x.size % (8 * BLOCK), np.float32)])
+    c_np, s_np = quant.pack_np(x, bits=bits)
+    for rows, route in [(8, "u32"), (quant.pallas_rows(x.size, BLOCK, 64), "u32"), (16, "f64")]:
+        c, s = quant.pack_pallas(jnp.asarray(x), bits=bits, rows=rows, route=route, interpret=True)
+        assert c.dtype == c_np.dtype
+        np.testing.assert_array_equal(_bits_of(c), _bits_of(c_np))
+        np.testing.assert_array_equal(_bits_of(s), _bits_of(s_np))
+    with pytest.raises(ValueError, match="tiles of"):
+        quant.pack_pallas(jnp.asarray(x[:-BLOCK]), bits=bits, rows=8, interpret=True)
+
+
+def test_pallas_rows_and_pack_padded(monkeypatch):
+    assert quant.pallas_rows(BLOCK * 64, BLOCK, 32) == 32 and quant.pallas_rows(BLOCK * 64, BLOCK) == quant.PALLAS_ROWS
+    assert quant.pallas_rows(BLOCK * 8 * 3, BLOCK, 32) == 8
+    assert quant.pallas_rows(BLOCK * 7, BLOCK) is None and quant.pallas_rows(BLOCK * 8 + 1, BLOCK) is None
+    x = jax.random.normal(jax.random.key(3), (BLOCK * 9 + 17,))
+    # Force the GPU route (the Pallas kernel on a tile-padded vector, sliced back) through the interpreter.
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    real = quant.pack_pallas
+    monkeypatch.setattr(quant, "pack_pallas", lambda v, **kw: real(v, interpret=True, **kw))
+    for bits in (8, 4):
+        got = quant.pack_padded(x, bits=bits)
+        want = quant.pack(jnp.pad(x, (0, BLOCK - 17)), bits=bits)
+        assert got[0].shape == want[0].shape and got[1].shape == (10,)
+        np.testing.assert_array_equal(_bits_of(got[0]), _bits_of(want[0]))
+        np.testing.assert_array_equal(_bits_of(got[1]), _bits_of(want[1]))
