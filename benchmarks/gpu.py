@@ -87,8 +87,8 @@ def section_bandwidth(quick: bool) -> list[dict]:
 
 
 # (bits, blocks per program, warps, rounding route) of the Pallas pack rows.
-PALLAS_PACK = [(8, 8, 4, "u32"), (8, 16, 4, "u32"), (8, 4, 2, "f64"), (8, 4, 4, "f64"), (8, 8, 1, "f64"),
-               (8, 8, 2, "f64"), (8, 8, 4, "f64"), (8, 16, 4, "f64"), (8, 16, 8, "f64"), (4, 8, 4, "f64")]
+PALLAS_PACK = [(8, 8, 4, "u32"), (8, 8, 4, "f64"), (8, 4, 4, "fix"), (8, 8, 4, "fix"), (8, 16, 4, "fix"),
+               (8, 32, 4, "fix"), (8, 8, 8, "fix"), (8, 32, 8, "fix"), (4, 8, 4, "fix")]
 
 
 def section_codec(quick: bool) -> list[dict]:
@@ -120,8 +120,8 @@ def section_codec(quick: bool) -> list[dict]:
     want = {b: jax.jit(lambda x, b=b: quant.pack(x, bits=b))(x) for b in (8, 4)}
     same = jax.jit(lambda a, b: jnp.all(a[0] == b[0]) & jnp.all(jax.lax.bitcast_convert_type(a[1], jnp.uint32)
                                                                  == jax.lax.bitcast_convert_type(b[1], jnp.uint32)))
-    variants = [(f"pack int{b}, XLA, f64 route", jax.jit(lambda x, b=b: quant.pack(x, bits=b, route="f64")), b)
-                for b in (8, 4)]
+    variants = [(f"pack int{b}, XLA, {r} route", jax.jit(lambda x, b=b, r=r: quant.pack(x, bits=b, route=r)), b)
+                for b, r in ((8, "f64"), (8, "fix"), (4, "fix"))]
     variants += [(f"pack int{bits}, Pallas kernel, {route} route, {tile} blocks x {warps} warps",
                   jax.jit(lambda x, b=bits, r=tile, w=warps, rt=route: quant.pack_pallas(
                       x, bits=b, rows=r, num_warps=w, route=rt, interpret=quick)), bits)

@@ -13,7 +13,8 @@ Why not ``rint(x / scale)``: the twins must give identical bytes on every backen
 portable: XLA:GPU emits the 1-2 ulp ``div.full.f32`` (openxla/xla#37181) and XLA:CPU flushes subnormal results to
 zero (tests/test_quant.py records this), so a code could differ from numpy's at a rounding tie. Instead the code is
 the exactly rounded value of the real number ``Q * x / absmax``: in jnp by uint32 integer division on the IEEE bit
-patterns (no float op touches the inputs, so flush-to-zero cannot change a byte); in numpy by one float64 division,
+patterns (no float op touches the inputs, so flush-to-zero cannot change a byte; on GPUs `pack_padded` takes an exact
+float64 route instead, see `_block_codes`, faster there); in numpy by one float64 division,
 which is provably exact for this (see the comment above `pack_np`): two independent routes, checked against each
 other and against rational arithmetic. ``absmax`` is an integer max over the bit patterns (for non-negative floats
 their order is the order of their bits). The only float32 ops are the two multiplies above, which are correctly
@@ -158,7 +159,8 @@ def _block_codes(xb, bits: int, route: str = "u32"):
     Elementwise work plus one row max, so the same function traces both into XLA (`pack`) and into the Pallas
     kernel (`pack_pallas`), one tile of rows at a time. ``route`` "u32" rounds by uint32 integer division of the
     IEEE bit patterns; "f64" by one float64 division, the numpy twin's route (exact for the reason given above
-    `pack_np`; subnormal x, which a backend may read as 0, have code 0 either way since absmax >= 2**-100).
+    `pack_np`; subnormal x, which a backend may read as 0, have code 0 either way since absmax >= 2**-100); "fix"
+    by a float64 estimate made exact by two exact float64 comparisons (no division per element).
     """
     import jax
     import jax.numpy as jnp
@@ -182,6 +184,22 @@ def _block_codes(xb, bits: int, route: str = "u32"):
             odd = k - 2.0 * jnp.floor(k * 0.5) == 1.0
             mag = k + ((frac > 0.5) | ((frac == 0.5) & odd)).astype(jnp.float64)
             mag = jnp.where((flushed | nonfinite)[:, None], 0.0, mag).astype(jnp.int32)
+    elif route == "fix":
+        with jax.enable_x64(True):
+            to64 = lambda u: jax.lax.bitcast_convert_type(u, jnp.float32).astype(jnp.float64)  # noqa: E731
+            xq = to64(ab) * q_max  # exact: 24 + 7 bits
+            a = to64(jnp.where(flushed | nonfinite, jnp.uint32(0x3F800000), amax_b))[:, None]  # 1.0: code-0 blocks
+            # An estimate within 2**-40 of r = Q x / a (any reciprocal will do), then fixed exactly: with h the
+            # exact sign of xq - (k + 1/2) a (and of xq - (k - 1/2) a), k moves to the correctly rounded code.
+            # (k +- 1/2) a has <= 9 + 24 bits and the difference is exactly representable unless x < a 2**-69,
+            # where k = 0 and both signs are still right (|xq| << a / 2); subnormal x read as 0 have code 0 too.
+            k = jnp.floor(xq * (1.0 / a) + 0.5)
+            odd = k - 2.0 * jnp.floor(k * 0.5) == 1.0
+            above, below = xq - (k + 0.5) * a, xq - (k - 0.5) * a
+            up = (above > 0) | ((above == 0) & odd)
+            down = (below < 0) | ((below == 0) & odd)
+            mag = k + up.astype(jnp.float64) - down.astype(jnp.float64)
+            mag = jnp.where((flushed | nonfinite)[:, None], 0.0, jnp.minimum(mag, q_max)).astype(jnp.int32)
     elif route == "u32":
         ma, ea = _mant_exp_u32(amax_b)
         mx, ex = _mant_exp_u32(ab)
@@ -190,7 +208,7 @@ def _block_codes(xb, bits: int, route: str = "u32"):
         mag = _round_ratio_u32(mx * q_max, ma, d)
         mag = jnp.where((flushed | nonfinite)[:, None], 0, jnp.minimum(mag, q_max)).astype(jnp.int32)
     else:
-        raise ValueError(f"route must be 'u32' or 'f64', got {route!r}")
+        raise ValueError(f"route must be 'u32', 'f64' or 'fix', got {route!r}")
     codes = jnp.where(neg, -mag, mag)
     amax = jax.lax.bitcast_convert_type(amax_b, jnp.float32)
     scales = jnp.where(nonfinite, jnp.nan, jnp.where(flushed, 0.0, amax * _inv_q(bits))).astype(jnp.float32)
@@ -231,7 +249,7 @@ def pack(x, *, bits: int = 8, block_size: int = 256, route: str = "u32") -> tupl
 
 
 # Blocks per program of `pack_pallas`: 8 x 256 float32 = 8 KiB of x per tile (the fastest measured on an H200;
-# larger tiles ran slower on the float64 route).
+# larger tiles ran slower on the float64 routes).
 PALLAS_ROWS = 8
 
 
@@ -284,8 +302,8 @@ def pack_pallas(x, *, bits: int = 8, block_size: int = 256, rows: int = PALLAS_R
 
 # How `pack_padded` makes the bytes on GPUs: "pallas" (`pack_pallas`) or "xla" (`pack`), by which rounding route
 # (`_block_codes`). The same bytes every way; benchmarks/gpu.py times each. On an H200 (benchmarks/RESULTS.md, GPU
-# section) the Pallas kernel on the float64 route packs 1.2-1.4x faster than XLA on the uint32 route.
-GPU_PACK, GPU_ROUTE = "pallas", "f64"
+# section) the Pallas kernel on the "fix" route packs 1.5x faster than XLA's `pack` on the uint32 route.
+GPU_PACK, GPU_ROUTE = "pallas", "fix"
 
 
 def pack_padded(x, *, bits: int = 8, block_size: int = 256) -> tuple[jax.Array, jax.Array]:

@@ -91,8 +91,9 @@ def test_jnp_and_numpy_twins_give_same_bytes(edge_x, bits):
         eager = [quant.pack(jnp.asarray(x), bits=bits)] if x is edge_x else []
         # And the device's own route (on a GPU the Pallas kernel: run there with JAX_PLATFORMS=cuda).
         padded = jax.jit(lambda v: quant.pack_padded(v, bits=bits))(x)
-        f64 = jax.jit(lambda v: quant.pack(v, bits=bits, route="f64"))(x)  # the float64 route through XLA
-        for c, s in [(c_j, s_j), padded, f64] + eager:
+        # The float64 routes through XLA.
+        f64 = [jax.jit(lambda v, r=r: quant.pack(v, bits=bits, route=r))(x) for r in ("f64", "fix")]
+        for c, s in [(c_j, s_j), padded, *f64] + eager:
             np.testing.assert_array_equal(_bits_of(c), _bits_of(c_np))
             np.testing.assert_array_equal(_bits_of(s), _bits_of(s_np))
         y_np = quant.unpack_np(c_np, s_np, bits=bits)
@@ -249,6 +250,36 @@ def _float_divisions(fn, *args):
     return found
 
 
+def _near_ties(rng, bits, blocks=48, block=BLOCK):
+    """Blocks of values within a few ulps of the rounding boundaries k + 1/2 of Q x / a, for absmax a at random
+    mantissas and exponents from just above FLUSH_BELOW to near float32's largest."""
+    q = quant.qmax(bits)
+    out = []
+    for e in rng.integers(-99, 127, blocks):
+        a = np.float32(rng.uniform(1, 2) * 2.0 ** e)
+        k = rng.integers(-q, q, block).astype(np.float64)
+        x = ((k + 0.5) * (np.float64(a) / q)).astype(np.float32)
+        steps = rng.integers(-3, 4, block)
+        for _ in range(3):  # a few ulps either way (nextafter one ulp at a time)
+            x = np.where(steps > 0, np.nextafter(x, np.float32(np.inf)), np.where(
+                steps < 0, np.nextafter(x, np.float32(-np.inf)), x)).astype(np.float32)
+            steps = steps - np.sign(steps)
+        x[0] = a  # the block's absmax
+        out.append(np.clip(x, -a, a))
+    return np.concatenate(out).astype(np.float32)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_float64_routes_are_exactly_rounded_near_ties(bits):
+    x = _near_ties(np.random.default_rng(7), bits)
+    want = _exact_codes(x, bits)
+    for route in ("u32", "f64", "fix"):
+        codes, _ = jax.jit(lambda v, r=route: quant.pack(v, bits=bits, route=r))(x)
+        np.testing.assert_array_equal(_decode_codes_np(np.asarray(codes), bits, x.size), want, err_msg=route)
+    with pytest.raises(ValueError, match="route"):
+        quant.pack(jnp.asarray(x), bits=bits, route="f32")
+
+
 def test_pack_has_no_float_division():
     """Codes must not depend on float32 division, which XLA:GPU does not round correctly (openxla/xla#37181)."""
     x = jnp.ones(BLOCK * 2, jnp.float32)
@@ -297,7 +328,7 @@ def test_pallas_pack_kernel_gives_the_same_bytes(edge_x, bits):
     x = np.concatenate([edge_x, edge_x[::-1]])
     x = np.concatenate([x, np.zeros(8 * BLOCK - x.size % (8 * BLOCK), np.float32)])
     c_np, s_np = quant.pack_np(x, bits=bits)
-    for rows, route in [(8, "u32"), (quant.pallas_rows(x.size, BLOCK, 64), "u32"), (16, "f64")]:
+    for rows, route in [(8, "u32"), (quant.pallas_rows(x.size, BLOCK, 64), "u32"), (16, "f64"), (8, "fix")]:
         c, s = quant.pack_pallas(jnp.asarray(x), bits=bits, rows=rows, route=route, interpret=True)
         assert c.dtype == c_np.dtype
         np.testing.assert_array_equal(_bits_of(c), _bits_of(c_np))
