@@ -45,6 +45,7 @@ class ElasticIsland:
         self.local = sync  # the ElasticSync whose DiLoCo state this island shares
         self._lock = threading.Lock()
         self._snapshot: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None
+        self.pending_vote: tuple[int, str] | None = None  # (outer step, hash) voted without waiting (streaming)
         self.client = IslandClient(cfg.elastic, cfg.elastic.run_id or cfg.run.name, self._provide,
                                    compression=cfg.diloco.compression, block_size=cfg.diloco.block_size)
         self.refresh_snapshot()
@@ -65,6 +66,9 @@ class ElasticIsland:
             self._snapshot = (arrays, meta)
         return meta["params_hash"]
 
+    def snapshot_hash(self) -> str:
+        return self._provide()[1]["params_hash"]
+
     def _provide(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         with self._lock:
             assert self._snapshot is not None
@@ -79,6 +83,7 @@ class ElasticIsland:
             raise RuntimeError(f"the peer's state lacks {missing[:3]}: is it running the same model and optimizer?")
         values = [state.arrays[jax.tree_util.keystr(p)].reshape(np.shape(x)) for p, x in leaves]
         new = jax.tree_util.tree_unflatten(treedef, values)
+        self.pending_vote = None  # the peer's state replaces what was voted on
         self.local.install_global(new["global_params"], new["outer_opt_state"], int(state.meta["outer_step"]),
                                     int(state.meta.get("step", 0)))
         got = self.refresh_snapshot()
@@ -112,19 +117,37 @@ class ElasticIsland:
         """The ring reduce of `payload` for this outer step in a background thread (streaming: the islands go on)."""
         return Reduce(self.client, outer_step, payload, norm, packed_out)
 
-    def settle(self, outer_step: int, metrics: dict) -> tuple[dict, str]:
-        """After the mean of `outer_step` was applied: the hash vote; a loser re-syncs from a peer."""
+    def settle(self, outer_step: int, metrics: dict, wait: bool = True) -> tuple[dict, str]:
+        """After the mean of `outer_step` was applied: the hash vote; a loser re-syncs from a peer. ``wait=False``
+        (streaming): the vote is cast without waiting for the others; `settle_pending` takes its verdict later."""
         h = self.refresh_snapshot()
-        if self.client.commit(outer_step, h):
-            return metrics, h
+        ok = self.client.commit(outer_step, h, wait=wait)
+        if ok is None:
+            self.pending_vote = (outer_step, h)
+        elif not ok:
+            self._lost(outer_step)
+            return metrics, self.snapshot_hash()
+        return metrics, h
+
+    def settle_pending(self) -> bool:
+        """The verdict of a vote cast without waiting (at once if none is pending); True if this island was in the
+        minority and re-synced from a peer (its state is now the peer's)."""
+        if self.pending_vote is None:
+            return False
+        (outer_step, h), self.pending_vote = self.pending_vote, None
+        if self.client.verdict(outer_step, h):
+            return False
+        self._lost(outer_step)
+        return True
+
+    def _lost(self, outer_step: int) -> None:
         log.warning("global state after outer step %d differs from the majority: re-syncing from a peer", outer_step)
         self.install(self.client.fetch_state())
-        return metrics, self._provide()[1]["params_hash"]
 
     def resync(self, why: str) -> tuple[dict, str]:
         log.warning("%s: re-syncing from a peer", why)
         self.install(self.client.fetch_state())
-        return {"resynced": 1.0}, self._provide()[1]["params_hash"]
+        return {"resynced": 1.0}, self.snapshot_hash()
 
     def close(self) -> None:
         self.client.close()

@@ -720,8 +720,13 @@ class ElasticSync(DilocoSync):
 
     def checkpoint_ok(self) -> bool:
         """Streaming: nothing is saved (and the run does not stop) while a reduce is in flight, so that a checkpoint
-        never holds half an outer step: the loop goes on to the step where its mean is applied."""
-        return self._flight is None
+        never holds half an outer step: the loop goes on to the step where its mean is applied. Before a save the
+        last hash vote's verdict is taken (a minority state is never saved: it is replaced by a peer's first)."""
+        if self._flight is not None:
+            return False
+        if self.island is not None:
+            self.island.settle_pending()
+        return True
 
     def _resume_step(self, step: int) -> int:
         """Where this island continues after installing a peer's state (the peer's step), else `step`."""
@@ -744,20 +749,28 @@ class ElasticSync(DilocoSync):
         # the fragment due there has already been applied.
         if self._flight is not None and self._flight[1] == step:
             step = self._land(step, report)
-        if self._launch_due(step):
-            self._launch(step)
-            if self.tau == 0:
-                step = self._land(step, report)
+        if self._launch_due(step) and not self._launch(step):  # the last vote lost: a peer's state now
+            step = self._resume_step(step)
+            if self._launch_due(step):
+                self._launch(step)
+        if self._flight is not None and self.tau == 0 and self._flight[1] == step:
+            step = self._land(step, report)
+        if step >= self.cfg.total_inner_steps:
+            self.island.settle_pending()  # the run's last vote: its verdict before the final save
         return step
 
-    def _launch(self, step: int) -> None:
-        """Fragment p's pseudo-gradient leaves the device and its ring reduce starts in the background."""
+    def _launch(self, step: int) -> bool:
+        """Fragment p's pseudo-gradient leaves the device and its ring reduce starts in the background. False (no
+        launch): the verdict on this island's last hash vote, taken first, was that it differs from the majority,
+        and the island now holds a peer's state (the caller re-schedules from it)."""
         from intellect_jax.island import Reduce
 
-        r = self.outer_step()
-        p = r % self.frags.count
         jax.block_until_ready(self.state.inner)  # the inner steps before the sync are compute, not waiting
         t0 = time.perf_counter()
+        if self.island.settle_pending():
+            return False
+        r = self.outer_step()
+        p = r % self.frags.count
         if self.device_codes:  # the residual (error feedback) is kept on the devices inside the same program
             self.state, codes, scales, norm = self._frag_vec[p](self.state)
             payload, norm = self._packed(*jax.device_get((codes, scales, norm)), self._vector_abstract(p).shape[0])
@@ -768,6 +781,7 @@ class ElasticSync(DilocoSync):
                     payload - self._codec.roundtrip(payload), self.replicated))
         self._flight = (p, step + self.tau, self.island.start_reduce(r, payload, norm, self.device_codes),
                         time.perf_counter() - t0)
+        return True
 
     def _land(self, step: int, report: Report) -> int:
         """The fragment's mean, when due: applied (outer step + merge), the hash vote, one outer row. The time the
@@ -780,25 +794,27 @@ class ElasticSync(DilocoSync):
         p, _, reduce, launch_s = self._flight
         r, sync_s = reduce.outer_step, 0.0
         self._flight = None
-        t_reduce = t_apply = ready_at
+        reduce_s = apply_s = 0.0
         try:
             delta = reduce.result()
             sync_s = reduce.seconds
-            t_reduce = time.perf_counter()
+            reduce_s = time.perf_counter() - ready_at
+            t = time.perf_counter()
             self.state, metrics = self._frag_apply[p](self.state, *self._to_device(delta))
             metrics = self._block(metrics)
-            t_apply = time.perf_counter()
-            metrics, h = self.island.settle(r, metrics)
+            apply_s = time.perf_counter() - t
+            # The hash vote is cast without waiting for the others; its verdict is taken before this island's next
+            # pseudo-gradient leaves it (`_launch`), so a minority state never feeds a reduce.
+            metrics, h = self.island.settle(r, metrics, wait=False)
         except StaleStep as e:
             metrics, h = self.island.resync(f"outer step {r} completed without this island ({e})")
-        done = time.perf_counter()
-        wait_s = done - ready_at + launch_s
+        wait_s = time.perf_counter() - ready_at + launch_s
         stats = self.island.client.last_stats
         extra = {"fragment": p, "overlap_steps": self.tau, "params_hash": h,
                  # where the wait went: the pseudo-gradient's copy at the sync, the reduce not done yet, the apply,
-                 # the snapshot + hash vote
-                 "wait_launch_seconds": launch_s, "wait_reduce_seconds": t_reduce - ready_at,
-                 "wait_apply_seconds": t_apply - t_reduce, "wait_vote_seconds": done - t_apply,
+                 # the snapshot + hash vote (cast without waiting)
+                 "wait_launch_seconds": launch_s, "wait_reduce_seconds": reduce_s, "wait_apply_seconds": apply_s,
+                 "wait_vote_seconds": wait_s - launch_s - reduce_s - apply_s,
                  "bytes_sent_per_island": stats.get("bytes_sent", 0), "islands": len(stats.get("members", [])) or 1,
                  "ring_order": stats.get("order"), "reduce_aborts": stats.get("aborts", 0)}
         report(self._record(step, jax.device_get(metrics), wait_s, self.fragment_wire_bytes[p], extra,

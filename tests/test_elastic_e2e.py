@@ -272,13 +272,19 @@ def test_kill_island_during_inner_steps(run):
     assert "island c dead: heartbeat connection closed" in run.coord_log()
 
 
-def test_diverged_island_loses_the_commit_vote_and_resyncs(run):
+@pytest.mark.parametrize("later", [False, True], ids=["blocking-vote", "vote-later"])
+def test_diverged_island_loses_the_commit_vote_and_resyncs(run, later):
+    """vote-later (streaming islands): votes are cast without waiting and judged before the next pseudo-gradient
+    leaves, so the diverged island re-syncs before it feeds another reduce, as with the blocking vote."""
     run.start_coordinator(min_islands=3)
     steps = 5
     for i, n in enumerate("abc"):
-        run.start_island(n, 50 + i, steps, *(["--corrupt-at", "1"] if n == "c" else []))
+        run.start_island(n, 50 + i, steps, *(["--corrupt-at", "1"] if n == "c" else []),
+                         *(["--vote-later"] if later else []))
     for n in "abc":
         run.wait_exit(n)
+    if later:  # the first of the three to vote on a step always had to wait for the others' votes
+        assert len([e for n in "abc" for e in run.events(n, "vote_pending")]) >= steps
     bad = [e for e in run.events("c", "step") if not e["ok"]]
     assert [e["step"] for e in bad] == [1]
     fetched = run.events("c", "fetched")
