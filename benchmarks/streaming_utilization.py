@@ -66,7 +66,7 @@ def run_arm(a, name: str, extra: list[str] | None, topo, work: Path) -> dict:
     d = work / name.replace(" ", "_").replace("=", "")
     d.mkdir(parents=True)
     wrap = (lambda i, argv: topo.exec_cmd(i, argv)) if topo else (lambda i, argv: argv)
-    coord = None
+    coord = relay = None
     elastic: list[str] = []
     if extra is not None:
         secret = d / "secret"
@@ -83,7 +83,14 @@ def run_arm(a, name: str, extra: list[str] | None, topo, work: Path) -> dict:
             if time.time() > deadline or coord.poll() is not None:
                 raise RuntimeError(f"the coordinator did not start: {(d / 'coordinator.log').read_text()[-2000:]}")
             time.sleep(0.1)
-        elastic = [f"--elastic.coordinator={host}:{port_file.read_text().strip()}",
+        coord_port = int(port_file.read_text().strip())
+        if a.coord_delay_ms > 0:  # the coordinator a WAN away: every control round trip costs 2 x the delay
+            sys.path.insert(0, str(common.ROOT / "launch"))
+            from delay_relay import DelayRelay
+
+            relay = DelayRelay((host, 0), (host, coord_port), delay_s=a.coord_delay_ms / 1e3).start()
+            coord_port = relay.port
+        elastic = [f"--elastic.coordinator={host}:{coord_port}",
                    f"--elastic.secret_file={secret}", "--elastic.run_id=u", f"--elastic.data_shards={N}",
                    f"--elastic.streams={a.streams}", *extra]
     t0 = time.perf_counter()
@@ -92,6 +99,8 @@ def run_arm(a, name: str, extra: list[str] | None, topo, work: Path) -> dict:
         argv = [*cli, "train", *model_args(a), f"--run.dir={d / f'island{i}'}", f"--run.seed={i}"]
         if extra is not None:
             argv += [*elastic, f"--elastic.island_name=island{i}", f"--elastic.data_shard={i}"]
+            if topo and a.coord_delay_ms > 0:  # the coordinator sees the relay's address, not the island's
+                argv.append(f"--elastic.advertise_host={topo.ips[i]}")
         procs.append(subprocess.Popen(wrap(i, argv), env=env, cwd=common.ROOT, stdout=subprocess.DEVNULL,
                                       stderr=open(d / f"island{i}.log", "w")))
     try:
@@ -103,6 +112,8 @@ def run_arm(a, name: str, extra: list[str] | None, topo, work: Path) -> dict:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+        if relay is not None:
+            relay.close()
     return summarise(name, d, a, time.perf_counter() - t0)
 
 
@@ -153,8 +164,10 @@ def report(results: list[dict], a) -> str:
                         "peak vs blocking", "wait s: copy / reduce / apply / vote", "hashes agree"], rows,
                        "lrrrrrrrrl")
     link = f"tbf {a.rate} up and down per island (launch/wan_emulation.py)" if not a.no_netns else "loopback"
+    away = (f" behind a relay adding {a.coord_delay_ms:g} ms each way (launch/delay_relay.py; islands advertise "
+            "their own addresses)") if a.coord_delay_ms else ""
     notes = (f"Three `intellect-jax train` island processes on this machine's CPU cores, {link}, coordinator on the "
-             f"bridge; model: debug Llama with hidden {a.hidden}, 4 layers ({a.params / 1e6:.2f}M params), "
+             f"bridge{away}; model: debug Llama with hidden {a.hidden}, 4 layers ({a.params / 1e6:.2f}M params), "
              f"{a.batch} x {a.seq_len} tokens per island step, int8 ring, {a.streams} streams, H = {a.H}, "
              f"{a.steps} inner steps; streaming: {a.fragments} fragments, merge alpha {a.alpha}. Utilization (end to "
              "end) = the compute-only seconds per inner step (the mean of its two runs, each the pace of its slowest "
@@ -182,6 +195,8 @@ def main() -> int:
     ap.add_argument("--taus", type=int, nargs="+", default=[1, 2, 5])
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--streams", type=int, default=4)
+    ap.add_argument("--coord-delay-ms", type=float, default=0.0, help="one-way delay between the islands and the "
+                    "coordinator (a relay, launch/delay_relay.py; 0: none)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds an arm may take")
     ap.add_argument("--out", default=None, help="keep the runs here (default: a temporary directory)")
     ap.add_argument("--only", nargs="+", default=None, help="run only the arms whose name contains one of these")
@@ -224,7 +239,8 @@ def main() -> int:
     body = report(results, a)
     print("\n" + body + f"\n\ntotal {seconds:.0f} s")
     if not a.quick:
-        common.write_section(f"Streaming utilization (elastic, {a.rate if not a.no_netns else 'loopback'})",
+        away = f", coordinator {a.coord_delay_ms:g} ms away" if a.coord_delay_ms else ""
+        common.write_section(f"Streaming utilization (elastic, {a.rate if not a.no_netns else 'loopback'}{away})",
                              "\n\n".join([common.provenance(seconds), body, "Raw: `" + json.dumps(results) + "`"]))
     return 0
 
