@@ -85,11 +85,14 @@ def run_arm(a, name: str, extra: list[str] | None, topo, work: Path) -> dict:
             time.sleep(0.1)
         coord_port = int(port_file.read_text().strip())
         if a.coord_delay_ms > 0:  # the coordinator a WAN away: every control round trip costs 2 x the delay
-            sys.path.insert(0, str(common.ROOT / "launch"))
-            from delay_relay import DelayRelay
-
-            relay = DelayRelay((host, 0), (host, coord_port), delay_s=a.coord_delay_ms / 1e3).start()
-            coord_port = relay.port
+            relay = subprocess.Popen(wrap(None, [sys.executable, str(common.ROOT / "launch" / "delay_relay.py"),
+                                                 "--listen", f"{host}:{coord_port + 1}", "--to", f"{host}:{coord_port}",
+                                                 "--delay-ms", str(a.coord_delay_ms)]),
+                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            line = relay.stdout.readline()
+            if not line.startswith("relay"):
+                raise RuntimeError(f"the coordinator's delay relay did not start: {line}{relay.stdout.read()}")
+            coord_port += 1
         elastic = [f"--elastic.coordinator={host}:{coord_port}",
                    f"--elastic.secret_file={secret}", "--elastic.run_id=u", f"--elastic.data_shards={N}",
                    f"--elastic.streams={a.streams}", *extra]
@@ -108,12 +111,10 @@ def run_arm(a, name: str, extra: list[str] | None, topo, work: Path) -> dict:
             if p.wait(timeout=a.timeout) != 0:
                 raise RuntimeError(f"{name}: island {i} failed: {(d / f'island{i}.log').read_text()[-3000:]}")
     finally:
-        for p in procs + ([coord] if coord else []):
+        for p in procs + [q for q in (coord, relay) if q]:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-        if relay is not None:
-            relay.close()
     return summarise(name, d, a, time.perf_counter() - t0)
 
 
