@@ -45,7 +45,7 @@ class ElasticIsland:
         self.local = sync  # the ElasticSync whose DiLoCo state this island shares
         self._lock = threading.Lock()
         self._snapshot: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None
-        self.pending_vote: tuple[int, str] | None = None  # (outer step, hash) voted without waiting (streaming)
+        self._vote: tuple[threading.Thread, int, list] | None = None  # streaming: (thread, outer step, its verdict)
         self.client = IslandClient(cfg.elastic, cfg.elastic.run_id or cfg.run.name, self._provide,
                                    compression=cfg.diloco.compression, block_size=cfg.diloco.block_size)
         self.refresh_snapshot()
@@ -83,7 +83,7 @@ class ElasticIsland:
             raise RuntimeError(f"the peer's state lacks {missing[:3]}: is it running the same model and optimizer?")
         values = [state.arrays[jax.tree_util.keystr(p)].reshape(np.shape(x)) for p, x in leaves]
         new = jax.tree_util.tree_unflatten(treedef, values)
-        self.pending_vote = None  # the peer's state replaces what was voted on
+        self._join_vote()  # the peer's state replaces what was voted on
         self.local.install_global(new["global_params"], new["outer_opt_state"], int(state.meta["outer_step"]),
                                     int(state.meta.get("step", 0)))
         got = self.refresh_snapshot()
@@ -119,26 +119,46 @@ class ElasticIsland:
 
     def settle(self, outer_step: int, metrics: dict, wait: bool = True) -> tuple[dict, str]:
         """After the mean of `outer_step` was applied: the hash vote; a loser re-syncs from a peer. ``wait=False``
-        (streaming): the vote is cast without waiting for the others; `settle_pending` takes its verdict later."""
+        (streaming): the vote (a round trip to the coordinator and the wait for the other islands' votes) runs in a
+        background thread while the inner steps go on; `settle_pending` takes its verdict."""
         h = self.refresh_snapshot()
-        ok = self.client.commit(outer_step, h, wait=wait)
-        if ok is None:
-            self.pending_vote = (outer_step, h)
-        elif not ok:
+        if not wait:
+            if self._vote is not None:
+                raise RuntimeError(f"outer step {self._vote[1]}'s hash vote was never judged (settle_pending)")
+            out: list = []
+
+            def vote() -> None:
+                try:
+                    out.append(self.client.commit(outer_step, h))
+                except Exception as e:  # noqa: BLE001 - re-raised where the verdict is taken
+                    out.append(e)
+
+            t = threading.Thread(target=vote, name=f"vote-{outer_step}", daemon=True)
+            t.start()
+            self._vote = (t, outer_step, out)
+            return metrics, h
+        if not self.client.commit(outer_step, h):
             self._lost(outer_step)
             return metrics, self.snapshot_hash()
         return metrics, h
 
     def settle_pending(self) -> bool:
-        """The verdict of a vote cast without waiting (at once if none is pending); True if this island was in the
-        minority and re-synced from a peer (its state is now the peer's)."""
-        if self.pending_vote is None:
-            return False
-        (outer_step, h), self.pending_vote = self.pending_vote, None
-        if self.client.verdict(outer_step, h):
+        """The verdict of a vote running in the background (at once if there is none); True if this island was in
+        the minority and re-synced from a peer (its state is now the peer's)."""
+        outer_step, ok = self._join_vote()
+        if isinstance(ok, BaseException):
+            raise ok
+        if ok is None or ok:
             return False
         self._lost(outer_step)
         return True
+
+    def _join_vote(self) -> tuple[int, bool | BaseException | None]:
+        if self._vote is None:
+            return -1, None
+        (t, outer_step, out), self._vote = self._vote, None
+        t.join()
+        return outer_step, out[0]
 
     def _lost(self, outer_step: int) -> None:
         log.warning("global state after outer step %d differs from the majority: re-syncing from a peer", outer_step)

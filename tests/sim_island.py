@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
                     "frames of outer step STEP (fault injection for tests)")
     ap.add_argument("--corrupt-at", type=int, default=-1, help="perturb our params after this outer step's "
                     "update (fault injection: the commit vote must catch it and we must re-sync)")
-    ap.add_argument("--vote-later", action="store_true", help="cast each hash vote without waiting and take its "
-                    "verdict before the next pseudo-gradient leaves (what streaming islands do)")
+    ap.add_argument("--vote-later", action="store_true", help="vote in a background thread and take the verdict "
+                    "before the next pseudo-gradient leaves (what streaming islands do)")
     ap.add_argument("--poison", default="", help="STEP:KIND: send a poisoned pseudo-gradient at outer step STEP, "
                     "KIND nan (one NaN) or xF (F times the real one); fault injection for the guard")
     ap.add_argument("--log-level", default="INFO")
@@ -120,15 +120,15 @@ def main(argv: list[str] | None = None) -> int:
     emit(event="joined", run_step=info.run_step, needs_state=info.needs_state, port=client.port)
     if info.needs_state:
         install(client.fetch_state())
-    voted = None  # --vote-later: the step event whose vote awaits its verdict
+    voted = None  # --vote-later: (the vote's thread, its step event)
 
     def settle_vote() -> bool:
-        """The verdict of the vote cast without waiting; False: ours differed and we re-synced."""
+        """The verdict of the vote running in the background; False: ours differed and we re-synced."""
         nonlocal voted
         if voted is None:
             return True
-        ev, voted = voted, None
-        ev["ok"] = client.verdict(ev["step"], ev["hash"])
+        (t, ev), voted = voted, None
+        t.join()
         emit(**ev)
         if not ev["ok"]:
             install(client.fetch_state())
@@ -165,17 +165,19 @@ def main(argv: list[str] | None = None) -> int:
             with lock:
                 st["p"], st["m"], st["step"] = p, m, s + 1
             h = snapshot()[1]["params_hash"]
-            ok = client.commit(s, h, wait=not a.vote_later)
             stats = client.last_stats
-            ev = dict(event="step", step=s, hash=h, ok=ok, epoch=stats.get("epoch"), members=stats.get("members"),
+            ev = dict(event="step", step=s, hash=h, ok=None, epoch=stats.get("epoch"), members=stats.get("members"),
                       order=stats.get("order"), aborts=stats.get("aborts"), seconds=stats.get("seconds"),
                       delta_hash=params_hash({"d": delta}))
-            if ok is None:
-                emit(event="vote_pending", step=s)
-                voted = ev
+            if a.vote_later:
+                t = threading.Thread(target=lambda ev=ev, s=s, h=h: ev.update(ok=client.commit(s, h)))
+                t.start()
+                emit(event="vote_started", step=s)
+                voted = (t, ev)
                 continue
+            ev["ok"] = client.commit(s, h)
             emit(**ev)
-            if not ok:
+            if not ev["ok"]:
                 install(client.fetch_state())
         settle_vote()
     finally:

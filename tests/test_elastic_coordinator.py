@@ -92,44 +92,6 @@ def _one_epoch(a, b, step):
     return ep
 
 
-def test_a_vote_cast_without_waiting_gets_its_verdict_later(coord):
-    """Streaming islands vote and go on training; the verdict is asked for after the next outer step committed."""
-    a, b = Isl(coord, "a", 0), Isl(coord, "b", 0)
-    a.rpc("register"), b.rpc("register"), a.rpc("register")
-    tb, rb = _bg(lambda: b.wait("sync", step=0))
-    ep = a.wait("sync", step=0)["epoch"]
-    tb.join()
-    tb, _ = _bg(lambda: b.wait("done", epoch=ep["id"], step=0, ok=True))
-    a.wait("done", epoch=ep["id"], step=0, ok=True)
-    tb.join()
-    assert a.rpc("commit", step=0, hash="h1", wait=False) == {"pending": True}  # b has not voted: a goes on
-    assert b.rpc("commit", step=0, hash="h1", wait=False) == {"ok": True, "hash": "h1"}  # decided by b's vote
-    tb, rb = _bg(lambda: b.wait("sync", step=1))  # the next outer step goes on meanwhile
-    ep = a.wait("sync", step=1)["epoch"]
-    tb.join()
-    assert rb["r"]["epoch"] == ep and ep["members"] == ["a", "b"]
-    tb, _ = _bg(lambda: b.wait("done", epoch=ep["id"], step=1, ok=True))
-    a.wait("done", epoch=ep["id"], step=1, ok=True)
-    tb.join()
-    assert a.wait("verdict", step=0, hash="h1") == {"ok": True, "hash": "h1"}  # asked after moving on
-    assert a.rpc("commit", step=1, hash="h9", wait=False) == {"pending": True}
-    assert b.rpc("commit", step=1, hash="h2", wait=False) == {"ok": True, "hash": "h2"}  # tie: the smallest
-    assert a.wait("verdict", step=1, hash="h9") == {"ok": False, "hash": "h2"}  # a re-syncs now
-    with pytest.raises(wire.RemoteError, match="wait must be"):
-        a.rpc("commit", step=1, hash="h9", wait="no")
-    with pytest.raises(wire.RemoteError, match="only islands that applied"):
-        a.rpc("verdict", step=3, hash="h1")
-
-
-def test_a_verdict_after_a_restart_comes_from_the_re_registered_hashes(coord):
-    """A restarted coordinator lost the votes; the islands' re-registrations carry the hash each last voted."""
-    last = {"id": 8, "step": 4, "members": ["a", "b"]}
-    a, b = Isl(coord, "a", 5, h="hA", last_epoch=last), Isl(coord, "b", 5, h="hB", last_epoch=last)
-    a.rpc("heartbeat"), b.rpc("heartbeat")
-    assert a.wait("verdict", step=4, hash="hA") == {"ok": True, "hash": "hA"}
-    assert b.wait("verdict", step=4, hash="hB") == {"ok": False, "hash": "hA"}
-
-
 def test_streams_per_link_follow_the_measured_round_trips(coord):
     """elastic.streams = 0: the first epoch (nothing measured) uses 4 streams; once the islands report their probed
     round trips, each epoch carries ceil(link rate x slowest RTT / 4 MiB) within [4, 16], the same for every member."""

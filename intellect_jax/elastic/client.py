@@ -198,23 +198,11 @@ class IslandClient:
             if aborts > self.cfg.reduce_retries:
                 raise ReduceFailed(f"outer step {outer_step}: reduce aborted {aborts} times")
 
-    def commit(self, outer_step: int, params_hash: str, wait: bool = True) -> bool | None:
-        """Reports the hash of the global params after `outer_step`; False: ours differs, call fetch_state().
-        ``wait=False``: the vote is cast and the call returns at once, None while the majority is not known yet
-        (ask `verdict` later)."""
+    def commit(self, outer_step: int, params_hash: str) -> bool:
+        """Reports the hash of the global params after `outer_step`; False: ours differs, call fetch_state()."""
         with self._lock:
             self.hash = params_hash
-        if wait:
-            return self._judged(outer_step, params_hash, self._wait("commit", step=outer_step, hash=params_hash))
-        rep = self._rpc("commit", step=outer_step, hash=params_hash, wait=False)
-        return None if rep.get("pending") else self._judged(outer_step, params_hash, rep)
-
-    def verdict(self, outer_step: int, params_hash: str) -> bool:
-        """Whether a vote cast with ``commit(wait=False)`` agreed with the majority (waits until it is known)."""
-        return self._judged(outer_step, params_hash, self._wait("verdict", step=outer_step, hash=params_hash))
-
-    @staticmethod
-    def _judged(outer_step: int, params_hash: str, rep: dict[str, Any]) -> bool:
+        rep = self._wait("commit", step=outer_step, hash=params_hash)
         if not rep["ok"]:
             log.warning("outer step %d: our params hash %s differs from the run's %s; re-sync needed", outer_step,
                         params_hash[:16], rep["hash"][:16])

@@ -13,10 +13,7 @@ Outer step protocol (``s`` = completed outer steps = index of the outer step bei
    (or all died). Only after "commit" does an island apply the outer update, so no update is half-applied; after
    "abort" the survivors redo step s in a new epoch from their kept pseudo-gradients.
 4. ``commit(s, hash)``: the hash of the new global params; the canonical hash is the majority over the islands that
-   applied step s (tie: the smallest); an island that differs re-syncs from a peer. With ``wait: false`` the vote
-   is recorded and answered at once (``pending`` until the majority is known; streaming islands vote so and go on
-   training); ``verdict(s, hash)`` later waits for the canonical hash (and re-records a vote the coordinator lost
-   in a restart).
+   applied step s (tie: the smallest); an island that differs re-syncs from a peer.
 
 Pseudo-gradient guard (``diloco.max_norm_ratio``, the rule of ``diloco.guard`` in the in-program transport): each
 ``sync`` carries the island's pseudo-gradient norm (null: not finite). When the epoch forms, an island whose
@@ -322,7 +319,7 @@ class Coordinator:
                 log.info("island %s measured links (MB/s): %s", name,
                          {k: round(v / 1e6, 1) for k, v in isl.rates.items()})
                 return {"ok": True}
-            waiters = {"sync": self._sync, "done": self._done, "commit": self._commit, "verdict": self._verdict}
+            waiters = {"sync": self._sync, "done": self._done, "commit": self._commit}
             if op not in waiters:
                 raise ValueError(f"unknown op {op!r}")
             deadline = time.monotonic() + POLL_S
@@ -629,31 +626,11 @@ class Coordinator:
         if isl.step != s + 1:  # only islands that applied step s vote on its hash
             raise ValueError(f"a vote on outer step {s} from an island at step {isl.step}: only islands that "
                              "applied the step vote")
-        wait = req.get("wait", True)
-        if not isinstance(wait, bool):
-            raise ValueError(f"wait must be true or false, got {wait!r:.40}")
         self.hashes[s][isl.name] = h
         isl.hash = h
         self._maybe_canonical()
         if s not in self.canonical:
-            return None if wait else {"pending": True}
-        want = self.canonical[s]
-        return {"ok": h == want, "hash": want}
-
-    def _verdict(self, isl: Island, req: dict) -> dict[str, Any] | None:
-        """The canonical hash of outer step s for a vote cast earlier without waiting (the island may have moved on
-        since). A vote this coordinator does not hold (it restarted) is recorded again first."""
-        s, h = _int(req.get("step"), "step", 0), _hash(req.get("hash"))
-        if self.recovering:
             return None
-        if s not in self.canonical:
-            if isl.step < s + 1:
-                raise ValueError(f"a verdict on outer step {s} for an island at step {isl.step}: only islands that "
-                                 "applied the step voted")
-            self.hashes[s].setdefault(isl.name, h)
-            self._maybe_canonical()
-            if s not in self.canonical:
-                return None
         want = self.canonical[s]
         return {"ok": h == want, "hash": want}
 
