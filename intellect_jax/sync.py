@@ -803,8 +803,9 @@ class ElasticSync(DilocoSync):
             self.state, metrics = self._frag_apply[p](self.state, *self._to_device(delta))
             metrics = self._block(metrics)
             apply_s = time.perf_counter() - t
-            # The hash vote is cast without waiting for the others; its verdict is taken before this island's next
-            # pseudo-gradient leaves it (`_launch`), so a minority state never feeds a reduce.
+            # The hash vote runs in a background thread (its coordinator round trips overlap the next inner steps);
+            # its verdict is taken before this island's next pseudo-gradient leaves it (`_launch`), so a minority
+            # state never feeds a reduce.
             metrics, h = self.island.settle(r, metrics, wait=False)
         except StaleStep as e:
             metrics, h = self.island.resync(f"outer step {r} completed without this island ({e})")
@@ -812,7 +813,7 @@ class ElasticSync(DilocoSync):
         stats = self.island.client.last_stats
         extra = {"fragment": p, "overlap_steps": self.tau, "params_hash": h,
                  # where the wait went: the pseudo-gradient's copy at the sync, the reduce not done yet, the apply,
-                 # the snapshot + hash vote (cast without waiting)
+                 # the snapshot (the vote itself runs in the background)
                  "wait_launch_seconds": launch_s, "wait_reduce_seconds": reduce_s, "wait_apply_seconds": apply_s,
                  "wait_vote_seconds": wait_s - launch_s - reduce_s - apply_s,
                  "bytes_sent_per_island": stats.get("bytes_sent", 0), "islands": len(stats.get("members", [])) or 1,
