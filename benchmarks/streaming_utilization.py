@@ -81,6 +81,7 @@ def run_arm(a, name: str, extra: list[str] | None, topo, work: Path) -> dict:
         deadline = time.time() + 60
         while not (port_file.exists() and port_file.read_text().strip()):
             if time.time() > deadline or coord.poll() is not None:
+                coord.kill()
                 raise RuntimeError(f"the coordinator did not start: {(d / 'coordinator.log').read_text()[-2000:]}")
             time.sleep(0.1)
         coord_port = int(port_file.read_text().strip())
@@ -91,6 +92,8 @@ def run_arm(a, name: str, extra: list[str] | None, topo, work: Path) -> dict:
                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             line = relay.stdout.readline()
             if not line.startswith("relay"):
+                coord.kill()
+                relay.kill()
                 raise RuntimeError(f"the coordinator's delay relay did not start: {line}{relay.stdout.read()}")
             coord_port += 1
         elastic = [f"--elastic.coordinator={host}:{coord_port}",
