@@ -58,8 +58,14 @@ class ElasticIsland:
 
     def refresh_snapshot(self) -> str:
         """Copies the global state to the host (served to joiners from a background thread); returns its hash."""
+        return self._publish(*self._host_copy())
+
+    def _host_copy(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         arrays = _flat(jax.device_get(self._global_tree()))
-        meta = {"outer_step": int(self.local.state.outer_step), "step": int(self.local.state.inner.step[0])}
+        return arrays, {"outer_step": int(self.local.state.outer_step), "step": int(self.local.state.inner.step[0])}
+
+    def _publish(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> str:
+        """Hashes a host copy and makes it the snapshot served to joiners; returns its hash."""
         meta["array_digests"] = array_digests(arrays)  # kept for the state manifest: hashed once per sync
         meta["params_hash"] = params_hash(arrays, meta["array_digests"])
         with self._lock:
@@ -117,48 +123,52 @@ class ElasticIsland:
         """The ring reduce of `payload` for this outer step in a background thread (streaming: the islands go on)."""
         return Reduce(self.client, outer_step, payload, norm, packed_out)
 
-    def settle(self, outer_step: int, metrics: dict, wait: bool = True) -> tuple[dict, str]:
-        """After the mean of `outer_step` was applied: the hash vote; a loser re-syncs from a peer. ``wait=False``
-        (streaming): the vote (a round trip to the coordinator and the wait for the other islands' votes) runs in a
-        background thread while the inner steps go on; `settle_pending` takes its verdict."""
-        h = self.refresh_snapshot()
+    def settle(self, outer_step: int, metrics: dict, wait: bool = True) -> tuple[dict, str | None]:
+        """After the mean of `outer_step` was applied: the hash vote; a loser re-syncs from a peer. Returns the
+        metrics and the hash of the new global state. ``wait=False`` (streaming): only the host copy of the state
+        is taken here; hashing it and the vote (a round trip to the coordinator and the wait for the other islands'
+        votes) run in a background thread while the inner steps go on, the hash is None, and `settle_pending`
+        takes the verdict and the hash."""
         if not wait:
             if self._vote is not None:
                 raise RuntimeError(f"outer step {self._vote[1]}'s hash vote was never judged (settle_pending)")
+            arrays, meta = self._host_copy()  # before the next inner step takes the state's buffers
             out: list = []
 
             def vote() -> None:
                 try:
-                    out.append(self.client.commit(outer_step, h))
+                    h = self._publish(arrays, meta)
+                    out.append((h, self.client.commit(outer_step, h)))
                 except Exception as e:  # noqa: BLE001 - re-raised where the verdict is taken
-                    out.append(e)
+                    out.append((None, e))
 
             t = threading.Thread(target=vote, name=f"vote-{outer_step}", daemon=True)
             t.start()
             self._vote = (t, outer_step, out)
-            return metrics, h
+            return metrics, None
+        h = self.refresh_snapshot()
         if not self.client.commit(outer_step, h):
             self._lost(outer_step)
             return metrics, self.snapshot_hash()
         return metrics, h
 
-    def settle_pending(self) -> bool:
-        """The verdict of a vote running in the background (at once if there is none); True if this island was in
-        the minority and re-synced from a peer (its state is now the peer's)."""
-        outer_step, ok = self._join_vote()
+    def settle_pending(self) -> tuple[bool, str | None]:
+        """The verdict of a vote running in the background (at once if there is none): (True if this island was in
+        the minority and re-synced from a peer, its state now the peer's; the hash it voted, None if no vote)."""
+        outer_step, h, ok = self._join_vote()
         if isinstance(ok, BaseException):
             raise ok
         if ok is None or ok:
-            return False
+            return False, h
         self._lost(outer_step)
-        return True
+        return True, h
 
-    def _join_vote(self) -> tuple[int, bool | BaseException | None]:
+    def _join_vote(self) -> tuple[int, str | None, bool | BaseException | None]:
         if self._vote is None:
-            return -1, None
+            return -1, None, None
         (t, outer_step, out), self._vote = self._vote, None
         t.join()
-        return outer_step, out[0]
+        return outer_step, *out[0]
 
     def _lost(self, outer_step: int) -> None:
         log.warning("global state after outer step %d differs from the majority: re-syncing from a peer", outer_step)

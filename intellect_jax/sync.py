@@ -588,6 +588,7 @@ class ElasticSync(DilocoSync):
                                         out_shardings=(full, rep), donate_argnums=0)
         self.island = None
         self._flight = None  # streaming: (fragment, due step, island.Reduce, launch s) of the reduce in flight
+        self._row = None  # streaming: (outer row, report) held back until its vote thread has hashed the state
         if self.frags is not None:
             self._build_fragment_programs(cfg)
 
@@ -725,7 +726,7 @@ class ElasticSync(DilocoSync):
         if self._flight is not None:
             return False
         if self.island is not None:
-            self.island.settle_pending()
+            self._settle_vote(time.perf_counter())
         return True
 
     def _resume_step(self, step: int) -> int:
@@ -756,8 +757,19 @@ class ElasticSync(DilocoSync):
         if self._flight is not None and self.tau == 0 and self._flight[1] == step:
             step = self._land(step, report)
         if step >= self.cfg.total_inner_steps:
-            self.island.settle_pending()  # the run's last vote: its verdict before the final save
+            self._settle_vote(time.perf_counter())  # the run's last vote: its verdict before the final save
         return step
+
+    def _settle_vote(self, ready_at: float) -> bool:
+        """The verdict of the last fragment sync's hash vote (running in the background since its mean was applied)
+        and its outer row, held back for the hash until now; True: this island was in the minority and now holds a
+        peer's state. `ready_at`: when the inner steps before this point had finished (for the metrics logger)."""
+        lost, h = self.island.settle_pending()
+        if self._row is not None:
+            (row, report), self._row = self._row, None
+            row["params_hash"] = h
+            report(row, ready_at)
+        return lost
 
     def _launch(self, step: int) -> bool:
         """Fragment p's pseudo-gradient leaves the device and its ring reduce starts in the background. False (no
@@ -767,7 +779,7 @@ class ElasticSync(DilocoSync):
 
         jax.block_until_ready(self.state.inner)  # the inner steps before the sync are compute, not waiting
         t0 = time.perf_counter()
-        if self.island.settle_pending():
+        if self._settle_vote(t0):
             return False
         r = self.outer_step()
         p = r % self.frags.count
@@ -803,23 +815,27 @@ class ElasticSync(DilocoSync):
             self.state, metrics = self._frag_apply[p](self.state, *self._to_device(delta))
             metrics = self._block(metrics)
             apply_s = time.perf_counter() - t
-            # The hash vote runs in a background thread (its coordinator round trips overlap the next inner steps);
-            # its verdict is taken before this island's next pseudo-gradient leaves it (`_launch`), so a minority
-            # state never feeds a reduce.
+            # Hashing the state and the vote run in a background thread (the hash and the coordinator round trips
+            # overlap the next inner steps); the verdict is taken before this island's next pseudo-gradient leaves
+            # it (`_launch`), so a minority state never feeds a reduce.
             metrics, h = self.island.settle(r, metrics, wait=False)
         except StaleStep as e:
             metrics, h = self.island.resync(f"outer step {r} completed without this island ({e})")
         wait_s = time.perf_counter() - ready_at + launch_s
         stats = self.island.client.last_stats
-        extra = {"fragment": p, "overlap_steps": self.tau, "params_hash": h,
+        extra = {"fragment": p, "overlap_steps": self.tau, **({"params_hash": h} if h else {}),
                  # where the wait went: the pseudo-gradient's copy at the sync, the reduce not done yet, the apply,
-                 # the snapshot (the vote itself runs in the background)
+                 # the state's host copy (hashing and the vote run in the background)
                  "wait_launch_seconds": launch_s, "wait_reduce_seconds": reduce_s, "wait_apply_seconds": apply_s,
                  "wait_vote_seconds": wait_s - launch_s - reduce_s - apply_s,
                  "bytes_sent_per_island": stats.get("bytes_sent", 0), "islands": len(stats.get("members", [])) or 1,
                  "ring_order": stats.get("order"), "reduce_aborts": stats.get("aborts", 0)}
-        report(self._record(step, jax.device_get(metrics), wait_s, self.fragment_wire_bytes[p], extra,
-                            sync_s=max(sync_s or 0.0, wait_s)), ready_at)
+        row = self._record(step, jax.device_get(metrics), wait_s, self.fragment_wire_bytes[p], extra,
+                           sync_s=max(sync_s or 0.0, wait_s))
+        if h is None:  # the vote thread hashes the state: the row waits for its hash (`_settle_vote`)
+            self._row = (row, report)
+        else:
+            report(row, ready_at)
         return self._resume_step(step)
 
     def _packed_abstract(self, n: int) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
