@@ -241,22 +241,11 @@ def pack(x, *, bits: int = 8, block_size: int = 256, route: str = "u32") -> tupl
 PALLAS_ROWS = 8
 
 
-def pallas_rows(n: int, block_size: int, rows: int = PALLAS_ROWS) -> int | None:
-    """Blocks per program `pack_pallas` can use for n elements (``rows`` or a smaller power of two dividing the
-    block count, at least 8), or None where n is not made of such tiles (then use `pack`)."""
-    if n % block_size:
-        return None
-    blocks = n // block_size
-    while rows > 8 and blocks % rows:
-        rows //= 2
-    return rows if blocks and blocks % rows == 0 else None
-
-
 def pack_pallas(x, *, bits: int = 8, block_size: int = 256, rows: int = PALLAS_ROWS, num_warps: int = 4,
                 route: str = "u32", interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """`pack` as one Pallas kernel: each program reads its tile of ``rows`` blocks once and writes their codes and
     scales (XLA's `pack` makes two passes over x: block max, then codes). The same bytes as `pack`: the same
-    `_block_codes` runs on each tile. The block count must be a multiple of ``rows`` (see `pallas_rows`);
+    `_block_codes` runs on each tile. The block count must be a multiple of ``rows`` (`pack_padded` pads to that);
     ``interpret`` runs the kernel on any backend (tests). Lowered through Triton on GPUs."""
     import jax
     import jax.numpy as jnp
@@ -266,8 +255,8 @@ def pack_pallas(x, *, bits: int = 8, block_size: int = 256, rows: int = PALLAS_R
     x = _check_vector(x, bits, block_size)
     blocks = x.shape[0] // block_size
     if rows < 1 or blocks % rows:
-        raise ValueError(f"{blocks} blocks do not split into tiles of {rows}; pick rows with pallas_rows() or "
-                         "use pack()")
+        raise ValueError(f"{blocks} blocks do not split into tiles of {rows}; pad with padded_size(n, block_size, "
+                         "rows) or use pack_padded()")
 
     def kernel(x_ref, codes_ref, scales_ref):
         codes, scales = _block_codes(jax.lax.bitcast_convert_type(x_ref[...], jnp.uint32), bits, route)
@@ -288,26 +277,19 @@ def pack_pallas(x, *, bits: int = 8, block_size: int = 256, rows: int = PALLAS_R
     return _nibbles(codes), scales
 
 
-# How `pack_padded` makes the bytes on GPUs: "pallas" (`pack_pallas`) or "xla" (`pack`), by which rounding route
-# (`_block_codes`). The same bytes every way; benchmarks/gpu.py times each. On an H200 (benchmarks/RESULTS.md, GPU
-# section) the Pallas kernel on the "fix" route packs 1.5x faster than XLA's `pack` on the uint32 route.
-GPU_PACK, GPU_ROUTE = "pallas", "fix"
-
-
 def pack_padded(x, *, bits: int = 8, block_size: int = 256) -> tuple[jax.Array, jax.Array]:
     """A flat vector of any length, zero-padded to whole blocks and packed: the device's fastest route to the bytes
-    of `pack` (on GPUs GPU_PACK's; the Pallas kernel's tiles take the padding up to a whole tile)."""
+    of `pack`. On GPUs the Pallas kernel on the "fix" route (its tiles take the padding up to a whole tile; 1.5x
+    XLA's `pack` on an H200, benchmarks/RESULTS.md, GPU section); elsewhere XLA's `pack` on the uint32 route."""
     import jax
     import jax.numpy as jnp
 
     n = x.shape[0]
     blocks = padded_size(n, block_size) // block_size
-    gpu = jax.default_backend() == "gpu"
-    route = GPU_ROUTE if gpu else "u32"
-    if not gpu or GPU_PACK != "pallas" or (bits == 4 and block_size % 2):
-        return pack(jnp.pad(x, (0, blocks * block_size - n)), bits=bits, block_size=block_size, route=route)
+    if jax.default_backend() != "gpu":
+        return pack(jnp.pad(x, (0, blocks * block_size - n)), bits=bits, block_size=block_size)
     codes, scales = pack_pallas(jnp.pad(x, (0, padded_size(n, block_size, PALLAS_ROWS) - n)), bits=bits,
-                                block_size=block_size, route=route)
+                                block_size=block_size, route="fix")
     return codes[: blocks * block_size * bits // 8], scales[:blocks]
 
 

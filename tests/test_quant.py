@@ -1,5 +1,6 @@
 """quant: exact codes, the jnp/numpy twins give the same bytes, round-trip error within the derived bound."""
 
+import math
 from fractions import Fraction
 
 import jax
@@ -328,7 +329,7 @@ def test_pallas_pack_kernel_gives_the_same_bytes(edge_x, bits):
     x = np.concatenate([edge_x, edge_x[::-1]])
     x = np.concatenate([x, np.zeros(8 * BLOCK - x.size % (8 * BLOCK), np.float32)])
     c_np, s_np = quant.pack_np(x, bits=bits)
-    for rows, route in [(8, "u32"), (quant.pallas_rows(x.size, BLOCK, 64), "u32"), (16, "fix")]:
+    for rows, route in [(8, "u32"), (math.gcd(x.size // BLOCK, 64), "u32"), (16, "fix")]:
         c, s = quant.pack_pallas(jnp.asarray(x), bits=bits, rows=rows, route=route, interpret=True)
         assert c.dtype == c_np.dtype
         np.testing.assert_array_equal(_bits_of(c), _bits_of(c_np))
@@ -337,18 +338,16 @@ def test_pallas_pack_kernel_gives_the_same_bytes(edge_x, bits):
         quant.pack_pallas(jnp.asarray(x[:-BLOCK]), bits=bits, rows=8, interpret=True)
 
 
-def test_pallas_rows_and_pack_padded(monkeypatch):
-    assert quant.pallas_rows(BLOCK * 64, BLOCK, 32) == 32 and quant.pallas_rows(BLOCK * 64, BLOCK) == quant.PALLAS_ROWS
-    assert quant.pallas_rows(BLOCK * 8 * 3, BLOCK, 32) == 8
-    assert quant.pallas_rows(BLOCK * 7, BLOCK) is None and quant.pallas_rows(BLOCK * 8 + 1, BLOCK) is None
+def test_pack_padded_takes_the_pallas_kernel_on_gpus(monkeypatch):
     x = jax.random.normal(jax.random.key(3), (BLOCK * 9 + 17,))
     # Force the GPU route (the Pallas kernel on a tile-padded vector, sliced back) through the interpreter.
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    real = quant.pack_pallas
-    monkeypatch.setattr(quant, "pack_pallas", lambda v, **kw: real(v, interpret=True, **kw))
+    real, calls = quant.pack_pallas, []
+    monkeypatch.setattr(quant, "pack_pallas", lambda v, **kw: calls.append(kw) or real(v, interpret=True, **kw))
     for bits in (8, 4):
         got = quant.pack_padded(x, bits=bits)
         want = quant.pack(jnp.pad(x, (0, BLOCK - 17)), bits=bits)
         assert got[0].shape == want[0].shape and got[1].shape == (10,)
         np.testing.assert_array_equal(_bits_of(got[0]), _bits_of(want[0]))
         np.testing.assert_array_equal(_bits_of(got[1]), _bits_of(want[1]))
+    assert [(c["bits"], c["route"]) for c in calls] == [(8, "fix"), (4, "fix")]
