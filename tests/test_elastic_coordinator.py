@@ -78,6 +78,21 @@ def test_epoch_waits_for_all_islands_at_the_step_then_commits_and_votes(coord):
     assert coord.canonical == {-1: "h0", 0: "h1"}  # -1: the initial params both registered with
 
 
+def test_a_fresh_run_waits_for_min_islands_past_the_recovery_grace(coord):
+    """An island registering after recovery_grace_s (a loaded machine, a slow start) still opens the fresh run with
+    the first: fewer than min_islands cannot form an epoch, so the wait has no deadline (found by a CI flake where
+    the run opened with one island and voted the initial hash on it alone)."""
+    a = Isl(coord, "a", 0)
+    assert a.rpc("register")["recovering"] is True
+    time.sleep(1.0)  # twice the grace (0.5 s)
+    assert a.rpc("register")["recovering"] is True and coord.run_step is None
+    b = Isl(coord, "b", 0)
+    b.rpc("register")
+    assert a.rpc("register")["recovering"] is False
+    ep = _one_epoch(a, b, 0)
+    assert ep["members"] == ["a", "b"] and coord.canonical[-1] == "h0"
+
+
 def _one_epoch(a, b, step):
     tb, rb = _bg(lambda: b.wait("sync", step=step))
     ep = a.wait("sync", step=step)["epoch"]

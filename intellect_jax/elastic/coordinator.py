@@ -531,8 +531,12 @@ class Coordinator:
         # No epoch named: either a fresh run (every island at step 0, and min_islands of them here, as the first
         # epoch needs), or a restart where only islands without a committed state (fresh starts that will fetch, or
         # fetchers) have registered yet: islands further ahead may still come back, and a run step taken from these
-        # alone would fork the run. Wait for them (or the grace).
-        unknown = newest is None and (any(i.step > 0 for i in regs) or len(regs) < self.min_islands)
+        # alone would fork the run. Wait for them (or the grace). Fewer than min_islands cannot start the run anyway,
+        # so that wait has no deadline: a slow island's registration never opens the run without it.
+        ahead = any(i.step > 0 for i in regs)
+        if newest is None and not ahead and len(regs) < self.min_islands:
+            return
+        unknown = newest is None and ahead
         if (missing or unknown) and time.monotonic() - self.started < self.grace_s:
             return
         self.recovering = False
@@ -568,6 +572,7 @@ class Coordinator:
 
     def _sync(self, isl: Island, req: dict) -> dict[str, Any] | None:
         s = _int(req.get("step"), "step", 0)
+        norm = _norm(req["norm"]) if "norm" in req else None  # a malformed field is refused at once, not after a wait
         if self.recovering:
             return None
         if self.run_step is None:
@@ -586,7 +591,7 @@ class Coordinator:
                 self._decide(self.epoch, "abort")
             self.run_step = s
         if "norm" in req:
-            self.norms[isl.name] = (s, _norm(req["norm"]))
+            self.norms[isl.name] = (s, norm)
         if s in self.guard_errors:
             return {"error": self.guard_errors[s]}
         isl.step = s
