@@ -1,13 +1,14 @@
 """Quality: does DiLoCo reach data-parallel held-out loss at equal tokens, and at what fraction of the bits?
 
-    python benchmarks/quality.py            # the protocol: outer-lr sweep, then the arms (~60 min on 2 CPU cores)
+    python benchmarks/quality.py            # the protocol: outer-lr sweep, then the arms (~75 min on 2 CPU cores)
     python benchmarks/quality.py --quick    # ~3 min smoke version of the same code path (RESULTS.md untouched)
     python benchmarks/quality.py --streaming   # blocking DiLoCo vs streaming fragments / overlap (~35 min)
 
 The DiLoCo papers' comparison (Douillard et al., arXiv 2311.08105; Charles et al., arXiv 2503.09799), scaled to a
-2-core CPU: the debug Llama (configs/debug.toml) on the python-stdlib corpus, the same inner AdamW and WSD schedule
-and the same tokens in every arm, held-out loss on documents never trained on, evaluated every ``--eval-every``
-steps.
+2-core CPU: the debug Llama with a 512-entry BPE (configs/quality.toml says why) on the python-stdlib corpus, the
+same inner AdamW and WSD schedule and the same tokens in every arm, held-out loss on documents never trained on,
+evaluated every ``--eval-every`` steps. ``--preset debug.toml`` runs the same protocol at the demo's vocabulary of
+4096.
 
 Arms (``n = --islands`` islands of ``B = --per-island-batch`` sequences):
 
@@ -375,7 +376,7 @@ def streaming_report(results: list[dict], args: dict) -> tuple[str, str]:
              "fragment p synced at k H + p H / P, its mean applied tau steps later and merged as alpha x island + "
              "(1 - alpha) x global (intellect_jax/streaming.py). Peak in flight: the bytes one sync puts on the "
              "wire (the largest fragment), measured from the fragments' actual sizes. One seed per arm: the "
-             "protocol's seed-to-seed spread for blocking DiLoCo at 2000 steps was ~0.9% (Quality section), so "
+             "protocol's seed-to-seed spread for blocking DiLoCo at 2000 steps was ~0.9% (Quality at vocabulary 4096), so "
              "gaps below that are within noise.")
     return tab, notes
 
@@ -415,8 +416,7 @@ def main_arms(args: dict, best: dict, best_H: int | None) -> list[dict]:
     arms += [dl(f"diloco M={n} H={H} fp32", n, H) for H in args["H"]]
     if best_H is not None:
         arms += [dl(f"diloco M={n} H={best_H} int8", n, best_H, "int8"),
-                 dl(f"diloco M={n} H={best_H} int4 + error feedback", n, best_H, "int4", True),
-                 dl(f"diloco M={n} H={best_H} int4 (no error feedback)", n, best_H, "int4")]
+                 dl(f"diloco M={n} H={best_H} int4 + error feedback", n, best_H, "int4", True)]
     return arms
 
 
@@ -524,9 +524,10 @@ def plot(results: list[dict], quick: bool) -> str | None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="~3 min smoke version (short runs, 2 lrs, small eval)")
-    ap.add_argument("--preset", default="debug.toml", help="model preset in configs/ (default debug.toml)")
-    ap.add_argument("--steps", type=int, default=None, help="inner steps per arm (default 2000)")
-    ap.add_argument("--sweep-steps", type=int, default=None, help="inner steps per sweep run (default 500)")
+    ap.add_argument("--preset", default="quality.toml", help="model preset in configs/ (default quality.toml); its "
+                    "first data source is the corpus")
+    ap.add_argument("--steps", type=int, default=None, help="inner steps per arm (default 1500)")
+    ap.add_argument("--sweep-steps", type=int, default=None, help="inner steps per sweep run (default 300)")
     ap.add_argument("--sweep-grid", nargs="+", default=None, metavar="LR,MOMENTUM",
                     help="outer (lr, momentum) pairs (default 0.35,0.9 0.7,0.5 1.0,0 1.3,0)")
     ap.add_argument("--warmup", type=int, default=0, help="data-parallel warm-up steps of a sweep run (the arms "
@@ -542,9 +543,10 @@ def main() -> int:
     ap.add_argument("--eval-batches", type=int, default=None, help="held-out batches of eval-rows (default 6)")
     ap.add_argument("--heldout-every", type=int, default=10, help="hold out every k-th document")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (default 2: one per core)")
-    ap.add_argument("--data", default="~/.cache/intellect-jax/python-stdlib-bpe4096",
-                    help="the prepared python-stdlib corpus (prepared if missing)")
-    ap.add_argument("--split-dir", default="~/.cache/intellect-jax/bench-quality-split")
+    ap.add_argument("--data", default=None, help="the prepared corpus (default: the preset's first data source, "
+                    "prepared if missing and it names a recipe)")
+    ap.add_argument("--split-dir", default=None, help="where the train / held-out split is written (default: "
+                    "~/.cache/intellect-jax/bench-quality-split-<corpus directory name>)")
     ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     ap.add_argument("--streaming", action="store_true", help="run the streaming comparison instead of the protocol")
     ap.add_argument("--sweep-only", action="store_true", help="run the sweep only and print its table (explorations: "
@@ -559,9 +561,9 @@ def main() -> int:
                     metavar="TAU,ALPHA", help="(overlap steps, merge alpha) arms (default 1,0.5 2,0.5 5,0.5 2,0)")
     a = ap.parse_args()
     q = a.quick
-    a.steps = a.steps or (100 if q else 2000)
-    a.sweep_steps = a.sweep_steps or (50 if q else 500)
-    grid = a.sweep_grid or (["0.35,0.9", "1.0,0"] if q else ["0.35,0.9", "0.7,0.5", "1.0,0", "1.3,0"])
+    a.steps = a.steps or (100 if q else 1500)
+    a.sweep_steps = a.sweep_steps or (50 if q else 300)
+    grid = a.sweep_grid or (["0.7,0.5", "1.0,0"] if q else ["0.7,0.5", "1.0,0", "1.3,0"])
     try:
         a.sweep_grid = [tuple(float(v) for v in g.split(",")) for g in grid]
         assert all(len(g) == 2 and g[0] > 0 and 0 <= g[1] < 1 for g in a.sweep_grid)
@@ -584,9 +586,13 @@ def main() -> int:
                                " --xla_cpu_multi_thread_eigen=false").strip()
     t_all = time.perf_counter()
     from intellect_jax import data
-    from intellect_jax.config import DataConfig, SourceConfig
+    from intellect_jax.config import DataConfig, load_config
 
-    corpus = SourceConfig(name="python-stdlib", path=a.data, auto_prepare="python-stdlib")
+    corpus = load_config(common.ROOT / "configs" / a.preset).data.sources[0]
+    if a.data:
+        corpus = dataclasses.replace(corpus, path=a.data)
+    a.data = corpus.path
+    a.split_dir = a.split_dir or f"~/.cache/intellect-jax/bench-quality-split-{Path(a.data).name}"
     data.ensure_prepared(DataConfig(kind="prepared", sources=(corpus,)))
     train_dir, held_dir = split_corpus(Path(a.data).expanduser(), Path(a.split_dir).expanduser(), a.heldout_every)
     args = {k: v for k, v in vars(a).items()} | {"train_dir": str(train_dir), "held_dir": str(held_dir)}
