@@ -1,6 +1,6 @@
 """Quality: does DiLoCo reach data-parallel held-out loss at equal tokens, and at what fraction of the bits?
 
-    python benchmarks/quality.py            # the protocol: outer-lr sweep, then the arms (~75 min on 2 CPU cores)
+    python benchmarks/quality.py            # the protocol: outer-lr sweep, then the arms (~90 min on 2 CPU cores)
     python benchmarks/quality.py --quick    # ~3 min smoke version of the same code path (RESULTS.md untouched)
     python benchmarks/quality.py --streaming   # blocking DiLoCo vs streaming fragments / overlap (~35 min)
 
@@ -526,7 +526,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="~3 min smoke version (short runs, 2 lrs, small eval)")
     ap.add_argument("--preset", default="quality.toml", help="model preset in configs/ (default quality.toml); its "
                     "first data source is the corpus")
-    ap.add_argument("--steps", type=int, default=None, help="inner steps per arm (default 1500)")
+    ap.add_argument("--steps", type=int, default=None, help="inner steps per arm (default 2000)")
     ap.add_argument("--sweep-steps", type=int, default=None, help="inner steps per sweep run (default 300)")
     ap.add_argument("--sweep-grid", nargs="+", default=None, metavar="LR,MOMENTUM",
                     help="outer (lr, momentum) pairs (default 0.35,0.9 0.7,0.5 1.0,0 1.3,0)")
@@ -561,7 +561,7 @@ def main() -> int:
                     metavar="TAU,ALPHA", help="(overlap steps, merge alpha) arms (default 1,0.5 2,0.5 5,0.5 2,0)")
     a = ap.parse_args()
     q = a.quick
-    a.steps = a.steps or (100 if q else 1500)
+    a.steps = a.steps or (100 if q else 2000)
     a.sweep_steps = a.sweep_steps or (50 if q else 300)
     grid = a.sweep_grid or (["0.7,0.5", "1.0,0"] if q else ["0.7,0.5", "1.0,0", "1.3,0"])
     try:
