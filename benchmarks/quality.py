@@ -376,8 +376,8 @@ def streaming_report(results: list[dict], args: dict) -> tuple[str, str]:
              "fragment p synced at k H + p H / P, its mean applied tau steps later and merged as alpha x island + "
              "(1 - alpha) x global (intellect_jax/streaming.py). Peak in flight: the bytes one sync puts on the "
              "wire (the largest fragment), measured from the fragments' actual sizes. One seed per arm: the "
-             "protocol's seed-to-seed spread for blocking DiLoCo at 2000 steps was ~0.9% (Quality at vocabulary 4096), so "
-             "gaps below that are within noise.")
+             "protocol's seed-to-seed spread for blocking DiLoCo at 2000 steps was ~0.9% (Quality at vocabulary "
+             "4096), so gaps below that are within noise.")
     return tab, notes
 
 
@@ -529,7 +529,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=None, help="inner steps per arm (default 2000)")
     ap.add_argument("--sweep-steps", type=int, default=None, help="inner steps per sweep run (default 300)")
     ap.add_argument("--sweep-grid", nargs="+", default=None, metavar="LR,MOMENTUM",
-                    help="outer (lr, momentum) pairs (default 0.35,0.9 0.7,0.5 1.0,0 1.3,0)")
+                    help="outer (lr, momentum) pairs (default 0.7,0.5 1.0,0 1.3,0)")
     ap.add_argument("--warmup", type=int, default=0, help="data-parallel warm-up steps of a sweep run (the arms "
                     "scale it to their length); 0 = DiLoCo from the first step")
     ap.add_argument("--H", type=int, nargs="+", default=None, help="H for the M=islands arms (10 25 50)")
