@@ -1,11 +1,11 @@
 """Quality: does DiLoCo reach data-parallel held-out loss at equal tokens, and at what fraction of the bits?
 
-    python benchmarks/quality.py            # the protocol: outer-lr sweep, then the arms (~90 min on 2 CPU cores)
+    python benchmarks/quality.py            # the protocol: outer-lr sweep, then the arms (~60 min on 2 CPU cores)
     python benchmarks/quality.py --quick    # ~3 min smoke version of the same code path (RESULTS.md untouched)
     python benchmarks/quality.py --streaming   # blocking DiLoCo vs streaming fragments / overlap (~35 min)
 
 The DiLoCo papers' comparison (Douillard et al., arXiv 2311.08105; Charles et al., arXiv 2503.09799), scaled to a
-2-core CPU: the debug Llama with a 512-entry BPE (configs/quality.toml says why) on the python-stdlib corpus, the
+2-core CPU: a 3-layer debug Llama with a 512-entry BPE (configs/quality.toml says why) on the python-stdlib corpus, the
 same inner AdamW and WSD schedule and the same tokens in every arm, held-out loss on documents never trained on,
 evaluated every ``--eval-every`` steps. ``--preset debug.toml`` runs the same protocol at the demo's vocabulary of
 4096.
@@ -354,6 +354,14 @@ def streaming_arms(args: dict) -> list[dict]:
     return arms
 
 
+def model_desc(args: dict, params: int) -> str:
+    from intellect_jax.config import load_config
+
+    m = load_config(common.ROOT / "configs" / args["preset"]).model
+    return (f"{args['preset']} Llama ({params / 1e6:.2f}M params, {m.num_hidden_layers} layers, hidden "
+            f"{m.hidden_size}, vocabulary {m.vocab_size})")
+
+
 def streaming_report(results: list[dict], args: dict) -> tuple[str, str]:
     from benchmarks.common import table
 
@@ -367,7 +375,7 @@ def streaming_report(results: list[dict], args: dict) -> tuple[str, str]:
     tab = table(["arm", "held-out loss", "gap vs blocking", "train loss", "Gbit sent / island",
                  "MB per sync (peak in flight)", "peak vs blocking", "wall s"], rows)
     p = base["params"]
-    notes = (f"Model: {args['preset']} Llama ({p / 1e6:.2f}M params, 4 layers), {args['islands']} islands x "
+    notes = (f"Model: {model_desc(args, p)}, {args['islands']} islands x "
              f"{args['per_island_batch']} x {args['seq_len']} tokens, {args['steps']} inner steps per arm (the same "
              f"tokens in every arm), H = {args['streaming_H']}, outer (lr, momentum) = {args['streaming_outer']} "
              "(the sweep's best for this H), fp32 cross-island mean (collective.reference_island_mean). Streaming: "
@@ -376,8 +384,8 @@ def streaming_report(results: list[dict], args: dict) -> tuple[str, str]:
              "fragment p synced at k H + p H / P, its mean applied tau steps later and merged as alpha x island + "
              "(1 - alpha) x global (intellect_jax/streaming.py). Peak in flight: the bytes one sync puts on the "
              "wire (the largest fragment), measured from the fragments' actual sizes. One seed per arm: the "
-             "protocol's seed-to-seed spread for blocking DiLoCo at 2000 steps was ~0.9% (Quality at vocabulary "
-             "4096), so gaps below that are within noise.")
+             "Quality section's second seed gives the seed-to-seed spread of blocking DiLoCo; gaps below it are "
+             "within noise.")
     return tab, notes
 
 
@@ -473,7 +481,7 @@ def report(sweep: list[dict], results: list[dict], args: dict, lrs: dict, best_H
     tab = table(["arm", "outer lr, momentum", "tokens", "held-out loss", "gap vs ddp", "held-out, seed 1", "train loss",
                  "Gbit sent / island", "bits / param / inner step", "wire vs ddp", "wall s"], rows)
     p = results[0]["params"]
-    notes = (f"Model: {args['preset']} Llama ({p / 1e6:.2f}M params), seq_len {args['seq_len']}; {n} islands x "
+    notes = (f"Model: {model_desc(args, p)}, seq_len {args['seq_len']}; {n} islands x "
              f"{args['per_island_batch']} sequences (ddp and M=1: one model, batch {n * args['per_island_batch']}); "
              f"{args['steps']} inner steps per arm (the same tokens in every arm), inner AdamW WSD-sqrt (warmup "
              f"{max(1, args['steps'] // 20)}, decay from step {int(args['steps'] * 0.8)}), as the preset otherwise. "
