@@ -3,6 +3,7 @@
     python benchmarks/quality.py            # the protocol: outer-lr sweep, then the arms (~60 min on 2 CPU cores)
     python benchmarks/quality.py --quick    # ~3 min smoke version of the same code path (RESULTS.md untouched)
     python benchmarks/quality.py --streaming   # blocking DiLoCo vs streaming fragments / overlap (~35 min)
+    python benchmarks/quality.py --paired-seeds 3   # fp32 vs int8 (vs int4 + EF) DiLoCo, seed by seed (~35 min)
 
 The DiLoCo papers' comparison (Douillard et al., arXiv 2311.08105; Charles et al., arXiv 2503.09799), scaled to a
 2-core CPU: a 3-layer debug Llama with a 512-entry BPE (configs/quality.toml says why) on the python-stdlib corpus, the
@@ -561,6 +562,14 @@ def main() -> int:
                                                                "with --inner-lr-scale, --per-island-batch)")
     ap.add_argument("--inner-lr-scale", type=float, default=1.0, help="multiply the preset's inner learning rate "
                                                                       "(every arm)")
+    ap.add_argument("--paired-seeds", type=int, default=0, help="run the compression comparison instead of the "
+                    "protocol: fp32 DiLoCo and each of --paired-codecs at the same seed, for this many seeds")
+    ap.add_argument("--paired-codecs", nargs="+", default=["int8"], choices=["int8", "int4"],
+                    help="codecs compared with fp32 by --paired-seeds (int4 runs with error feedback; default int8)")
+    ap.add_argument("--paired-H", type=int, default=10, help="H of the paired comparison (default 10: the "
+                    "protocol's best)")
+    ap.add_argument("--paired-outer", default="1.0,0", metavar="LR,MOMENTUM",
+                    help="outer (lr, momentum) of the paired comparison (default 1.0,0: the sweep's best at H=10)")
     ap.add_argument("--streaming-H", type=int, default=25, help="H of the streaming comparison (default 25)")
     ap.add_argument("--streaming-outer", default="1.0,0", metavar="LR,MOMENTUM",
                     help="outer (lr, momentum) of the streaming comparison (default 1.0,0: the sweep's best at H=25)")
@@ -607,6 +616,8 @@ def main() -> int:
     check_same_tokens(args)
     if a.streaming:
         return main_streaming(args, a, t_all)
+    if a.paired_seeds:
+        return main_paired(args, a, t_all)
     print(f"sweep: {len(sweep_arms(args))} runs x {a.sweep_steps} steps; then arms x {a.steps} steps; "
           f"{a.jobs} workers", flush=True)
     sweep = run_all(args, sweep_arms(args), a.jobs, "sweep")
@@ -653,6 +664,85 @@ def main_streaming(args: dict, a, t_all: float) -> int:
         return 0
     curves = {r["name"]: r["curve"] for r in results}
     common.write_section("Quality: streaming DiLoCo", "\n\n".join([
+        common.provenance(seconds), tab, notes,
+        "Held-out loss at every evaluation (inner step, loss): `" + json.dumps(curves) + "`"]))
+    print(f"wrote {common.RESULTS}")
+    return 0
+
+
+def paired_arms(args: dict) -> list[dict]:
+    """fp32 DiLoCo and each codec at one (H, outer setting), for seeds 0 .. paired_seeds - 1."""
+    n, S, H = args["islands"], args["steps"], args["paired_H"]
+    lr, mom = args["paired_outer"]
+    out = []
+    for seed in range(args["paired_seeds"]):
+        out.append(arm(f"diloco M={n} H={H} fp32", S, n, H, lr, seed=seed, momentum=mom))
+        for c in args["paired_codecs"]:
+            name = f"diloco M={n} H={H} " + ("int4 + error feedback" if c == "int4" else c)
+            out.append(arm(name, S, n, H, lr, c, c == "int4", seed=seed, momentum=mom))
+    return out
+
+
+def paired_report(results: list[dict], args: dict) -> tuple[str, str]:
+    """Per seed: fp32's held-out loss and each codec's gap to it at the same seed; then the mean and spread of those
+    paired gaps (the codec's effect with the seed-to-seed variation taken out)."""
+    import numpy as np
+
+    from benchmarks.common import table
+
+    codecs = [r["name"] for r in results if r["seed"] == 0 and r["compression"] != "none"]
+    fp32 = {r["seed"]: r for r in results if r["compression"] == "none"}
+    gaps = {c: [] for c in codecs}
+    rows = []
+    for seed in sorted(fp32):
+        row = [str(seed), f"{fp32[seed]['eval_loss']:.4f}"]
+        for c in codecs:
+            r = next(x for x in results if x["name"] == c and x["seed"] == seed)
+            gaps[c].append(100.0 * (r["eval_loss"] - fp32[seed]["eval_loss"]) / fp32[seed]["eval_loss"])
+            row += [f"{r['eval_loss']:.4f}", f"{gaps[c][-1]:+.2f}%"]
+        rows.append(row)
+    fl = np.array([fp32[s]["eval_loss"] for s in sorted(fp32)])
+    summary = ["mean ± sd", f"{fl.mean():.4f} ± {fl.std(ddof=1) if len(fl) > 1 else 0:.4f}"]
+    for c in codecs:
+        g = np.array(gaps[c])
+        summary += ["", f"{g.mean():+.2f}% ± {g.std(ddof=1) if len(g) > 1 else 0:.2f}%"]
+    rows.append(summary)
+    bits = ["bits / param / inner step", f"{8.0 * fp32[0]['wire_bytes'] / (fp32[0]['params'] * fp32[0]['steps']):.3f}"]
+    for c in codecs:
+        r = next(x for x in results if x["name"] == c and x["seed"] == 0)
+        bits += [f"{8.0 * r['wire_bytes'] / (r['params'] * r['steps']):.3f}", ""]
+    rows.append(bits)
+    head = ["seed", "fp32 held-out"]
+    for c in codecs:
+        short = c.split(f"H={args['paired_H']} ")[1]
+        head += [f"{short} held-out", f"{short} vs fp32"]
+    n_seeds = len(fl)
+    notes = (f"Model: {model_desc(args, results[0]['params'])}, seq_len {args['seq_len']}; {args['islands']} islands "
+             f"x {args['per_island_batch']} sequences, {args['steps']} inner steps per arm (the same tokens in every "
+             f"arm), H = {args['paired_H']}, outer (lr, momentum) = {args['paired_outer']}, block size "
+             f"{args['block_size']}; held-out loss as in the Quality section. Paired: each codec runs at the same "
+             f"seed (init and data order) as the fp32 arm of its row, so its gap is the codec's effect plus the "
+             f"chaos one perturbation of the trajectory sets off; the mean over {n_seeds} seeds estimates the "
+             f"effect and 'sd' (sample standard deviation over seeds) its noise; the standard error of the mean is "
+             f"sd / sqrt({n_seeds}). The fp32 column's sd is the seed-to-seed spread of the loss itself.")
+    return table(head, rows), notes
+
+
+def main_paired(args: dict, a, t_all: float) -> int:
+    args["paired_outer"] = tuple(float(v) for v in a.paired_outer.split(","))
+    if a.steps % a.paired_H:
+        raise SystemExit(f"--steps {a.steps} must be a multiple of --paired-H {a.paired_H}")
+    arms = paired_arms(args)
+    print(f"paired comparison: {len(arms)} arms x {a.steps} steps; {a.jobs} workers", flush=True)
+    results = run_all(args, arms, a.jobs, "paired")
+    seconds = time.perf_counter() - t_all
+    tab, notes = paired_report(results, args)
+    print("\n" + tab + "\n\n" + notes + f"\n\ntotal {seconds:.0f} s")
+    if a.quick or a.no_write:
+        print("(RESULTS.md left alone: --quick or --no-write)")
+        return 0
+    curves = {f"{r['name']} seed {r['seed']}": r["curve"] for r in results}
+    common.write_section("Quality: compression, paired seeds", "\n\n".join([
         common.provenance(seconds), tab, notes,
         "Held-out loss at every evaluation (inner step, loss): `" + json.dumps(curves) + "`"]))
     print(f"wrote {common.RESULTS}")
