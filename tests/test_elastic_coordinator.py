@@ -78,6 +78,44 @@ def test_epoch_waits_for_all_islands_at_the_step_then_commits_and_votes(coord):
     assert coord.canonical == {-1: "h0", 0: "h1"}  # -1: the initial params both registered with
 
 
+def test_the_last_sync_and_the_last_done_are_answered_at_once_and_wake_the_others(monkeypatch):
+    """The last island at the sync barrier gets the new epoch in its own answer, and the last member's `done` the
+    decision, each waking the islands waiting on it. Both used to be answered only at the coordinator's next
+    unrelated wake-up (the 0.2 s monitor tick: ~100 ms added to each barrier of every outer step); with the monitor
+    silenced here, that wait would run out the 1 s long-poll."""
+    monkeypatch.setattr(Coordinator, "_monitor_loop", lambda self: None)
+    cfg = ElasticConfig(heartbeat_s=0.5, dead_after_s=2.0, min_islands=2, recovery_grace_s=0.5)
+    c = Coordinator(cfg, RUN, "127.0.0.1:0", SECRET).start()
+    try:
+        a, b = Isl(c, "a", 0), Isl(c, "b", 0)
+        a.rpc("register")
+        b.rpc("register")
+        tb, rb = _bg(lambda: b.rpc("sync", step=0))  # waits in the long-poll
+        deadline = time.monotonic() + 5
+        while c.ready.get("b") != 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        ep = a.rpc("sync", step=0)["epoch"]
+        tb.join()
+        assert rb["r"]["epoch"] == ep and time.monotonic() - t0 < 0.5, "the epoch waited for the long-poll"
+        ta, ra = _bg(lambda: a.rpc("done", epoch=ep["id"], step=0, ok=True))  # waits in the long-poll
+        deadline = time.monotonic() + 5
+        while "a" not in _epoch_done(c) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        assert b.rpc("done", epoch=ep["id"], step=0, ok=True) == {"decision": "commit", "run_step": 1}
+        ta.join()
+        assert time.monotonic() - t0 < 0.5, "the decision waited for the long-poll to run out (POLL_S = 1 s)"
+        assert ra["r"] == {"decision": "commit", "run_step": 1}
+    finally:
+        c.close()
+
+
+def _epoch_done(c) -> dict:
+    with c.cv:
+        return dict(c.epoch.done) if c.epoch is not None else {}
+
+
 def test_a_fresh_run_waits_for_min_islands_past_the_recovery_grace(coord):
     """An island registering after recovery_grace_s (a loaded machine, a slow start) still opens the fresh run with
     the first: fewer than min_islands cannot form an epoch, so the wait has no deadline (found by a CI flake where

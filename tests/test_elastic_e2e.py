@@ -291,8 +291,12 @@ def test_diverged_island_loses_the_commit_vote_and_resyncs(run, later):
     fetched = run.events("c", "fetched")
     assert fetched and fetched[0]["step"] == 2  # re-synced to the state after outer step 1
     by_step = check_run(run, "abc", steps, diverged={("c", 1)})
-    assert [e["step"] for e in run.events("c", "step") if e["ok"]] == [0, 2, 3, 4]
-    assert all(sorted(e["members"]) == ["a", "b", "c"] for e in by_step.values())
+    # c is back for outer step 2 if its re-sync beats a and b to that step's barrier; else the epoch forms at once
+    # without it (an island that must fetch the state is not waited for) and c re-syncs again, back for step 3
+    ok_steps = [e["step"] for e in run.events("c", "step") if e["ok"]]
+    assert ok_steps in ([0, 2, 3, 4], [0, 3, 4]), ok_steps
+    assert all(sorted(e["members"]) == (["a", "b", "c"] if s in ok_steps + [1] else ["a", "b"])
+               for s, e in by_step.items())
     assert "['c'] differ and must re-sync" in run.coord_log()
 
 

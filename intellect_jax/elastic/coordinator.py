@@ -596,6 +596,7 @@ class Coordinator:
             return {"error": self.guard_errors[s]}
         isl.step = s
         self.ready[isl.name] = s
+        self._advance()  # the last island awaited forms the epoch now and gets it in this answer
         e = self.epoch
         if e is not None and e.step == s and isl.name in e.members:
             return {"epoch": e.public(self.islands)}
@@ -608,21 +609,24 @@ class Coordinator:
         if not isinstance(req.get("ok"), bool):
             raise ValueError(f"ok must be true or false, got {req.get('ok')!r:.40}")
         ok = req["ok"]
-        if eid in self.decisions:
-            d, s = self.decisions[eid]
-            if d == "commit" and not ok:
-                return {"decision": "stale", "run_step": self.run_step}
-            return {"decision": d, "run_step": self.run_step}
         e = self.epoch
-        if self.recovering:
-            return None
-        if e is None or e.id != eid:
-            # Unknown epoch (e.g. from before a restart, never resumed): the step must be redone or re-fetched.
-            return {"decision": "abort" if s == self.run_step else "stale", "run_step": self.run_step}
-        if isl.name in e.members:
-            e.done[isl.name] = "ok" if ok else "fail"
-            self._advance()
-        return None
+        if eid not in self.decisions:
+            if self.recovering:
+                return None
+            if e is None or e.id != eid:
+                # Unknown epoch (e.g. from before a restart, never resumed): the step must be redone or re-fetched.
+                return {"decision": "abort" if s == self.run_step else "stale", "run_step": self.run_step}
+            if isl.name in e.members:
+                e.done[isl.name] = "ok" if ok else "fail"
+                self._advance()
+            if eid not in self.decisions:
+                return None
+        # Decided (by this report, the last one awaited, or earlier): the answer goes out now, and the caller wakes
+        # the members waiting on the same decision.
+        d, _ = self.decisions[eid]
+        if d == "commit" and not ok:
+            return {"decision": "stale", "run_step": self.run_step}
+        return {"decision": d, "run_step": self.run_step}
 
     def _commit(self, isl: Island, req: dict) -> dict[str, Any] | None:
         s, h = _int(req.get("step"), "step", 0), _hash(req.get("hash"))
