@@ -39,6 +39,8 @@ from benchmarks import common  # noqa: E402
 from intellect_jax.metrics import read_metrics  # noqa: E402
 
 N = 3
+WAITS = ("verdict", "launch", "reduce", "apply", "vote")  # where a streaming island waited (wait_<k>_seconds)
+PHASES = ("barrier", "connect", "ring", "done")  # a reduce's parts (outer rows' reduce_<phase>_seconds)
 
 
 def model_args(a) -> list[str]:
@@ -130,19 +132,29 @@ def summarise(name: str, d: Path, a, seconds: float) -> dict:
         lo, hi = a.H, a.steps
         per = [(inn[hi]["time"] - inn[lo]["time"]) / (hi - lo) for inn in inner]
         # a synced run goes at the pace of its slowest island: that island's time per step is the reference
-        return out | {"s_per_step": max(per), "s_per_step_islands": per, "window": [lo, hi]}
+        return out | {"s_per_step": max(per), "s_per_step_islands": per, "window": [lo, hi],
+                      "cpu_per_step": cpu_per_step(inner, lo, hi)}
     per = [(o[-1]["time"] - o[0]["time"]) / (o[-1]["step"] - o[0]["step"]) for o in outer]
     wait_frac = [sum(r["wait_seconds"] for r in o[1:]) / (o[-1]["time"] - o[0]["time"]) for o in outer]
     by_step = [{r["outer_step"]: r["params_hash"] for r in o} for o in outer]
     hashes_ok = all(b == by_step[0] for b in by_step)  # the same outer steps, each with the same hash
     split = {k: sum(r.get(f"wait_{k}_seconds", 0.0) for o in outer for r in o[1:]) / N
-             for k in ("launch", "reduce", "apply", "vote")}
-    return out | {"s_per_step": sum(per) / N, "wait_fraction": sum(wait_frac) / N,
+             for k in WAITS}
+    phases = {k: sum(r.get(f"reduce_{k}_seconds", 0.0) for o in outer for r in o) / sum(len(o) for o in outer)
+              for k in PHASES}
+    lo, hi = outer[0][0]["step"], outer[0][-1]["step"]
+    return out | {"s_per_step": sum(per) / N, "wait_fraction": sum(wait_frac) / N, "reduce_phases": phases,
+                  "cpu_per_step": cpu_per_step(inner, lo, hi),
                   "peak_bytes": max(r["bytes_sent_per_island"] for o in outer for r in o),
                   "syncs": len(outer[0]), "hashes_agree": hashes_ok,
                   "window": [outer[0][0]["step"], outer[0][-1]["step"]],
                   "sync_s": sum(r["sync_seconds"] for o in outer for r in o) / N,
                   "hidden_s": sum(r.get("hidden_seconds", 0.0) for o in outer for r in o) / N, "wait_split": split}
+
+
+def cpu_per_step(inner: list[dict], lo: int, hi: int) -> float:
+    """CPU seconds the islands' processes used per inner step over steps lo..hi (all threads, summed over islands)."""
+    return sum((inn[hi]["process_cpu_seconds"] - inn[lo]["process_cpu_seconds"]) / (hi - lo) for inn in inner)
 
 
 def report(results: list[dict], a) -> str:
@@ -153,20 +165,23 @@ def report(results: list[dict], a) -> str:
     rows = []
     for r in results:
         if "wait_fraction" not in r:
-            rows.append([r["arm"], f"{1e3 * r['s_per_step']:.1f}", "100% (reference)", "–", "–", "–", "–", "–", "–",
-                         "–"])
+            rows.append([r["arm"], f"{1e3 * r['s_per_step']:.1f}", f"{1e3 * r['cpu_per_step']:.0f}",
+                         "100% (reference)", *["–"] * 8])
             continue
-        rows.append([r["arm"], f"{1e3 * r['s_per_step']:.1f}", f"{100 * ref / r['s_per_step']:.1f}%",
+        rows.append([r["arm"], f"{1e3 * r['s_per_step']:.1f}", f"{1e3 * r['cpu_per_step']:.0f}",
+                     f"{100 * ref / r['s_per_step']:.1f}%",
                      f"{100 * (1 - r['wait_fraction']):.1f}%", f"{r['sync_s']:.1f} / {r['hidden_s']:.1f}",
                      str(r["syncs"]), f"{r['peak_bytes'] / 1e6:.2f}",
                      f"{r['peak_bytes'] / block['peak_bytes']:.2f}" if block else "–",
-                     " / ".join(f"{r['wait_split'].get(k, 0.0):.1f}" for k in ("launch", "reduce", "apply", "vote"))
+                     " / ".join(f"{r['wait_split'].get(k, 0.0):.1f}" for k in WAITS)
                      if any(r.get("wait_split", {}).values()) else "–",
+                     " / ".join(f"{1e3 * r['reduce_phases'][k]:.0f}" for k in PHASES),
                      "yes" if r["hashes_agree"] else "**NO**"])
-    tab = common.table(["arm", "ms / inner step", "utilization (end to end)", "1 - wait / wall (rows)",
+    tab = common.table(["arm", "ms / inner step", "CPU ms / inner step", "utilization (end to end)",
+                        "1 - wait / wall (rows)",
                         "sync s / hidden s (per island)", "outer steps", "peak MB in flight / island",
-                        "peak vs blocking", "wait s: copy / reduce / apply / vote", "hashes agree"], rows,
-                       "lrrrrrrrrl")
+                        "peak vs blocking", "wait s: verdict / copy / reduce / apply / snapshot",
+                        "ms per reduce: barrier / connect / ring / done", "hashes agree"], rows, "lrrrrrrrrrrl")
     link = f"tbf {a.rate} up and down per island (launch/wan_emulation.py)" if not a.no_netns else "loopback"
     away = (f" behind a relay adding {a.coord_delay_ms:g} ms each way (launch/delay_relay.py; islands advertise "
             "their own addresses)") if a.coord_delay_ms else ""
@@ -179,9 +194,17 @@ def report(results: list[dict], a) -> str:
              "applied outer step (the compute-only arm over steps H to the end); the two compute-only runs were "
              f"{100 * noise:.1f}% apart: read differences below that as noise. Sync / hidden: seconds "
              "the reduces took in all / of that, the part that ran while the islands computed (per island, summed "
-             "over the run). Peak in flight: the most bytes one island sent in one sync (measured by the ring). Wait split "
-             "(streaming rows, per island, summed): the pseudo-gradient's copy off the device at the sync, the reduce "
-             "not finished when its mean was due, the apply, the snapshot + hash vote.")
+             "over the run). CPU ms / inner step: the CPU time the three island processes used (all threads, from "
+             "their rows' process_cpu_seconds) per inner step over the same window; what a synced arm uses beyond the "
+             "compute-only arm is the host's sync work (packing, the ring, hashing), which on this machine competes "
+             "with the compute for the same cores. Peak in flight: the most bytes one island sent in one sync "
+             "(measured by the ring). Wait split "
+             "(streaming rows, per island, summed): at each launch, the verdict of the previous fragment's hash vote "
+             "(hashing and the vote run in a background thread from the apply on) and the pseudo-gradient's copy off "
+             "the device; then the reduce not finished when its mean was due, the apply, the state's host copy for "
+             "the hash. Ms per reduce (the mean over "
+             "islands and syncs, all in the background for the streaming rows): the coordinator's sync barrier (every "
+             "island at the step), the ring's connections, its bytes, the done barrier (every island's verdict).")
     return tab + "\n\n" + notes
 
 

@@ -256,8 +256,10 @@ class StepLogger:
         dt = max(end - self._t_last, 0.0)
         self._t_last = max(end, self._t_last)
         self.compute_s += dt
+        # process_cpu_seconds: CPU time this process has used so far, all threads (the host's share of a step:
+        # data loading, the ring, hashing, next to the compute on CPU backends)
         m.update(step=step + 1, step_seconds=dt, tokens_per_s=self.tokens_per_step / dt if dt > 0 else 0.0,
-                 islands=self.num_islands)
+                 islands=self.num_islands, process_cpu_seconds=time.process_time())
         if self.peak_flops:
             m["mfu"] = self.flops_per_token * m["tokens_per_s"] / self.peak_flops
         self.first_loss = m["loss"] if self.first_loss is None else self.first_loss

@@ -587,7 +587,9 @@ class ElasticSync(DilocoSync):
             self._apply_delta = jax.jit(self._apply_flat, in_shardings=(full, rep, rep),
                                         out_shardings=(full, rep), donate_argnums=0)
         self.island = None
-        self._flight = None  # streaming: (fragment, due step, island.Reduce, launch s) of the reduce in flight
+        # streaming: (fragment, due step, island.Reduce, (verdict s, copy s) waited at its launch) of the reduce in
+        # flight
+        self._flight = None
         self._row = None  # streaming: (outer row, report) held back until its vote thread has hashed the state
         if self.frags is not None:
             self._build_fragment_programs(cfg)
@@ -781,6 +783,7 @@ class ElasticSync(DilocoSync):
         t0 = time.perf_counter()
         if self._settle_vote(t0):
             return False
+        t1 = time.perf_counter()
         r = self.outer_step()
         p = r % self.frags.count
         if self.device_codes:  # the residual (error feedback) is kept on the devices inside the same program
@@ -792,7 +795,7 @@ class ElasticSync(DilocoSync):
                 self.state = self._frag_residual[p](self.state, jax.device_put(
                     payload - self._codec.roundtrip(payload), self.replicated))
         self._flight = (p, step + self.tau, self.island.start_reduce(r, payload, norm, self.device_codes),
-                        time.perf_counter() - t0)
+                        (t1 - t0, time.perf_counter() - t1))
         return True
 
     def _land(self, step: int, report: Report) -> int:
@@ -803,7 +806,8 @@ class ElasticSync(DilocoSync):
 
         jax.block_until_ready(self.state.inner)
         ready_at = time.perf_counter()
-        p, _, reduce, launch_s = self._flight
+        p, _, reduce, (verdict_s, copy_s) = self._flight
+        launch_s = verdict_s + copy_s
         r, sync_s = reduce.outer_step, 0.0
         self._flight = None
         reduce_s = apply_s = 0.0
@@ -822,14 +826,14 @@ class ElasticSync(DilocoSync):
         except StaleStep as e:
             metrics, h = self.island.resync(f"outer step {r} completed without this island ({e})")
         wait_s = time.perf_counter() - ready_at + launch_s
-        stats = self.island.client.last_stats
         extra = {"fragment": p, "overlap_steps": self.tau, **({"params_hash": h} if h else {}),
-                 # where the wait went: the pseudo-gradient's copy at the sync, the reduce not done yet, the apply,
-                 # the state's host copy (hashing and the vote run in the background)
-                 "wait_launch_seconds": launch_s, "wait_reduce_seconds": reduce_s, "wait_apply_seconds": apply_s,
+                 # where the wait went: at the launch, the verdict of the previous fragment's hash vote and the
+                 # pseudo-gradient's copy off the device; then the reduce not done yet, the apply, the state's host
+                 # copy (hashing and the vote run in the background)
+                 "wait_verdict_seconds": verdict_s, "wait_launch_seconds": copy_s, "wait_reduce_seconds": reduce_s,
+                 "wait_apply_seconds": apply_s,
                  "wait_vote_seconds": wait_s - launch_s - reduce_s - apply_s,
-                 "bytes_sent_per_island": stats.get("bytes_sent", 0), "islands": len(stats.get("members", [])) or 1,
-                 "ring_order": stats.get("order"), "reduce_aborts": stats.get("aborts", 0)}
+                 **_reduce_fields(self.island.client.last_stats)}
         row = self._record(step, jax.device_get(metrics), wait_s, self.fragment_wire_bytes[p], extra,
                            sync_s=max(sync_s or 0.0, wait_s))
         if h is None:  # the vote thread hashes the state: the row waits for its hash (`_settle_vote`)
@@ -867,10 +871,7 @@ class ElasticSync(DilocoSync):
 
     def _outer(self):
         metrics, h = self.island.sync()
-        stats = self.island.client.last_stats
-        return metrics, {"params_hash": h, "bytes_sent_per_island": stats.get("bytes_sent", 0),
-                         "islands": len(stats.get("members", [])) or 1, "ring_order": stats.get("order"),
-                         "reduce_aborts": stats.get("aborts", 0)}
+        return metrics, {"params_hash": h, **_reduce_fields(self.island.client.last_stats)}
 
     # island.py drives these
     def pseudo_gradient_payload(self) -> tuple[Any, float | None, Any]:
@@ -913,6 +914,15 @@ def make_sync(cfg: Config, mesh: Mesh, setup: ModelSetup, inner_step: Callable, 
     else:
         cls = NoSync
     return cls(cfg, mesh, setup, inner_step, batch_sharding, params)
+
+
+def _reduce_fields(stats: dict[str, Any]) -> dict[str, Any]:
+    """An outer row's fields from the elastic client's stats of the reduce: bytes, members, ring order, aborts, and
+    where the reduce's time went (the sync barrier, the ring's connections, its bytes, the done barrier)."""
+    return {"bytes_sent_per_island": stats.get("bytes_sent", 0), "islands": len(stats.get("members", [])) or 1,
+            "ring_order": stats.get("order"), "reduce_aborts": stats.get("aborts", 0),
+            **{f"reduce_{k}": stats[k] for k in ("barrier_seconds", "connect_seconds", "ring_seconds",
+                                                 "done_seconds") if k in stats}}
 
 
 def _has_pinned_host() -> bool:

@@ -86,15 +86,22 @@ def test_three_islands_identical_global_state(tmp_path, coordinator, extra):
         hashes = {o[step]["params_hash"] for o in outers}
         assert len(hashes) == 1, (step, hashes)
         assert all(o[step]["islands"] == 3 and o[step]["bytes_sent_per_island"] > 0 for o in outers)
+        # where each reduce's time went: the parts are measured, none negative
+        assert all(o[step][f"reduce_{k}_seconds"] >= 0 for o in outers for k in REDUCE_PHASES)
         # error feedback: every island keeps its own residual (different islands, different residuals)
         assert all(("residual_norm" in o[step]) == bool(extra) for o in outers)
         if extra:
             assert len({o[step]["residual_norm"] for o in outers}) == 3
     for i in range(3):
-        inner = [r["loss"] for r in read_metrics(tmp_path / f"island{i}" / "metrics.jsonl") if r["kind"] == "inner"]
+        rows = [r for r in read_metrics(tmp_path / f"island{i}" / "metrics.jsonl") if r["kind"] == "inner"]
+        inner = [r["loss"] for r in rows]
         assert sum(inner[-3:]) / 3 < sum(inner[:3]) / 3 - 0.05, inner
+        cpu = [r["process_cpu_seconds"] for r in rows]  # the process's CPU time so far: it only grows
+        assert cpu[0] > 0 and all(b >= a for a, b in zip(cpu, cpu[1:])), cpu
         assert ("codes made on the devices" in (tmp_path / f"island{i}.log").read_text()) == (i > 0)
 
+
+REDUCE_PHASES = ("barrier", "connect", "ring", "done")  # an outer row's reduce_<phase>_seconds
 
 STREAMING = ("--diloco.inner_steps=4", "--diloco.fragments=2", "--diloco.overlap_steps=1", "--diloco.merge_alpha=0.5")
 
@@ -121,6 +128,10 @@ def test_streaming_islands_overlap_the_reduce_and_agree_at_every_fragment_sync(t
         assert {r["fragment"] for r in rows} == {(k - 1) % 2} and {r["step"] for r in rows} == {3 + 2 * k}
         assert all(r["islands"] == 3 and r["overlap_steps"] == 1 for r in rows)
         assert all(r["sync_seconds"] >= r["wait_seconds"] >= 0 and r["hidden_seconds"] >= 0 for r in rows)
+        # the wait, split into its parts (the verdict and copy at the launch, the reduce, the apply, the snapshot)
+        assert all(abs(sum(r[f"wait_{k}_seconds"] for k in ("verdict", "launch", "reduce", "apply", "vote"))
+                       - r["wait_seconds"]) < 1e-6 for r in rows), rows
+        assert all(r[f"reduce_{k}_seconds"] >= 0 for r in rows for k in REDUCE_PHASES)
         assert all(r["bytes_sent_per_island"] > 0 for r in rows)
     for i in range(3):
         inner = [r["loss"] for r in read_metrics(tmp_path / f"island{i}" / "metrics.jsonl") if r["kind"] == "inner"]

@@ -99,6 +99,7 @@ class IslandClient:
         self.last_epoch: dict | None = None
         self.pending: dict | None = None
         self.last_stats: dict[str, Any] = {}
+        self._connect_s = 0.0  # the last ring's wait for its connections (one reduce at a time per client)
         self._probed: frozenset[str] = frozenset()
         self._rates: dict[str, float] = {}  # our measured outbound bytes/s per peer (re-sent after a restart)
         self._rtts: dict[str, float] = {}  # our measured round trip (s) to each peer (likewise)
@@ -148,7 +149,9 @@ class IslandClient:
         norm = norm if np.isfinite(norm) else None  # None: not finite (JSON has no NaN)
         aborts, excluded = 0, False
         while True:
+            t_sync = time.perf_counter()
             rep = self._wait("sync", step=outer_step, norm=norm)
+            t_epoch = time.perf_counter()
             if rep.get("excluded"):  # left out by the guard: wait for the step to commit, then re-sync
                 if not excluded:
                     log.warning("outer step %d: %s is left out of the reduce (%s); it re-syncs from a peer once the "
@@ -175,15 +178,21 @@ class IslandClient:
                 log.warning("epoch %d ring failed on %s: %s", ep["id"], self.name, e)
             with self._lock:
                 self.pending["status"] = "ok" if err is None else "fail"
+            t_done = time.perf_counter()
             d = self._wait("done", epoch=ep["id"], step=outer_step, ok=err is None)
             decision = d["decision"]
+            # Where the reduce's time went: the sync barrier (every member at this step), the ring (its connections,
+            # then the bytes), the done barrier (every member's verdict).
+            phases = {"barrier_seconds": t_epoch - t_sync, "connect_seconds": self._connect_s,
+                      "ring_seconds": t_done - t_epoch - self._connect_s,
+                      "done_seconds": time.perf_counter() - t_done}
             with self._lock:
                 self.pending = None
                 if decision == "commit" and err is None:
                     self.step, self.hash = outer_step + 1, None
                     self.last_epoch = {"id": ep["id"], "step": outer_step, "members": ep["members"]}
-                    self.last_stats = dataclasses.asdict(stats) | {"epoch": ep["id"], "members": ep["members"],
-                                                                   "order": ep["order"], "aborts": aborts}
+                    self.last_stats = dataclasses.asdict(stats) | phases | {
+                        "epoch": ep["id"], "members": ep["members"], "order": ep["order"], "aborts": aborts}
             if decision == "commit" and err is None:
                 log.info("outer step %d reduced in epoch %d with %s (%.3f s, %.1f MB sent)", outer_step, ep["id"],
                          ep["order"], stats.seconds, stats.bytes_sent / 1e6)
@@ -420,6 +429,7 @@ class IslandClient:
             self.on_ring_frame(0)  # the ring starts (0 frames sent)
         send: list[wire.Conn] = []
         recv: list[wire.Conn] = []
+        t0, self._connect_s = time.perf_counter(), 0.0
         try:
             if N > 1:
                 succ, pred = order[(r + 1) % N], order[(r - 1) % N]
@@ -445,6 +455,7 @@ class IslandClient:
                                 next_poll = time.monotonic() + ring.CANCEL_POLL_S
                             self._mail.wait(min(left, ring.CANCEL_POLL_S))
                         recv.append(self._ring_inbox.pop((ep["id"], pred, k)))
+            self._connect_s = time.perf_counter() - t0
             if self.on_ring_frame is not None:
                 send = [_Tap(c, self.on_ring_frame) for c in send]
             return ring.ring_mean(vec, r, send, recv, N, self.codec, self.cfg.chunk_bytes, self.block_size,
