@@ -2,7 +2,7 @@
 
     python benchmarks/quality.py            # the protocol: outer-lr sweep, then the arms (~60 min on 2 CPU cores)
     python benchmarks/quality.py --quick    # ~3 min smoke version of the same code path (RESULTS.md untouched)
-    python benchmarks/quality.py --streaming   # blocking DiLoCo vs streaming fragments / overlap (~35 min)
+    python benchmarks/quality.py --streaming --layers 4   # blocking DiLoCo vs streaming fragments (~40 min)
     python benchmarks/quality.py --paired-seeds 3   # fp32 vs int8 (vs int4 + EF) DiLoCo, seed by seed (~35 min)
 
 The DiLoCo papers' comparison (Douillard et al., arXiv 2311.08105; Charles et al., arXiv 2503.09799), scaled to a
@@ -113,11 +113,21 @@ def make_eval(cfg):
 # One arm (runs in a worker process)
 
 
-def arm_config(args: dict, arm: dict, train_dir: str):
-    """The Config of an arm: the preset's model, the inner schedule compressed to the arm's length, its data."""
-    from intellect_jax.config import DilocoConfig, SourceConfig, load_config
+def preset_config(args: dict):
+    """The preset, with --layers applied."""
+    from intellect_jax.config import load_config
 
     base = load_config(common.ROOT / "configs" / args["preset"])
+    if args.get("layers"):
+        base = base.replace(model=dataclasses.replace(base.model, num_hidden_layers=args["layers"]))
+    return base
+
+
+def arm_config(args: dict, arm: dict, train_dir: str):
+    """The Config of an arm: the preset's model, the inner schedule compressed to the arm's length, its data."""
+    from intellect_jax.config import DilocoConfig, SourceConfig
+
+    base = preset_config(args)
     steps = arm["steps"]
     optim = dataclasses.replace(base.optim, total_steps=steps, warmup_steps=max(1, steps // 20),
                                 decay_start=int(steps * 0.8),
@@ -356,9 +366,7 @@ def streaming_arms(args: dict) -> list[dict]:
 
 
 def model_desc(args: dict, params: int) -> str:
-    from intellect_jax.config import load_config
-
-    m = load_config(common.ROOT / "configs" / args["preset"]).model
+    m = preset_config(args).model
     return (f"{args['preset']} Llama ({params / 1e6:.2f}M params, {m.num_hidden_layers} layers, hidden "
             f"{m.hidden_size}, vocabulary {m.vocab_size})")
 
@@ -543,6 +551,8 @@ def main() -> int:
                     "scale it to their length); 0 = DiLoCo from the first step")
     ap.add_argument("--H", type=int, nargs="+", default=None, help="H for the M=islands arms (10 25 50)")
     ap.add_argument("--m1-H", type=int, default=25, help="H of the one-island DiLoCo arm")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the preset's; the streaming "
+                    "comparison needs at least --fragments)")
     ap.add_argument("--islands", type=int, default=4)
     ap.add_argument("--per-island-batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=128)
@@ -564,8 +574,9 @@ def main() -> int:
                                                                       "(every arm)")
     ap.add_argument("--paired-seeds", type=int, default=0, help="run the compression comparison instead of the "
                     "protocol: fp32 DiLoCo and each of --paired-codecs at the same seed, for this many seeds")
-    ap.add_argument("--paired-codecs", nargs="+", default=["int8"], choices=["int8", "int4"],
-                    help="codecs compared with fp32 by --paired-seeds (int4 runs with error feedback; default int8)")
+    ap.add_argument("--paired-codecs", nargs="+", default=["int8"], choices=["int8", "int8-ef", "int4"],
+                    help="codecs compared with fp32 by --paired-seeds (int4 always runs with error feedback, -ef adds "
+                         "it to int8; default int8)")
     ap.add_argument("--paired-H", type=int, default=10, help="H of the paired comparison (default 10: the "
                     "protocol's best)")
     ap.add_argument("--paired-outer", default="1.0,0", metavar="LR,MOMENTUM",
@@ -648,6 +659,10 @@ def main() -> int:
 
 
 def main_streaming(args: dict, a, t_all: float) -> int:
+    layers = preset_config(args).model.num_hidden_layers
+    if layers < a.fragments:
+        raise SystemExit(f"--fragments {a.fragments} needs at least that many layers ({a.preset} has {layers}; "
+                         f"fragments are split by layer): pass --layers {a.fragments} or fewer --fragments")
     lr, mom = (float(v) for v in a.streaming_outer.split(","))
     args["streaming_outer"] = (lr, mom)
     args["streaming_taus"] = [(int(t.split(",")[0]), float(t.split(",")[1])) for t in a.streaming_taus]
@@ -678,8 +693,9 @@ def paired_arms(args: dict) -> list[dict]:
     for seed in range(args["paired_seeds"]):
         out.append(arm(f"diloco M={n} H={H} fp32", S, n, H, lr, seed=seed, momentum=mom))
         for c in args["paired_codecs"]:
-            name = f"diloco M={n} H={H} " + ("int4 + error feedback" if c == "int4" else c)
-            out.append(arm(name, S, n, H, lr, c, c == "int4", seed=seed, momentum=mom))
+            codec, ef = c.split("-")[0], c == "int4" or c.endswith("-ef")
+            name = f"diloco M={n} H={H} {codec}" + (" + error feedback" if ef else "")
+            out.append(arm(name, S, n, H, lr, codec, ef, seed=seed, momentum=mom))
     return out
 
 
