@@ -4,6 +4,7 @@
     python benchmarks/quality.py --quick    # ~3 min smoke version of the same code path (RESULTS.md untouched)
     python benchmarks/quality.py --streaming --layers 4   # blocking DiLoCo vs streaming fragments (~40 min)
     python benchmarks/quality.py --paired-seeds 3   # fp32 vs int8 (vs int4 + EF) DiLoCo, seed by seed (~35 min)
+    python benchmarks/quality.py --paired-seeds 3 --paired-codecs fp32-noise   # the noise floor of that comparison
 
 The DiLoCo papers' comparison (Douillard et al., arXiv 2311.08105; Charles et al., arXiv 2503.09799), scaled to a
 2-core CPU: a 3-layer debug Llama with a 512-entry BPE (configs/quality.toml says why) on the python-stdlib corpus, the
@@ -186,6 +187,8 @@ def train_arm(args: dict, arm: dict) -> dict:
         inner = jax.jit(inner_fn, donate_argnums=0)
         reduce_mean = functools.partial(collective.reference_island_mean, compression=cfg.diloco.compression,
                                         block_size=cfg.diloco.block_size, return_sent=cfg.diloco.error_feedback)
+        if arm.get("perturb"):
+            reduce_mean = perturbed(reduce_mean, arm["perturb"])
         sync = jax.jit(lambda s: diloco.outer_update(s, reduce_mean, outer), donate_argnums=0)
         global_params = lambda s: s.global_params  # noqa: E731
         stream = None
@@ -231,6 +234,26 @@ def train_arm(args: dict, arm: dict) -> dict:
             "bytes_per_sync": per_sync, "wire_bytes": per_sync * syncs, "peak_bytes_in_flight": peak,
             "seconds": time.perf_counter() - t0,
             "delta_norms": outer_metrics}
+
+
+def perturbed(reduce_mean, eps: float):
+    """`reduce_mean` with every element of the mean times (1 + u), u uniform in [-eps, eps]: the paired comparison's
+    noise floor (what a perturbation far below any codec's rounding does to the trajectory). The noise is drawn from
+    a key folded with the mean's own bits, so the run stays deterministic."""
+    import jax
+    import jax.numpy as jnp
+
+    def reduce(tree):
+        mean = reduce_mean(tree)
+        leaves, treedef = jax.tree.flatten(mean)
+        key = jax.random.key(0)
+        for x in leaves:
+            key = jax.random.fold_in(key, jax.lax.bitcast_convert_type(jnp.sum(x.astype(jnp.float32)), jnp.int32))
+        keys = jax.random.split(key, len(leaves))
+        return jax.tree.unflatten(treedef, [x * (1 + jax.random.uniform(k, x.shape, x.dtype, -eps, eps))
+                                            for x, k in zip(leaves, keys)])
+
+    return reduce
 
 
 class Streaming:
@@ -347,10 +370,10 @@ def run_all(args: dict, arms: list[dict], jobs: int, label: str) -> list[dict]:
 
 
 def arm(name, steps, islands, H=1, outer_lr=1.0, compression="none", error_feedback=False, seed=0, warmup=0,
-        momentum=0.0, fragments=1, overlap=0, alpha=0.0) -> dict:
+        momentum=0.0, fragments=1, overlap=0, alpha=0.0, perturb=0.0) -> dict:
     return dict(name=name, steps=steps, islands=islands, H=H, outer_lr=outer_lr, compression=compression,
                 error_feedback=error_feedback, seed=seed, warmup=warmup, momentum=momentum, fragments=fragments,
-                overlap=overlap, alpha=alpha)
+                overlap=overlap, alpha=alpha, perturb=perturb)
 
 
 def streaming_arms(args: dict) -> list[dict]:
@@ -574,9 +597,11 @@ def main() -> int:
                                                                       "(every arm)")
     ap.add_argument("--paired-seeds", type=int, default=0, help="run the compression comparison instead of the "
                     "protocol: fp32 DiLoCo and each of --paired-codecs at the same seed, for this many seeds")
-    ap.add_argument("--paired-codecs", nargs="+", default=["int8"], choices=["int8", "int8-ef", "int4"],
+    ap.add_argument("--paired-codecs", nargs="+", default=["int8"], choices=["int8", "int8-ef", "int4", "fp32-noise"],
                     help="codecs compared with fp32 by --paired-seeds (int4 always runs with error feedback, -ef adds "
-                         "it to int8; default int8)")
+                         "it to int8; fp32-noise: fp32 with the mean perturbed by --paired-noise, the noise floor; "
+                         "default int8)")
+    ap.add_argument("--paired-noise", type=float, default=1e-5, help="relative size of fp32-noise's perturbation")
     ap.add_argument("--paired-H", type=int, default=10, help="H of the paired comparison (default 10: the "
                     "protocol's best)")
     ap.add_argument("--paired-outer", default="1.0,0", metavar="LR,MOMENTUM",
@@ -693,6 +718,11 @@ def paired_arms(args: dict) -> list[dict]:
     for seed in range(args["paired_seeds"]):
         out.append(arm(f"diloco M={n} H={H} fp32", S, n, H, lr, seed=seed, momentum=mom))
         for c in args["paired_codecs"]:
+            if c == "fp32-noise":
+                eps = args["paired_noise"]
+                out.append(arm(f"diloco M={n} H={H} fp32 x (1 ± {eps:g})", S, n, H, lr, seed=seed, momentum=mom,
+                               perturb=eps))
+                continue
             codec, ef = c.split("-")[0], c == "int4" or c.endswith("-ef")
             name = f"diloco M={n} H={H} {codec}" + (" + error feedback" if ef else "")
             out.append(arm(name, S, n, H, lr, codec, ef, seed=seed, momentum=mom))
@@ -706,8 +736,8 @@ def paired_report(results: list[dict], args: dict) -> tuple[str, str]:
 
     from benchmarks.common import table
 
-    codecs = [r["name"] for r in results if r["seed"] == 0 and r["compression"] != "none"]
-    fp32 = {r["seed"]: r for r in results if r["compression"] == "none"}
+    codecs = [r["name"] for r in results if r["seed"] == 0 and (r["compression"] != "none" or r["perturb"])]
+    fp32 = {r["seed"]: r for r in results if r["compression"] == "none" and not r["perturb"]}
     gaps = {c: [] for c in codecs}
     rows = []
     for seed in sorted(fp32):
@@ -741,6 +771,11 @@ def paired_report(results: list[dict], args: dict) -> tuple[str, str]:
              f"chaos one perturbation of the trajectory sets off; the mean over {n_seeds} seeds estimates the "
              f"effect and 'sd' (sample standard deviation over seeds) its noise; the standard error of the mean is "
              f"sd / sqrt({n_seeds}). The fp32 column's sd is the seed-to-seed spread of the loss itself.")
+    if any(r["perturb"] for r in results):
+        notes += (f" 'fp32 x (1 ± {args['paired_noise']:g})': exact fp32 DiLoCo whose mean pseudo-gradient is multiplied "
+                  "element-wise by 1 + u, u uniform in ± that (deterministic noise, about 1000x below int8's "
+                  "rounding): its gap is the chaos floor, the part of any codec's paired gap a codec cannot be "
+                  "blamed for.")
     return table(head, rows), notes
 
 
@@ -758,7 +793,9 @@ def main_paired(args: dict, a, t_all: float) -> int:
         print("(RESULTS.md left alone: --quick or --no-write)")
         return 0
     curves = {f"{r['name']} seed {r['seed']}": r["curve"] for r in results}
-    common.write_section("Quality: compression, paired seeds", "\n\n".join([
+    title = ("Quality: the paired comparison's noise floor" if args["paired_codecs"] == ["fp32-noise"]
+             else "Quality: compression, paired seeds")
+    common.write_section(title, "\n\n".join([
         common.provenance(seconds), tab, notes,
         "Held-out loss at every evaluation (inner step, loss): `" + json.dumps(curves) + "`"]))
     print(f"wrote {common.RESULTS}")
