@@ -102,7 +102,7 @@ class ElasticIsland:
 
     def join(self) -> None:
         arrays, meta = self._provide()
-        info = self.client.join(meta["outer_step"], meta["params_hash"])
+        info = self.client.join(meta["outer_step"], meta["params_hash"], self.local.resumed_epoch)
         log.info("joined the run (run at outer step %s; this island at %d)%s", info.run_step, meta["outer_step"],
                  ": fetching the state from a live peer" if info.needs_state else "")
         if info.needs_state:

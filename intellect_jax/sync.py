@@ -587,6 +587,7 @@ class ElasticSync(DilocoSync):
             self._apply_delta = jax.jit(self._apply_flat, in_shardings=(full, rep, rep),
                                         out_shardings=(full, rep), donate_argnums=0)
         self.island = None
+        self.resumed_epoch = None  # the epoch that committed the restored checkpoint's state (its meta says)
         # streaming: (fragment, due step, island.Reduce, (verdict s, copy s) waited at its launch) of the reduce in
         # flight
         self._flight = None
@@ -702,6 +703,20 @@ class ElasticSync(DilocoSync):
             self._frag_apply[p] = self._frag_apply[p].lower(self.state, v).compile()
             if self.error_feedback:
                 self._frag_residual[p] = self._frag_residual[p].lower(self.state, v).compile()
+
+    def meta(self, step: int) -> dict[str, Any]:
+        """Also the epoch (id, outer step, members) that committed the saved state, when the island knows it: a run
+        restarted whole (a new coordinator, every island from its checkpoint) then waits for exactly those islands
+        instead of a fixed recovery grace."""
+        out = super().meta(step)
+        ep = self.island.client.last_epoch if self.island is not None else None
+        if ep is not None and int(ep["step"]) + 1 == out["outer_step"]:
+            out["elastic_epoch"] = dict(ep)
+        return out
+
+    def restore(self, ckpt, step, meta) -> bool:
+        self.resumed_epoch = meta.get("elastic_epoch")
+        return super().restore(ckpt, step, meta)
 
     def start(self, step):
         """Joins the run (after compiling: a joiner must not fetch the state and then compile for minutes)."""

@@ -138,8 +138,9 @@ def test_streaming_islands_overlap_the_reduce_and_agree_at_every_fragment_sync(t
         assert sum(inner[-3:]) / 3 < sum(inner[:3]) / 3 - 0.05, inner
     # The whole run restarts and is prolonged to 24 steps: every island resumes from its final checkpoint (step 16,
     # no reduce in flight: none is ever saved) and launches fragment 0's sync at once, as the schedule says. The new
-    # coordinator knows no epoch, so it waits its recovery grace for the islands (restart + compile: ~15 s here).
-    coord, addr = _start_coordinator(tmp_path, secret, tag="2", grace_s=40.0)
+    # coordinator learns the epoch that committed outer step 5 from the checkpoints' meta, so it waits for exactly
+    # its three members (however slow their restart and compile), not for a timer: the grace only bounds that wait.
+    coord, addr = _start_coordinator(tmp_path, secret, tag="2", grace_s=300.0)
     try:
         procs = [_island(tmp_path, addr, secret, i, steps=24, extra=STREAMING_EF + _codes_on_device(i > 0))
                  for i in range(3)]
@@ -153,6 +154,7 @@ def test_streaming_islands_overlap_the_reduce_and_agree_at_every_fragment_sync(t
     for k in range(1, 11):
         assert len({o[k]["params_hash"] for o in outers}) == 1 and {o[k]["step"] for o in outers} == {3 + 2 * k}
     assert all("resumed from checkpoint step 16" in (tmp_path / f"island{i}.log").read_text() for i in range(3))
+    assert "rebuilt view from 3 islands: run at outer step 6" in (tmp_path / "coord2.log").read_text()
 
 
 @pytest.mark.slow

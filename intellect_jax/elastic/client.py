@@ -119,14 +119,18 @@ class IslandClient:
 
     # -- public API ------------------------------------------------------------------------------------------------
 
-    def join(self, outer_step: int, params_hash: str | None) -> JoinInfo:
+    def join(self, outer_step: int, params_hash: str | None, last_epoch: dict | None = None) -> JoinInfo:
         """Registers with the coordinator holding a state after `outer_step` completed outer steps (-1: none).
 
-        Admission into a reduce happens at the next outer-step boundary (``all_reduce_mean``). Returns whether our
-        state must first be fetched from a peer.
+        `last_epoch` ({"id", "step", "members"}): the epoch that committed that state, when known (a checkpoint
+        records it); a restarted coordinator waits for its members. Admission into a reduce happens at the next
+        outer-step boundary (``all_reduce_mean``). Returns whether our state must first be fetched from a peer.
         """
+        if last_epoch is not None and int(last_epoch["step"]) + 1 != outer_step:
+            last_epoch = None  # not the epoch of this state
         with self._lock:
             self.step, self.hash = outer_step, params_hash
+            self.last_epoch = last_epoch or self.last_epoch
         rep = self._register(wait_recovery=True)
         if not self._hb_thread.is_alive():
             self._hb_thread.start()
