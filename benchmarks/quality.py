@@ -5,6 +5,7 @@
     python benchmarks/quality.py --streaming --layers 4   # blocking DiLoCo vs streaming fragments (~40 min)
     python benchmarks/quality.py --paired-seeds 3   # fp32 vs int8 (vs int4 + EF) DiLoCo, seed by seed (~35 min)
     python benchmarks/quality.py --paired-seeds 3 --paired-codecs fp32-noise   # the noise floor of that comparison
+    python benchmarks/quality.py --paired-seeds 3 --paired-codecs fp32-noise --paired-noise-draws 1 2  # more draws
 
 The DiLoCo papers' comparison (Douillard et al., arXiv 2311.08105; Charles et al., arXiv 2503.09799), scaled to a
 2-core CPU: a 3-layer debug Llama with a 512-entry BPE (configs/quality.toml says why) on the python-stdlib corpus, the
@@ -188,7 +189,7 @@ def train_arm(args: dict, arm: dict) -> dict:
         reduce_mean = functools.partial(collective.reference_island_mean, compression=cfg.diloco.compression,
                                         block_size=cfg.diloco.block_size, return_sent=cfg.diloco.error_feedback)
         if arm.get("perturb"):
-            reduce_mean = perturbed(reduce_mean, arm["perturb"])
+            reduce_mean = perturbed(reduce_mean, arm["perturb"], arm.get("draw", 0))
         sync = jax.jit(lambda s: diloco.outer_update(s, reduce_mean, outer), donate_argnums=0)
         global_params = lambda s: s.global_params  # noqa: E731
         stream = None
@@ -236,17 +237,17 @@ def train_arm(args: dict, arm: dict) -> dict:
             "delta_norms": outer_metrics}
 
 
-def perturbed(reduce_mean, eps: float):
+def perturbed(reduce_mean, eps: float, draw: int = 0):
     """`reduce_mean` with every element of the mean times (1 + u), u uniform in [-eps, eps]: the paired comparison's
     noise floor (what a perturbation far below any codec's rounding does to the trajectory). The noise is drawn from
-    a key folded with the mean's own bits, so the run stays deterministic."""
+    a key folded with the mean's own bits, so the run stays deterministic; `draw` picks another noise sequence."""
     import jax
     import jax.numpy as jnp
 
     def reduce(tree):
         mean = reduce_mean(tree)
         leaves, treedef = jax.tree.flatten(mean)
-        key = jax.random.key(0)
+        key = jax.random.key(draw)
         for x in leaves:
             key = jax.random.fold_in(key, jax.lax.bitcast_convert_type(jnp.sum(x.astype(jnp.float32)), jnp.int32))
         keys = jax.random.split(key, len(leaves))
@@ -370,10 +371,10 @@ def run_all(args: dict, arms: list[dict], jobs: int, label: str) -> list[dict]:
 
 
 def arm(name, steps, islands, H=1, outer_lr=1.0, compression="none", error_feedback=False, seed=0, warmup=0,
-        momentum=0.0, fragments=1, overlap=0, alpha=0.0, perturb=0.0) -> dict:
+        momentum=0.0, fragments=1, overlap=0, alpha=0.0, perturb=0.0, draw=0) -> dict:
     return dict(name=name, steps=steps, islands=islands, H=H, outer_lr=outer_lr, compression=compression,
                 error_feedback=error_feedback, seed=seed, warmup=warmup, momentum=momentum, fragments=fragments,
-                overlap=overlap, alpha=alpha, perturb=perturb)
+                overlap=overlap, alpha=alpha, perturb=perturb, draw=draw)
 
 
 def streaming_arms(args: dict) -> list[dict]:
@@ -602,6 +603,8 @@ def main() -> int:
                          "it to int8; fp32-noise: fp32 with the mean perturbed by --paired-noise, the noise floor; "
                          "default int8)")
     ap.add_argument("--paired-noise", type=float, default=1e-5, help="relative size of fp32-noise's perturbation")
+    ap.add_argument("--paired-noise-draws", type=int, nargs="+", default=[0], metavar="D",
+                    help="fp32-noise's noise sequences, one arm per seed each (default: draw 0)")
     ap.add_argument("--paired-H", type=int, default=10, help="H of the paired comparison (default 10: the "
                     "protocol's best)")
     ap.add_argument("--paired-outer", default="1.0,0", metavar="LR,MOMENTUM",
@@ -720,8 +723,9 @@ def paired_arms(args: dict) -> list[dict]:
         for c in args["paired_codecs"]:
             if c == "fp32-noise":
                 eps = args["paired_noise"]
-                out.append(arm(f"diloco M={n} H={H} fp32 x (1 ± {eps:g})", S, n, H, lr, seed=seed, momentum=mom,
-                               perturb=eps))
+                for d in args["paired_noise_draws"]:
+                    out.append(arm(f"diloco M={n} H={H} fp32 x (1 ± {eps:g})" + (f" draw {d}" if d else ""), S, n,
+                                   H, lr, seed=seed, momentum=mom, perturb=eps, draw=d))
                 continue
             codec, ef = c.split("-")[0], c == "int4" or c.endswith("-ef")
             name = f"diloco M={n} H={H} {codec}" + (" + error feedback" if ef else "")
@@ -772,10 +776,12 @@ def paired_report(results: list[dict], args: dict) -> tuple[str, str]:
              f"effect and 'sd' (sample standard deviation over seeds) its noise; the standard error of the mean is "
              f"sd / sqrt({n_seeds}). The fp32 column's sd is the seed-to-seed spread of the loss itself.")
     if any(r["perturb"] for r in results):
-        notes += (f" 'fp32 x (1 ± {args['paired_noise']:g})': exact fp32 DiLoCo whose mean pseudo-gradient is multiplied "
-                  "element-wise by 1 + u, u uniform in ± that (deterministic noise, about 1000x below int8's "
-                  "rounding): its gap is the chaos floor, the part of any codec's paired gap a codec cannot be "
-                  "blamed for.")
+        notes += (f" 'fp32 x (1 ± {args['paired_noise']:g})': exact fp32 DiLoCo whose mean pseudo-gradient is "
+                  "multiplied element-wise by 1 + u, u uniform in ± that (deterministic noise, about 1000x below "
+                  "int8's rounding): its gap is the chaos floor, the part of any codec's paired gap a codec "
+                  "cannot be blamed for.")
+        if args["paired_noise_draws"] != [0]:
+            notes += " 'draw d': the same with noise sequence d (jax.random.key(d)); no suffix: draw 0."
     return table(head, rows), notes
 
 
@@ -795,6 +801,8 @@ def main_paired(args: dict, a, t_all: float) -> int:
     curves = {f"{r['name']} seed {r['seed']}": r["curve"] for r in results}
     title = ("Quality: the paired comparison's noise floor" if args["paired_codecs"] == ["fp32-noise"]
              else "Quality: compression, paired seeds")
+    if "fp32-noise" in args["paired_codecs"] and args["paired_noise_draws"] != [0]:
+        title += ", noise draws " + ", ".join(map(str, args["paired_noise_draws"]))
     common.write_section(title, "\n\n".join([
         common.provenance(seconds), tab, notes,
         "Held-out loss at every evaluation (inner step, loss): `" + json.dumps(curves) + "`"]))
