@@ -99,6 +99,20 @@ class Fragments:
             flat[path] = flat[path].at[self._index(path, p, lead)].set(v) if self.owner[path] is None else v
         return unflatten_dict(flat)
 
+    def assemble(self, like: dict, views: list[dict[str, np.ndarray]]) -> dict:
+        """The inverse of :meth:`take` over every fragment, on the host: numpy arrays shaped like `like` (a tree of
+        arrays or ShapeDtypeStructs, no leading dims) whose fragment p is ``views[p]``."""
+        out = {}
+        for path, x in flatten_dict(like).items():
+            a = np.empty(x.shape, x.dtype)
+            for p in range(self.count):
+                if path in self.keys[p]:
+                    v = np.asarray(views[p][self.name(path)])
+                    part = self._index(path, p, 0) if self.owner[path] is None else ...
+                    a[part] = v.reshape(a[part].shape)
+            out[path] = a
+        return unflatten_dict(out)
+
     def size(self, p: int, params: dict) -> int:
         """Parameters in fragment p."""
         return sum(int(x.size) for x in jax.tree.leaves(self.take(params, p)))

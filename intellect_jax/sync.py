@@ -618,6 +618,44 @@ class ElasticSync(DilocoSync):
                                                in_shardings=(full, rep), out_shardings=full, donate_argnums=0))
             self._frag_apply.append(jax.jit(lambda s, d, p=p: self._apply_fragment_vector(s, d, p),
                                             in_shardings=(full, rep), out_shardings=(full, rep), donate_argnums=0))
+        # The global state's part of each fragment (its view of the global params + its outer optimizer state): a
+        # fragment sync changes only that part, so only it is copied to the host and hashed (`snapshot_arrays`).
+        self._frag_global = [jax.jit(lambda s, p=p: self._global_part(s, p), in_shardings=(full,))
+                             for p in range(frags.count)]
+
+    def _global_part(self, s, p: int):
+        s = self._on_device(s)
+        return self.frags.take(s.global_params, p), s.outer_opt_state[p]
+
+    def snapshot_arrays(self, fragment: int | None = None) -> dict[str, np.ndarray]:
+        """The global state (global params + outer optimizer state) as named host arrays: what the islands hash and
+        vote on and what a joiner fetches. Streaming names it per fragment ("fragment 2/global_params/layers/q_proj",
+        "fragment 2/outer_opt_state[0].trace['embed_tokens']", ...) so that after a fragment's sync only its part,
+        1/P of the state, is copied and hashed again: with `fragment` given, only that part's arrays."""
+        s = self.state
+        if self.frags is None:
+            return _host_named({"global_params": s.global_params, "outer_opt_state": s.outer_opt_state})
+        out: dict[str, np.ndarray] = {}
+        for q in range(self.frags.count) if fragment is None else (fragment,):
+            g, opt = jax.device_get(self._frag_global[q](s))
+            out |= {f"fragment {q}/global_params/{k}": np.asarray(v) for k, v in g.items()}
+            out |= {f"fragment {q}/outer_opt_state{k}": v for k, v in _host_named(opt).items()}
+        return out
+
+    def global_from_snapshot(self, arrays: dict[str, np.ndarray]) -> tuple[Any, Any]:
+        """(global params, outer optimizer state) as host trees shaped like this island's, from a peer's
+        `snapshot_arrays()`; a RuntimeError names what the peer's state lacks."""
+        s = self.state
+        if self.frags is None:
+            new = _from_named({"global_params": s.global_params, "outer_opt_state": s.outer_opt_state}, arrays)
+            return new["global_params"], new["outer_opt_state"]
+        P = self.frags.count
+        like = jax.eval_shape(lambda s: s.global_params, s)
+        views = [{k: f"fragment {q}/global_params/{k}" for k in self.frags.take(like, q)} for q in range(P)]
+        _check_names([n for v in views for n in v.values()], arrays)
+        opt = tuple(_from_named(s.outer_opt_state[q], arrays, f"fragment {q}/outer_opt_state") for q in range(P))
+        params = self.frags.assemble(like, [{k: arrays[n] for k, n in v.items()} for v in views])
+        return params, opt
 
     def _fragment_vector(self, s, p: int):
         """Fragment p's pseudo-gradient of this island (+ its residual), flat, in ravel_pytree order of the view."""
@@ -695,6 +733,7 @@ class ElasticSync(DilocoSync):
             return
         for p in range(self.frags.count):  # the first sync of each fragment must not stall on compilation
             self._frag_vec[p] = self._frag_vec[p].lower(self.state).compile()
+            self._frag_global[p] = self._frag_global[p].lower(self.state).compile()
             v = self._vector_abstract(p)
             if self.device_codes:
                 packed = self._packed_abstract(v.shape[0])
@@ -792,8 +831,6 @@ class ElasticSync(DilocoSync):
         """Fragment p's pseudo-gradient leaves the device and its ring reduce starts in the background. False (no
         launch): the verdict on this island's last hash vote, taken first, was that it differs from the majority,
         and the island now holds a peer's state (the caller re-schedules from it)."""
-        from intellect_jax.island import Reduce
-
         jax.block_until_ready(self.state.inner)  # the inner steps before the sync are compute, not waiting
         t0 = time.perf_counter()
         if self._settle_vote(t0):
@@ -837,7 +874,7 @@ class ElasticSync(DilocoSync):
             # Hashing the state and the vote run in a background thread (the hash and the coordinator round trips
             # overlap the next inner steps); the verdict is taken before this island's next pseudo-gradient leaves
             # it (`_launch`), so a minority state never feeds a reduce.
-            metrics, h = self.island.settle(r, metrics, wait=False)
+            metrics, h = self.island.settle(r, metrics, wait=False, fragment=p)
         except StaleStep as e:
             metrics, h = self.island.resync(f"outer step {r} completed without this island ({e})")
         wait_s = time.perf_counter() - ready_at + launch_s
@@ -945,6 +982,28 @@ def _has_pinned_host() -> bool:
         return "pinned_host" in {m.kind for m in jax.devices()[0].addressable_memories()}
     except Exception:  # noqa: BLE001 - backends without memory-kind support
         return False
+
+
+def _host_named(tree) -> dict[str, np.ndarray]:
+    """A tree's leaves copied to the host, named by their key paths (jax.tree_util.keystr)."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(tree))
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+
+
+def _check_names(names: list[str], arrays: dict[str, Any]) -> None:
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise RuntimeError(f"the peer's state lacks {missing[:3]}: is it running the same model, outer optimizer "
+                           "and diloco.fragments?")
+
+
+def _from_named(like, arrays: dict[str, np.ndarray], prefix: str = ""):
+    """The inverse of `_host_named` (names under `prefix`): host arrays in `like`'s tree structure and shapes."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
+    names = [prefix + jax.tree_util.keystr(path) for path, _ in leaves]
+    _check_names(names, arrays)
+    return jax.tree_util.tree_unflatten(treedef, [np.asarray(arrays[n]).reshape(np.shape(x))
+                                                  for n, (_, x) in zip(names, leaves)])
 
 
 def _unravel_like(tree, vec):

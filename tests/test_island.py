@@ -158,12 +158,13 @@ def test_streaming_islands_overlap_the_reduce_and_agree_at_every_fragment_sync(t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra,rows", [((), 100), (STREAMING, 148)], ids=["blocking", "streaming"])
-def test_killed_island_recovers_live_from_a_peer(tmp_path, coordinator, extra, rows):
-    """Streaming: syncs every 2 steps from step 4 on (149 in 300 steps, the last one still in flight at the end); an
-    island killed mid-overlap leaves the survivors to finish that fragment's reduce without it."""
+@pytest.mark.parametrize("extra,steps,rows", [((), 600, 200), (STREAMING, 600, 298)], ids=["blocking", "streaming"])
+def test_killed_island_recovers_live_from_a_peer(tmp_path, coordinator, extra, steps, rows):
+    """Streaming: syncs every 2 steps from step 4 on (298 applied in 600 steps: none starts at step 600, its mean would
+    be due after the end); an island killed mid-overlap leaves the survivors to finish that fragment's reduce without
+    it. (With 300 steps the two survivors finished the run before the restarted island had compiled.)"""
     addr, secret = coordinator
-    procs = [_island(tmp_path, addr, secret, i, steps=300, extra=extra) for i in range(3)]
+    procs = [_island(tmp_path, addr, secret, i, steps=steps, extra=extra) for i in range(3)]
     victim_metrics = tmp_path / "island2" / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline:  # wait until island2 has been through an outer step, then kill it mid-training
@@ -173,7 +174,7 @@ def test_killed_island_recovers_live_from_a_peer(tmp_path, coordinator, extra, r
     procs[2].send_signal(signal.SIGKILL)
     procs[2].wait()
     time.sleep(2)
-    restarted = _island(tmp_path, addr, secret, 2, steps=300, name="island2b", extra=extra)
+    restarted = _island(tmp_path, addr, secret, 2, steps=steps, name="island2b", extra=extra)
     for p in procs[:2] + [restarted]:
         assert p.wait(timeout=600) == 0, (tmp_path / "island2b.log").read_text()[-3000:]
     log = (tmp_path / "island2b.log").read_text()

@@ -50,6 +50,13 @@ def test_fragments_cover_every_element_once_and_follow_the_layers():
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(c, 1)
     assert sum(frags.size(p, g) for p in range(3)) == sum(x.size for x in jax.tree.leaves(g))
+    # the host-side inverse over all fragments (a peer's per-fragment snapshot -> the tree), from shapes alone
+    views = [jax.tree.map(np.asarray, frags.take(g, p)) for p in range(3)]
+    back = frags.assemble(jax.eval_shape(lambda t: t, g), views)
+    assert jax.tree.structure(back) == jax.tree.structure(g)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(g)):
+        assert isinstance(a, np.ndarray) and a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
 
 
 def test_schedule_staggers_fragments_within_each_round():
@@ -260,3 +267,57 @@ def test_overlapped_reduce_runs_inside_the_next_step_program(tmp_path):
     np.testing.assert_allclose(m_f["loss"], m_s["loss"], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(s_f.inner.params), jax.tree.leaves(inner_s.params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_elastic_snapshot_is_per_fragment_and_a_fragment_sync_rehashes_only_its_part(tmp_path):
+    """ElasticSync's host snapshot (what the islands hash and vote on and a joiner fetches) is named per fragment;
+    after a fragment's sync the island copies and hashes only that fragment's part and gets the hash a full copy
+    gives; a peer's snapshot installs bit for bit, and one from a run with other fragments is refused by name."""
+    import threading
+
+    from intellect_jax.elastic import wire
+    from intellect_jax.island import ElasticIsland
+    from intellect_jax.trainer import Trainer
+    from tests.helpers import tiny_config
+
+    secret = tmp_path / "secret"
+    wire.write_secret(secret)
+    cfg = tiny_config(mesh=dict(islands=1, fsdp=-1), model=dict(num_hidden_layers=3),
+                      diloco=dict(inner_steps=4, fragments=2, overlap_steps=1),
+                      elastic=dict(coordinator="127.0.0.1:9", secret_file=str(secret)))
+    sync = Trainer(cfg).sync  # not started: nothing connects
+    frags, rng = sync.frags, np.random.default_rng(0)
+    noisy = lambda t: jax.tree.map(lambda a: (a + rng.normal(size=a.shape)).astype(a.dtype), t)  # noqa: E731
+    g, opt = noisy(jax.device_get(sync.state.global_params)), noisy(jax.device_get(sync.state.outer_opt_state))
+    sync.install_global(g, opt, 3, 12)
+    full = sync.snapshot_arrays()
+    assert {k.split("/")[0] for k in full} == {"fragment 0", "fragment 1"}
+    n = sum(x.size for x in jax.tree.leaves((g, opt)))
+    assert sum(a.size for a in full.values()) == n  # every number once
+    for p in range(2):
+        part = sync.snapshot_arrays(p)
+        assert set(part) == {k for k in full if k.startswith(f"fragment {p}/")}
+        assert all(np.array_equal(part[k], full[k]) for k in part)
+    g2, opt2 = sync.global_from_snapshot(full)
+    for x, y in zip(jax.tree.leaves((g2, opt2)), jax.tree.leaves((g, opt)), strict=True):
+        assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
+    with pytest.raises(RuntimeError, match="diloco.fragments"):
+        sync.global_from_snapshot({k: v for k, v in full.items() if "embed_tokens" not in k})
+
+    def island():  # the snapshot half of an ElasticIsland, without its client
+        isl = ElasticIsland.__new__(ElasticIsland)
+        isl.local, isl._lock, isl._snapshot = sync, threading.Lock(), None
+        return isl
+
+    a = island()
+    h0 = a.refresh_snapshot()
+    # fragment 1's sync changes its global params and its outer state only
+    view = {k: v + 1 for k, v in frags.take(g, 1).items()}
+    g3 = frags.assemble(g, [frags.take(g, 0), view])
+    opt3 = (opt[0], jax.tree.map(lambda v: v * 2, opt[1]))
+    sync.install_global(g3, opt3, 4, 13)
+    arrays, meta, known = a._host_copy(1)
+    assert set(known) == {k for k in full if k.startswith("fragment 0/")}
+    assert all(arrays[k] is a._provide()[0][k] for k in known)  # not copied again
+    h1 = a._publish(arrays, meta, known)
+    assert h1 != h0 and h1 == island().refresh_snapshot() and meta["outer_step"] == 4
