@@ -115,7 +115,7 @@ def _raw_hello(echo, mutate=None, hello=None):
 
 
 @pytest.mark.parametrize("mutate,needle", [
-    ({"version": 99}, "protocol version 99, this build speaks 2"),
+    ({"version": 99}, f"protocol version 99, this build speaks {wire.PROTOCOL_VERSION}"),
     ({"run": wire.run_tag("other-run")}, "another run id"),
     ({"data_len": 1 << 30}, "byte frame before authentication (at most 4096"),
     ({"magic": b"GET "}, "bad magic"),

@@ -50,7 +50,9 @@ from typing import Any, Sequence
 log = logging.getLogger("intellect_jax.elastic.wire")
 
 MAGIC = b"IJXE"
-PROTOCOL_VERSION = 2
+# 3: streaming islands name their state snapshot per fragment (hash votes and state transfers of version 2 builds
+# would disagree with it: refused at the handshake instead)
+PROTOCOL_VERSION = 3
 _HEADER = struct.Struct(">4sHHQ16sIQ4s")
 HEADER_BYTES = _HEADER.size
 MAC_BYTES = 32
