@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "launch"))
 
+from intellect_jax import quant  # noqa: E402
 from intellect_jax.elastic import ring, wire  # noqa: E402
 
 RUN = "ring-bench"
@@ -84,15 +85,23 @@ def member(a: argparse.Namespace) -> int:
         vec = np.random.default_rng(r).standard_normal(n).astype(np.float32)
         for comp in a.compression.split(","):
             codec = ring.make_codec(comp, BLOCK)
+            inp = vec
+            if a.codes == "device":  # what an accelerator island hands the ring: its codes, packed before the sync
+                padded = np.zeros(-(-n // BLOCK) * BLOCK, np.float32)
+                padded[:n] = vec
+                inp = ring.Packed(*quant.pack_np(padded, bits=codec.bits, block_size=BLOCK), n)
+                del padded
             for rep in range(a.repeats):
                 epoch += 1
                 ring.ring_mean(np.zeros(BLOCK, np.float32), r, send, recv, N, codec, a.chunk_bytes, BLOCK,
                                timeout=120, epoch=-epoch)  # barrier
-                out, st = ring.ring_mean(vec, r, send, recv, N, codec, a.chunk_bytes, BLOCK, timeout=120,
-                                         epoch=epoch)
+                out, st = ring.ring_mean(inp, r, send, recv, N, codec, a.chunk_bytes, BLOCK, timeout=120,
+                                         epoch=epoch, packed_out=a.codes == "device")
+                h = hashlib.sha256()
+                for part in ((out.codes, out.scales) if a.codes == "device" else (out,)):
+                    h.update(memoryview(part).cast("B"))
                 print(json.dumps({"rank": r, "mb": mb, "n": n, "compression": comp, "repeat": rep,
-                                  "seconds": st.seconds, "sha": hashlib.sha256(memoryview(out)).hexdigest()}),
-                      flush=True)
+                                  "seconds": st.seconds, "sha": h.hexdigest()}), flush=True)
                 del out
     srv.close()
     return 0
@@ -173,7 +182,7 @@ def _run_ring(addrs: list[str], prefixes: list[list[str]], a: argparse.Namespace
                              "--bind", binds[r] if binds else addr, "--addrs",
                              ",".join(addrs), "--secret-hex", secret, "--sizes-mb", a.sizes_mb, "--compression",
                              a.compression, "--streams", str(a.streams), "--chunk-bytes", str(a.chunk_bytes),
-                             "--repeats", str(a.repeats), "--encrypt", a.encrypt]
+                             "--repeats", str(a.repeats), "--encrypt", a.encrypt, "--codes", a.codes]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
     rows = []
     for p in procs:
@@ -216,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         mp.add_argument("--chunk-bytes", type=int, required=True)
         mp.add_argument("--repeats", type=int, required=True)
         mp.add_argument("--encrypt", choices=("on", "off"), required=True)
+        mp.add_argument("--codes", choices=("host", "device"), required=True)
         return member(mp.parse_args(argv[1:]))
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--members", type=int, default=3)
@@ -231,10 +241,17 @@ def main(argv: list[str] | None = None) -> int:
                     "relay emulates (Linux's default autotuned send window is 4 MiB)")
     ap.add_argument("--encrypt", choices=("on", "off"), default="on",
                     help="AES-256-GCM sealed frames (elastic.encrypt, the default) or HMAC only")
+    ap.add_argument("--codes", choices=("host", "device"), default="host",
+                    help="host: each member packs its fp32 vector and decodes the fp32 mean on the host (a CPU "
+                    "island, elastic.device_codes off); device: each member starts from its codes and keeps the "
+                    "mean's codes, as an accelerator island does (its device packs before the sync and decodes "
+                    "after it, outside this timing); the hops' decode + add + re-pack run on the host either way")
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--json", default="", help="also write the summary rows here")
     ap.add_argument("--no-write", action="store_true", help="print only; leave benchmarks/RESULTS.md alone")
     a = ap.parse_args(argv)
+    if a.codes == "device" and "none" in a.compression.split(","):
+        ap.error("--codes device needs --compression int8 or int4 (an fp32 ring has no codes); drop 'none'")
     t_start = time.perf_counter()
     N = a.members
     if a.wan:
@@ -270,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = run_ring(addrs, [[] for _ in range(N)], a)
     summary = summarize(rows, N, rate, label)
     print(f"# ring all-reduce, {N} members, chunk {a.chunk_bytes >> 20} MiB, rate: {label}, "
-          f"encrypt {a.encrypt}")
+          f"encrypt {a.encrypt}, codes made on the {a.codes}")
     print(f"{'streams':>7} {'fp32 MB':>8} {'comp':>5} {'payload MB':>10} {'best s':>8} {'median s':>9} {'bound s':>8} "
           f"{'of rate':>8} {'identical':>9}")
     for s in summary:
@@ -286,15 +303,21 @@ def main(argv: list[str] | None = None) -> int:
         body = common.table(
             ["streams", "fp32 MB", "mode", "payload MB", "best s", "median s", "bound s", "of link rate",
              "bit-identical"],
-            [[s["streams"], f"{s['fp32_mb']:.0f}", s["compression"], f"{s['payload_mb']:.1f}",
+            [[s["streams"], f"{s['fp32_mb']:.0f}", s["compression"] + (", device codes" if a.codes == "device" else ""),
+              f"{s['payload_mb']:.1f}",
               f"{s['seconds_best']:.3f}", f"{s['seconds_median']:.3f}", f"{s['bound_s']:.3f}",
               f"{s['fraction_of_link_rate']:.1%}", str(s["bit_identical"])] for s in summary])
         note = (f"{N} islands (separate processes), 'streams' TCP connections per link, frames "
                 f"{'sealed with AES-256-GCM' if a.encrypt == 'on' else 'HMAC-SHA256 only (encrypt off)'}, chunk "
                 f"{a.chunk_bytes >> 20} MiB, rate: {label}. Bound = 2(N-1)/N x payload / link rate (int8 payload "
-                "includes the fp32 block scales). 'bit-identical': every member decoded the same mean bytes." + link_note)
+                "includes the fp32 block scales). 'bit-identical': every member decoded the same mean bytes."
+                + link_note
+                + (" Device codes: every member starts from its int8 codes and ends with the mean's codes (an "
+                   "accelerator island packs before and decodes after the sync on its device); the hops' decode, add "
+                   "and re-pack run on the host." if a.codes == "device" else ""))
         common.write_section(f"Link utilization: {label if a.wan else 'loopback'}"
-                             + (", encrypted" if a.encrypt == "on" else ", HMAC only"),
+                             + (", encrypted" if a.encrypt == "on" else ", HMAC only")
+                             + (", device codes" if a.codes == "device" else ""),
                              common.provenance(time.perf_counter() - t_start) + "\n\n" + body + "\n\n" + note)
     return 0 if all(s["bit_identical"] for s in summary) else 1
 

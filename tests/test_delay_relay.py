@@ -1,10 +1,14 @@
 """launch/delay_relay.py: each direction is held for the one-way delay, and a stream moves at most window / RTT."""
 
+import hashlib
+import os
 import socket
 import sys
 import threading
 import time
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
 
@@ -69,3 +73,73 @@ def test_a_stream_is_limited_to_window_per_round_trip_and_loses_nothing():
     assert done.is_set()
     assert took >= (n / window - 1) * 2 * delay, took  # window / RTT, not the loopback's GB/s
     assert took < 3.0, took
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_many_connections_both_ways_arrive_intact_and_the_relay_leaks_no_pipes():
+    """Four connections at once, each carrying 6 MiB of random bytes each way: every byte arrives, in order, the
+    half-close is forwarded after the bytes, and once the connections end the relay's pipes are closed."""
+    n, conns = 6 << 20, 4
+    rng = np.random.default_rng(0)
+    up = [rng.integers(0, 256, n, np.uint8).tobytes() for _ in range(conns)]
+    down = [rng.integers(0, 256, n, np.uint8).tobytes() for _ in range(conns)]
+    got_up: dict[int, str] = {}
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def serve(c):
+        k = int(c.recv(1)[0])
+        sender = threading.Thread(target=lambda: (c.sendall(down[k]), c.shutdown(socket.SHUT_WR)))
+        sender.start()
+        h, size = hashlib.sha256(), 0
+        while data := c.recv(1 << 20):
+            h.update(data)
+            size += len(data)
+        got_up[k] = (h.hexdigest(), size)
+        sender.join()
+        c.close()
+
+    def accept_loop():
+        for _ in range(conns):
+            threading.Thread(target=serve, args=(srv.accept()[0],), daemon=True).start()
+
+    threading.Thread(target=accept_loop, daemon=True).start()
+    fds0 = _open_fds()
+    relay = DelayRelay(("127.0.0.1", 0), srv.getsockname(), delay_s=0.02, window=1 << 20).start()
+    got_down: dict[int, tuple[str, int]] = {}
+
+    def client(k):
+        c = socket.create_connection(("127.0.0.1", relay.port))
+        c.sendall(bytes([k]))
+        sender = threading.Thread(target=lambda: (c.sendall(up[k][1:]), c.shutdown(socket.SHUT_WR)))
+        sender.start()
+        h, size = hashlib.sha256(), 0
+        while data := c.recv(1 << 20):
+            h.update(data)
+            size += len(data)
+        got_down[k] = (h.hexdigest(), size)
+        sender.join()
+        c.close()
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(conns)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for k in range(conns):
+        assert got_down[k] == (hashlib.sha256(down[k]).hexdigest(), n), k
+    deadline = time.monotonic() + 5
+    while len(got_up) < conns and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for k in range(conns):
+        assert got_up[k] == (hashlib.sha256(up[k][1:]).hexdigest(), n - 1), k
+    while _open_fds() > fds0 + 4 and time.monotonic() < deadline:  # listener, wake-up pair, epoll
+        time.sleep(0.05)
+    assert _open_fds() <= fds0 + 4, os.listdir("/proc/self/fd")
+    relay.close()
+    while _open_fds() > fds0 and time.monotonic() < deadline + 5:
+        time.sleep(0.05)
+    assert _open_fds() == fds0, os.listdir("/proc/self/fd")
+    srv.close()
