@@ -311,6 +311,28 @@ def test_a_peer_stalling_mid_chunk_aborts_after_the_timeout_naming_the_link():
     assert not _ring_threads()  # every ring thread (senders, receivers, watchdog) ended
 
 
+def test_a_link_slower_than_the_deadline_aborts_naming_the_link():
+    """A peer that never stalls long enough for the per-read timeout but trickles a frame a few bytes at a time: the
+    reduce gives up at its deadline (timeout x chunk hops), names the slow link and leaks no thread."""
+    assert not _ring_threads()
+
+    def trickling_peer(send, recv):
+        head = wire._HEADER.pack(wire.MAGIC, wire.PROTOCOL_VERSION, int(wire.MsgType.DATA), 0, wire.run_tag(RUN),
+                                 20, 100_000, b"\0" * 4)
+        send.sock.sendall(head + b"{}")
+        for _ in range(40):  # one byte every 0.2 s: each read returns well inside the 0.5 s timeout
+            time.sleep(0.2)
+            try:
+                send.sock.sendall(b"\0")
+            except OSError:
+                return
+
+    out = _one_real_member(trickling_peer, timeout=0.5)
+    assert "link from predecessor 127.0.0.1:" in out["error"] and "not done within its deadline" in out["error"], out
+    assert out["seconds"] < 6.0, out
+    assert not _ring_threads()
+
+
 def test_ring_order_maximises_slowest_link():
     names = ["a", "b", "c", "d", "e"]
     rng = np.random.default_rng(3)

@@ -400,12 +400,16 @@ def ring_mean(vec: np.ndarray | Packed, rank: int, send: Sequence[wire.Conn], re
         conn.settimeout(timeout)
     threads = [threading.Thread(target=f, args=(k,), daemon=True, name=f"ring-{f.__name__}-{k}")
                for k in range(S) for f in (sender, receiver)]
+    link_of = {th: (f"link to successor {send[k].peer}" if th.name.startswith("ring-sender") else
+                    f"link from predecessor {recv[k].peer}") + f" (stream {k})"
+               for th, k in zip(threads, [k for k in range(S) for _ in (0, 1)])}
     for th in threads:
         th.start()
     if cancel is not None:
         threading.Thread(target=watchdog, daemon=True, name="ring-watchdog").start()
     window = _window(N, S, codec.wire_bytes(lay.chunk))
-    deadline = time.monotonic() + timeout * max(1, 2 * (N - 1) * C)
+    hops = max(1, 2 * (N - 1) * C)
+    deadline = time.monotonic() + timeout * hops
     for c in range(C):  # reduce-scatter step 0: our own segment `rank`, packed while earlier chunks are in flight
         with progress:  # ... but at most `window` chunk indices ahead of the last complete one (bounded buffers)
             while c >= window and landed[c - window] < N and not failed.is_set() and time.monotonic() < deadline:
@@ -416,8 +420,12 @@ def ring_mean(vec: np.ndarray | Packed, rank: int, send: Sequence[wire.Conn], re
         enqueue(c % S, {"e": epoch, "p": "rs", "t": 0, "c": c}, own_wire(lo, hi))
     for th in threads:
         th.join(max(0.0, deadline - time.monotonic()))
-        if th.is_alive():
-            fail(RingError(f"ring thread {th.name} did not finish in time"))
+    late = [link_of[th] for th in threads if th.is_alive()]
+    if late:  # a link too slow for the deadline: name it (a receiver still waiting is the slow incoming link)
+        slow = [d for d in late if d.startswith("link from")] or late
+        fail(RingError(f"{slow[0]}: the reduce was not done within its deadline of {timeout * hops:.1f} s (the link "
+                       f"timeout {timeout:g} s x {hops} chunk hops): the link is slower than the timeout allows"))
+        for th in threads:
             th.join(5.0)
     finished.set()
     if errors:
