@@ -293,8 +293,9 @@ class ElasticConfig:
     # Longest an island waits at an outer-step boundary (for the slowest island's inner steps and the decision) or
     # for a peer to fetch the state from.
     barrier_timeout_s: float = 3600.0
-    # After a membership change (3+ islands) each island times a transfer of this many bytes to every peer; the
-    # coordinator orders the ring to maximise the slowest link. 0: no probes (the ring is ordered by name).
+    # After a membership change (3+ islands) each island times a transfer of up to this many bytes to every peer
+    # (at most 0.5 s of what its last ring sent per second, at least 256 KiB); the coordinator orders the ring to
+    # maximise the slowest link. 0: no probes (the ring is ordered by name).
     probe_bytes: int = 1 << 20
     serve_bytes_per_s: float = 0.0  # cap on the rate an island sends its state to a joiner (0: no cap)
     # Coordinator only: islands that must be ready before the first outer step of a fresh run, and how long a

@@ -544,3 +544,16 @@ def test_a_late_joiner_is_told_the_run_finished_instead_of_waiting(coord, tmp_pa
     finally:
         late.close()
         a.close()
+
+
+def test_a_link_probe_lasts_a_fraction_of_a_second_at_the_rate_the_ring_reached():
+    """The probe after a membership change runs on the links the next reduces use: sized to ~0.5 s of what the
+    island's last ring moved per second (5 Mbit/s: 312 KB, not the 1 MiB default's 1.7 s), never below 256 KiB, never
+    above elastic.probe_bytes, and elastic.probe_bytes when nothing was measured."""
+    from intellect_jax.elastic.client import probe_size
+
+    assert probe_size(1 << 20, 5e6 / 8) == 312_500
+    assert probe_size(1 << 20, 1e9 / 8) == 1 << 20
+    assert probe_size(1 << 20, 1e5) == 256 << 10
+    assert probe_size(1 << 20, None) == probe_size(1 << 20, 0.0) == 1 << 20
+    assert probe_size(100_000, 1e5) == 100_000

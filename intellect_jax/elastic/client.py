@@ -200,7 +200,7 @@ class IslandClient:
             if decision == "commit" and err is None:
                 log.info("outer step %d reduced in epoch %d with %s (%.3f s, %.1f MB sent)", outer_step, ep["id"],
                          ep["order"], stats.seconds, stats.bytes_sent / 1e6)
-                self._maybe_probe(ep)
+                self._maybe_probe(ep, stats.bytes_sent / max(stats.seconds, 1e-9))
                 return result
             if decision == "stale" or decision == "commit":
                 raise StaleStep(f"outer step {outer_step} committed in epoch {ep['id']} without a result on "
@@ -472,19 +472,20 @@ class IslandClient:
                 for key in [k for k in self._ring_inbox if k[0] <= ep["id"]]:
                     self._ring_inbox.pop(key).close()
 
-    def _maybe_probe(self, ep: dict[str, Any]) -> None:
+    def _maybe_probe(self, ep: dict[str, Any], ring_bytes_per_s: float | None = None) -> None:
         members = frozenset(ep["members"])
         wanted = 2 if self.cfg.streams == 0 else 3  # 2 members: one ring order, but the round trip sets the streams
         if members == self._probed or self.cfg.probe_bytes <= 0 or len(members) < wanted:
             return
         self._probed = members
         peers = {m: ep["addrs"][m] for m in members if m != self.name}
-        threading.Thread(target=self._probe, args=(peers,), name="probe", daemon=True).start()
+        threading.Thread(target=self._probe, args=(peers, probe_size(self.cfg.probe_bytes, ring_bytes_per_s)),
+                         name="probe", daemon=True).start()
 
-    def _probe(self, peers: dict[str, str]) -> None:
+    def _probe(self, peers: dict[str, str], size: int) -> None:
         """Measures our outbound throughput and round trip to each peer (during the inner steps) and reports them."""
         rates, rtts = {}, {}
-        blob = os.urandom(self.cfg.probe_bytes)
+        blob = os.urandom(size)
         for name, addr in peers.items():
             try:
                 conn = self._connect_peer(addr, {"op": "probe"})
@@ -496,7 +497,7 @@ class IslandClient:
                     t0 = time.perf_counter()
                     conn.send(wire.MsgType.DATA, {}, blob)
                     conn.recv()
-                    rates[name] = self.cfg.probe_bytes / max(time.perf_counter() - t0, 1e-9)
+                    rates[name] = size / max(time.perf_counter() - t0, 1e-9)
                 finally:
                     conn.close()
             except (OSError, wire.WireError) as e:
@@ -508,6 +509,20 @@ class IslandClient:
                 self._rpc("rates", retry=False, rates=rates, rtts=rtts)
             except ElasticError as e:
                 log.info("could not report link rates: %s", e)
+
+
+PROBE_SECONDS = 0.5  # a link probe's length at the rate the ring just reached
+PROBE_MIN_BYTES = 256 << 10
+
+
+def probe_size(probe_bytes: int, ring_bytes_per_s: float | None) -> int:
+    """Bytes of a link probe: `elastic.probe_bytes`, but no more than PROBE_SECONDS of what this island's last ring
+    sent per second (a lower bound of its links' rate), so that on a slow link the probe (run while the islands
+    train, on the links the next reduces use) takes a fraction of a second per peer, not several (1 MiB is 1.7 s at
+    5 Mbit/s); at least PROBE_MIN_BYTES, so that the measure is not a round trip alone."""
+    if not ring_bytes_per_s or ring_bytes_per_s <= 0:
+        return probe_bytes
+    return int(min(probe_bytes, max(PROBE_MIN_BYTES, ring_bytes_per_s * PROBE_SECONDS)))
 
 
 def _epoch_streams(ep: dict[str, Any], cfg: ElasticConfig) -> int:
