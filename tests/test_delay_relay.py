@@ -79,6 +79,19 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def _exchange(c: socket.socket, out: bytes) -> tuple[str, int]:
+    """Sends `out` then half-closes while reading to EOF; returns the SHA-256 and length of what arrived."""
+    sender = threading.Thread(target=lambda: (c.sendall(out), c.shutdown(socket.SHUT_WR)))
+    sender.start()
+    h, size = hashlib.sha256(), 0
+    while data := c.recv(1 << 20):
+        h.update(data)
+        size += len(data)
+    sender.join()
+    c.close()
+    return h.hexdigest(), size
+
+
 def test_many_connections_both_ways_arrive_intact_and_the_relay_leaks_no_pipes():
     """Four connections at once, each carrying 6 MiB of random bytes each way: every byte arrives, in order, the
     half-close is forwarded after the bytes, and once the connections end the relay's pipes are closed."""
@@ -86,20 +99,12 @@ def test_many_connections_both_ways_arrive_intact_and_the_relay_leaks_no_pipes()
     rng = np.random.default_rng(0)
     up = [rng.integers(0, 256, n, np.uint8).tobytes() for _ in range(conns)]
     down = [rng.integers(0, 256, n, np.uint8).tobytes() for _ in range(conns)]
-    got_up: dict[int, str] = {}
+    got_up: dict[int, tuple[str, int]] = {}
     srv = socket.create_server(("127.0.0.1", 0))
 
     def serve(c):
         k = int(c.recv(1)[0])
-        sender = threading.Thread(target=lambda: (c.sendall(down[k]), c.shutdown(socket.SHUT_WR)))
-        sender.start()
-        h, size = hashlib.sha256(), 0
-        while data := c.recv(1 << 20):
-            h.update(data)
-            size += len(data)
-        got_up[k] = (h.hexdigest(), size)
-        sender.join()
-        c.close()
+        got_up[k] = _exchange(c, down[k])
 
     def accept_loop():
         for _ in range(conns):
@@ -113,15 +118,7 @@ def test_many_connections_both_ways_arrive_intact_and_the_relay_leaks_no_pipes()
     def client(k):
         c = socket.create_connection(("127.0.0.1", relay.port))
         c.sendall(bytes([k]))
-        sender = threading.Thread(target=lambda: (c.sendall(up[k][1:]), c.shutdown(socket.SHUT_WR)))
-        sender.start()
-        h, size = hashlib.sha256(), 0
-        while data := c.recv(1 << 20):
-            h.update(data)
-            size += len(data)
-        got_down[k] = (h.hexdigest(), size)
-        sender.join()
-        c.close()
+        got_down[k] = _exchange(c, up[k][1:])
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(conns)]
     for t in threads:
