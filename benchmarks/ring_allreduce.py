@@ -91,14 +91,16 @@ def member(a: argparse.Namespace) -> int:
                 padded[:n] = vec
                 inp = ring.Packed(*quant.pack_np(padded, bits=codec.bits, block_size=BLOCK), n)
                 del padded
+            def barrier(ep: int) -> None:  # a one-block reduce
+                ring.ring_mean(np.zeros(BLOCK, np.float32), r, send, recv, N, codec, a.chunk_bytes, BLOCK,
+                               timeout=120, epoch=ep)
+
             for rep in range(a.repeats):
                 epoch += 1
-                ring.ring_mean(np.zeros(BLOCK, np.float32), r, send, recv, N, codec, a.chunk_bytes, BLOCK,
-                               timeout=120, epoch=-epoch)  # barrier
+                barrier(-epoch)
                 out, st = ring.ring_mean(inp, r, send, recv, N, codec, a.chunk_bytes, BLOCK, timeout=120,
                                          epoch=epoch, packed_out=a.codes == "device")
-                ring.ring_mean(np.zeros(BLOCK, np.float32), r, send, recv, N, codec, a.chunk_bytes, BLOCK,
-                               timeout=120, epoch=-epoch - 10**6)  # every member done before any hashes its result
+                barrier(-epoch - 10**6)  # every member done before any hashes its result
                 h = hashlib.sha256()
                 for part in ((out.codes, out.scales) if a.codes == "device" else (out,)):
                     h.update(memoryview(part).cast("B"))

@@ -319,6 +319,12 @@ def ring_mean(vec: np.ndarray | Packed, rank: int, send: Sequence[wire.Conn], re
     progress = threading.Condition()
     queued = [0]  # payload bytes waiting in `queues` (guarded by `progress`)
 
+    def link_out(k: int) -> str:
+        return f"link to successor {send[k].peer} (stream {k})"
+
+    def link_in(k: int) -> str:
+        return f"link from predecessor {recv[k].peer} (stream {k})"
+
     def enqueue(k: int, header: dict, parts: list) -> None:
         nbytes = sum(len(p) for p in parts)
         with progress:
@@ -355,7 +361,7 @@ def ring_mean(vec: np.ndarray | Packed, rank: int, send: Sequence[wire.Conn], re
                     queued[0] -= nbytes
                 send[k].send(wire.MsgType.DATA, header, parts)
         except BaseException as e:  # noqa: BLE001 - any failure breaks the ring
-            fail(RingError(f"link to successor {send[k].peer} (stream {k}): {e}"))
+            fail(RingError(f"{link_out(k)}: {e}"))
 
     def receiver(k: int) -> None:
         try:
@@ -386,7 +392,7 @@ def ring_mean(vec: np.ndarray | Packed, rank: int, send: Sequence[wire.Conn], re
                 else:
                     raise wire.MalformedFrame(f"unknown ring phase {phase!r}")
         except BaseException as e:  # noqa: BLE001
-            fail(RingError(f"link from predecessor {recv[k].peer} (stream {k}): {e}"))
+            fail(RingError(f"{link_in(k)}: {e}"))
 
     finished = threading.Event()
 
@@ -398,11 +404,11 @@ def ring_mean(vec: np.ndarray | Packed, rank: int, send: Sequence[wire.Conn], re
 
     for conn in list(send) + list(recv):
         conn.settimeout(timeout)
-    threads = [threading.Thread(target=f, args=(k,), daemon=True, name=f"ring-{f.__name__}-{k}")
-               for k in range(S) for f in (sender, receiver)]
-    link_of = {th: (f"link to successor {send[k].peer}" if th.name.startswith("ring-sender") else
-                    f"link from predecessor {recv[k].peer}") + f" (stream {k})"
-               for th, k in zip(threads, [k for k in range(S) for _ in (0, 1)])}
+    # A thread per stream and direction, with the link it serves: receivers first, since a receiver still waiting
+    # at the deadline names the slow link (a sender waits on what its receivers pass on).
+    links = {threading.Thread(target=f, args=(k,), daemon=True, name=f"ring-{f.__name__}-{k}"): describe(k)
+             for f, describe in ((receiver, link_in), (sender, link_out)) for k in range(S)}
+    threads = list(links)
     for th in threads:
         th.start()
     if cancel is not None:
@@ -420,10 +426,9 @@ def ring_mean(vec: np.ndarray | Packed, rank: int, send: Sequence[wire.Conn], re
         enqueue(c % S, {"e": epoch, "p": "rs", "t": 0, "c": c}, own_wire(lo, hi))
     for th in threads:
         th.join(max(0.0, deadline - time.monotonic()))
-    late = [link_of[th] for th in threads if th.is_alive()]
-    if late:  # a link too slow for the deadline: name it (a receiver still waiting is the slow incoming link)
-        slow = [d for d in late if d.startswith("link from")] or late
-        fail(RingError(f"{slow[0]}: the reduce was not done within its deadline of {timeout * hops:.1f} s (the link "
+    late = [links[th] for th in threads if th.is_alive()]
+    if late:  # a link too slow for the deadline
+        fail(RingError(f"{late[0]}: the reduce was not done within its deadline of {timeout * hops:.1f} s (the link "
                        f"timeout {timeout:g} s x {hops} chunk hops): the link is slower than the timeout allows"))
         for th in threads:
             th.join(5.0)
