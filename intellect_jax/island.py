@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -120,8 +120,13 @@ class ElasticIsland:
 
     def start_reduce(self, outer_step: int, payload: np.ndarray | Packed, norm: float | None = None,
                      packed_out: bool = False) -> "Reduce":
-        """The ring reduce of `payload` for this outer step in a background thread (streaming: the islands go on)."""
-        return Reduce(self.client, outer_step, payload, norm, packed_out)
+        """The ring reduce of `payload` for this outer step in a background thread (streaming: the islands go on).
+        The hash vote still running from the last sync goes with it: the reduce thread takes its verdict first and
+        sends nothing if this island lost it (a minority state never feeds a reduce), so the training thread never
+        waits for the verdict at the launch; it reads it from the reduce (`Reduce.verdict`)."""
+        vote, self._vote = self._vote, None
+        return Reduce(self.client, outer_step, payload, norm, packed_out,
+                      vote=None if vote is None else (lambda: self._verdict_of(vote)))
 
     def settle(self, outer_step: int, metrics: dict, wait: bool = True,
                fragment: int | None = None) -> tuple[dict, str | None]:
@@ -154,10 +159,11 @@ class ElasticIsland:
             return metrics, self.snapshot_hash()
         return metrics, h
 
-    def settle_pending(self) -> tuple[bool, str | None]:
-        """The verdict of a vote running in the background (at once if there is none): (True if this island was in
-        the minority and re-synced from a peer, its state now the peer's; the hash it voted, None if no vote)."""
-        outer_step, h, ok = self._join_vote()
+    def settle_pending(self, verdict: "Verdict | None" = None) -> tuple[bool, str | None]:
+        """The verdict of a vote running in the background (at once if there is none), or `verdict` already taken
+        by a reduce thread: (True if this island was in the minority and re-synced from a peer, its state now the
+        peer's; the hash it voted, None if no vote)."""
+        outer_step, h, ok = verdict if verdict is not None else self._join_vote()
         if isinstance(ok, BaseException):
             raise ok
         if ok is None or ok:
@@ -165,10 +171,15 @@ class ElasticIsland:
         self._lost(outer_step)
         return True, h
 
-    def _join_vote(self) -> tuple[int, str | None, bool | BaseException | None]:
-        if self._vote is None:
+    def _join_vote(self) -> "Verdict":
+        vote, self._vote = self._vote, None
+        return self._verdict_of(vote)
+
+    @staticmethod
+    def _verdict_of(vote: tuple[threading.Thread, int, list] | None) -> "Verdict":
+        if vote is None:
             return -1, None, None
-        (t, outer_step, out), self._vote = self._vote, None
+        t, outer_step, out = vote
         t.join()
         return outer_step, *out[0]
 
@@ -185,18 +196,25 @@ class ElasticIsland:
         self.client.close()
 
 
+Verdict = tuple[int, "str | None", "bool | BaseException | None"]  # (outer step voted on, hash voted, ok / error)
+
+
 class Reduce:
     """One outer step's ring reduce running in a background thread while the inner steps go on (streaming DiLoCo
     with overlap). The ring works on host buffers (numpy releases the GIL on large arrays, sockets block outside it),
-    so the jitted steps keep the accelerators busy. `result()` waits for it: the mean, or StaleStep when the step
-    completed without this island, or the ring's error."""
+    so the jitted steps keep the accelerators busy. With `vote` (a callable returning the verdict of the previous
+    sync's hash vote) the thread takes that verdict first and runs the ring only if this island was in the majority;
+    `verdict()` hands it to the training thread, `aborted` says early that no ring will run. `result()` waits for
+    the reduce: the mean, or StaleStep when the step completed without this island, or the ring's error."""
 
     def __init__(self, client: IslandClient, outer_step: int, payload: np.ndarray | Packed, norm: float | None = None,
-                 packed_out: bool = False):
+                 packed_out: bool = False, vote: Callable[[], Verdict] | None = None):
         self.client, self.outer_step, self.payload = client, outer_step, payload
-        self._norm, self._packed_out = norm, packed_out
+        self._norm, self._packed_out, self._vote = norm, packed_out, vote
         self._delta: np.ndarray | Packed | None = None
         self._error: BaseException | None = None
+        self._verdict: Verdict = (-1, None, None)
+        self._judged = threading.Event()
         self.started = time.perf_counter()
         self.finished: float | None = None
         self._thread = threading.Thread(target=self._run, name=f"elastic-reduce-{outer_step}", daemon=True)
@@ -204,16 +222,35 @@ class Reduce:
 
     def _run(self) -> None:
         try:
+            if self._vote is not None:
+                self._verdict = self._vote()
+            self._judged.set()
+            if self.aborted:
+                return
             self._delta = self.client.all_reduce_mean(self.outer_step, self.payload, self._norm, self._packed_out)
         except BaseException as e:  # noqa: BLE001 - handed to the training thread by result()
             self._error = e
         finally:
+            self._judged.set()
             self.finished = time.perf_counter()
+
+    @property
+    def aborted(self) -> bool:
+        """The previous vote's verdict is in and was lost (or failed): this reduce sends nothing."""
+        return self._judged.is_set() and self._verdict[2] is not None and self._verdict[2] is not True
+
+    def verdict(self) -> Verdict:
+        """The previous sync's hash vote, as the reduce thread took it (waits for it); (-1, None, None): none."""
+        self._judged.wait()
+        return self._verdict
 
     def result(self) -> np.ndarray | Packed:
         self._thread.join()
         if self._error is not None:
             raise self._error
+        if self.aborted:
+            raise RuntimeError(f"outer step {self.outer_step}'s reduce did not run: this island lost the previous "
+                               "hash vote (take `verdict()` first and re-sync)")
         assert self._delta is not None
         return self._delta
 

@@ -588,8 +588,7 @@ class ElasticSync(DilocoSync):
                                         out_shardings=(full, rep), donate_argnums=0)
         self.island = None
         self.resumed_epoch = None  # the epoch that committed the restored checkpoint's state (its meta says)
-        # streaming: (fragment, due step, island.Reduce, (verdict s, copy s) waited at its launch) of the reduce in
-        # flight
+        # streaming: (fragment, due step, island.Reduce, copy s waited at its launch) of the reduce in flight
         self._flight = None
         self._row = None  # streaming: (outer row, report) held back until its vote thread has hashed the state
         if self.frags is not None:
@@ -769,11 +768,11 @@ class ElasticSync(DilocoSync):
         return step
 
     def _launch_due(self, step: int) -> bool:
-        """Streaming: the next outer step starts at this step, unless its mean would be due after the run's last
-        step (it could not be applied in this run; a run resumed from there, or prolonged, launches it as it
-        starts)."""
-        return (self._flight is None and step == self.round_step(self.outer_step())
-                and step + self.tau <= self.cfg.total_inner_steps)
+        """Streaming: the next outer step starts at this step (or started earlier: an island that re-synced from a
+        peer after its sync step joins that sync at once), unless its mean would be due after the run's last step
+        (it could not be applied in this run; a run resumed from there, or prolonged, launches it as it starts)."""
+        start = self.round_step(self.outer_step())
+        return self._flight is None and start <= step and start + self.tau <= self.cfg.total_inner_steps
 
     def checkpoint_ok(self) -> bool:
         """Streaming: nothing is saved (and the run does not stop) while a reduce is in flight, so that a checkpoint
@@ -804,40 +803,42 @@ class ElasticSync(DilocoSync):
         # Streaming: the mean in flight lands when due; the next outer step (fragment r mod P) starts at its step.
         # The fragment follows from the outer step, not from `step` alone: after a re-sync at a peer's sync step
         # the fragment due there has already been applied.
-        if self._flight is not None and self._flight[1] == step:
+        # A reduce whose thread found this island in the last hash vote's minority lands at once (it sent nothing):
+        # the island re-syncs from a peer and joins the sync it missed.
+        if self._flight is not None and (self._flight[1] <= step or self._flight[2].aborted):
             step = self._land(step, report)
-        if self._launch_due(step) and not self._launch(step):  # the last vote lost: a peer's state now
-            step = self._resume_step(step)
-            if self._launch_due(step):
-                self._launch(step)
-        if self._flight is not None and self.tau == 0 and self._flight[1] == step:
+        if self._launch_due(step):
+            self._launch(step)
+        if self._flight is not None and self._flight[1] <= step:  # tau = 0, or a late launch after a re-sync
             step = self._land(step, report)
         if step >= self.cfg.total_inner_steps:
             self._settle_vote(time.perf_counter())  # the run's last vote: its verdict before the final save
         return step
 
-    def _settle_vote(self, ready_at: float) -> bool:
-        """The verdict of the last fragment sync's hash vote (running in the background since its mean was applied)
-        and its outer row, held back for the hash until now; True: this island was in the minority and now holds a
-        peer's state. `ready_at`: when the inner steps before this point had finished (for the metrics logger)."""
-        lost, h = self.island.settle_pending()
+    def _settle_vote(self, ready_at: float, verdict=None) -> bool:
+        """The verdict of the last fragment sync's hash vote (running in the background since its mean was applied;
+        or `verdict`, as a reduce thread took it) and its outer row, held back for the hash until now; True: this
+        island was in the minority and now holds a peer's state. `ready_at`: when the inner steps before this point
+        had finished (for the metrics logger)."""
+        lost, h = self.island.settle_pending(verdict)
         if self._row is not None:
             (row, report), self._row = self._row, None
             row["params_hash"] = h
             report(row, ready_at)
         return lost
 
-    def _launch(self, step: int) -> bool:
-        """Fragment p's pseudo-gradient leaves the device and its ring reduce starts in the background. False (no
-        launch): the verdict on this island's last hash vote, taken first, was that it differs from the majority,
-        and the island now holds a peer's state (the caller re-schedules from it)."""
+    def _launch(self, step: int) -> None:
+        """Fragment p's pseudo-gradient leaves the device and its ring reduce starts in the background. The last
+        fragment sync's hash vote, if still running, goes with it: the reduce thread takes its verdict before
+        anything is sent (`_land` reads it), so the inner steps do not wait for it here. The mean is due `tau`
+        steps after the sync's scheduled step (the same step on every island)."""
         jax.block_until_ready(self.state.inner)  # the inner steps before the sync are compute, not waiting
-        t0 = time.perf_counter()
-        if self._settle_vote(t0):
-            return False
         t1 = time.perf_counter()
         r = self.outer_step()
         p = r % self.frags.count
+        if step > self.round_step(r):
+            log.info("joining outer step %d's sync %d inner step(s) after its start (re-synced from a peer)", r,
+                     step - self.round_step(r))
         if self.device_codes:  # the residual (error feedback) is kept on the devices inside the same program
             self.state, codes, scales, norm = self._frag_vec[p](self.state)
             payload, norm = self._packed(*jax.device_get((codes, scales, norm)), self._vector_abstract(p).shape[0])
@@ -846,45 +847,48 @@ class ElasticSync(DilocoSync):
             if self.error_feedback:  # what the codec drops of this island's contribution, kept at the sync
                 self.state = self._frag_residual[p](self.state, jax.device_put(
                     payload - self._codec.roundtrip(payload), self.replicated))
-        self._flight = (p, step + self.tau, self.island.start_reduce(r, payload, norm, self.device_codes),
-                        (t1 - t0, time.perf_counter() - t1))
-        return True
+        self._flight = (p, self.round_step(r) + self.tau, self.island.start_reduce(r, payload, norm, self.device_codes),
+                        time.perf_counter() - t1)
 
     def _land(self, step: int, report: Report) -> int:
-        """The fragment's mean, when due: applied (outer step + merge), the hash vote, one outer row. The time the
+        """The fragment's mean, when due: applied (outer step + merge), the hash vote, one outer row. First the
+        previous sync's verdict, as the reduce thread took it: if this island lost that vote, it re-syncs from a peer
+        instead (its reduce sent nothing) and the caller launches the sync again from the peer's state. The time the
         inner steps wait here (plus the copy at the launch) is the row's wait_seconds; the reduce's own duration is
         its sync_seconds (the rest of it ran hidden behind the inner steps)."""
         from intellect_jax.elastic.client import StaleStep
 
         jax.block_until_ready(self.state.inner)
         ready_at = time.perf_counter()
-        p, _, reduce, (verdict_s, copy_s) = self._flight
-        launch_s = verdict_s + copy_s
+        p, _, reduce, copy_s = self._flight
         r, sync_s = reduce.outer_step, 0.0
         self._flight = None
+        if self._settle_vote(ready_at, reduce.verdict()):  # the last vote lost: a peer's state now
+            return self._resume_step(step)
+        verdict_s = time.perf_counter() - ready_at
         reduce_s = apply_s = 0.0
         try:
             delta = reduce.result()
             sync_s = reduce.seconds
-            reduce_s = time.perf_counter() - ready_at
+            reduce_s = time.perf_counter() - ready_at - verdict_s
             t = time.perf_counter()
             self.state, metrics = self._frag_apply[p](self.state, *self._to_device(delta))
             metrics = self._block(metrics)
             apply_s = time.perf_counter() - t
             # Hashing the state and the vote run in a background thread (the hash and the coordinator round trips
-            # overlap the next inner steps); the verdict is taken before this island's next pseudo-gradient leaves
-            # it (`_launch`), so a minority state never feeds a reduce.
+            # overlap the next inner steps); the next reduce's thread takes the verdict before this island's next
+            # pseudo-gradient leaves it (island.Reduce), so a minority state never feeds a reduce.
             metrics, h = self.island.settle(r, metrics, wait=False, fragment=p)
         except StaleStep as e:
             metrics, h = self.island.resync(f"outer step {r} completed without this island ({e})")
-        wait_s = time.perf_counter() - ready_at + launch_s
+        wait_s = time.perf_counter() - ready_at + copy_s
         extra = {"fragment": p, "overlap_steps": self.tau, **({"params_hash": h} if h else {}),
-                 # where the wait went: at the launch, the verdict of the previous fragment's hash vote and the
-                 # pseudo-gradient's copy off the device; then the reduce not done yet, the apply, the state's host
-                 # copy (hashing and the vote run in the background)
+                 # where the wait went: the pseudo-gradient's copy off the device at the launch; here the verdict of
+                 # the previous fragment's hash vote (taken by the reduce thread), the reduce not done yet, the
+                 # apply, the state's host copy (hashing and the vote run in the background)
                  "wait_verdict_seconds": verdict_s, "wait_launch_seconds": copy_s, "wait_reduce_seconds": reduce_s,
                  "wait_apply_seconds": apply_s,
-                 "wait_vote_seconds": wait_s - launch_s - reduce_s - apply_s,
+                 "wait_vote_seconds": wait_s - copy_s - verdict_s - reduce_s - apply_s,
                  **_reduce_fields(self.island.client.last_stats)}
         row = self._record(step, jax.device_get(metrics), wait_s, self.fragment_wire_bytes[p], extra,
                            sync_s=max(sync_s or 0.0, wait_s))

@@ -1,6 +1,7 @@
 """Elastic islands with the real JAX trainer: separate processes, a coordinator, the TCP int8 ring."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -50,11 +51,11 @@ def coordinator(tmp_path):
     proc.wait()
 
 
-def _island(tmp_path, addr, secret, i, steps, name=None, extra=()):
+def _island(tmp_path, addr, secret, i, steps, name=None, extra=(), module=("intellect_jax",)):
     name = name or f"island{i}"
     log = open(tmp_path / f"{name}.log", "a")
     return subprocess.Popen(
-        [sys.executable, "-m", "intellect_jax", "train", *TINY, *extra, f"--run.steps={steps}",
+        [sys.executable, "-m", *module, "train", *TINY, *extra, f"--run.steps={steps}",
          f"--run.dir={tmp_path / name}",
          f"--elastic.coordinator={addr}", f"--elastic.secret_file={secret}", f"--elastic.island_name={name}",
          f"--elastic.data_shard={i}"], cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
@@ -155,6 +156,41 @@ def test_streaming_islands_overlap_the_reduce_and_agree_at_every_fragment_sync(t
         assert len({o[k]["params_hash"] for o in outers}) == 1 and {o[k]["step"] for o in outers} == {3 + 2 * k}
     assert all("resumed from checkpoint step 16" in (tmp_path / f"island{i}.log").read_text() for i in range(3))
     assert "rebuilt view from 3 islands: run at outer step 6" in (tmp_path / "coord2.log").read_text()
+
+
+def test_streaming_island_that_diverges_loses_the_vote_and_re_syncs_before_its_next_reduce(tmp_path, coordinator):
+    """Streaming, 2 fragments, H = 8, tau = 3 (syncs start at 8, 12, 16, 20; each mean lands 3 steps later). Island 2's
+    global params are perturbed right after it applies outer step 1's mean (tests/diverging_island.py), so its hash
+    vote loses. The vote runs in the background; the next sync's reduce thread (launched at step 16) takes the
+    verdict before anything leaves and sends nothing; island 2 re-syncs from a peer before that mean is due and
+    joins the sync late from the peer's state, or, if the others' epoch formed without it (the coordinator does not
+    wait for an island that must re-sync), fetches the state again once the step completed. Island 0 and 1 apply
+    every outer step once, at the same steps; every hash island 2 reports agrees with theirs but its losing vote,
+    and it ends with the run's state."""
+    addr, secret = coordinator
+    extra = ("--diloco.inner_steps=8", "--diloco.fragments=2", "--diloco.overlap_steps=3")
+    procs = [_island(tmp_path, addr, secret, i, steps=24, extra=extra,
+                     module=("tests.diverging_island", "1") if i == 2 else ("intellect_jax",)) for i in range(3)]
+    for p in procs:
+        assert p.wait(timeout=400) == 0, (tmp_path / "island2.log").read_text()[-3000:]
+    rows = [[r for r in read_metrics(tmp_path / f"island{i}" / "metrics.jsonl") if r["kind"] == "outer"]
+            for i in range(3)]
+    for i in range(3):  # no outer step doubled
+        assert len({r["outer_step"] for r in rows[i]}) == len(rows[i]), rows[i]
+    a, b, c = ({r["outer_step"]: r for r in rs} for rs in rows)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for k in range(1, 5):
+        assert a[k]["params_hash"] == b[k]["params_hash"] and a[k]["step"] == b[k]["step"] == 8 + 4 * k - 1, k
+    assert {1, 2, 4} <= set(c), sorted(c)
+    assert c[2]["params_hash"] != a[2]["params_hash"]  # island 2 voted its perturbed state
+    assert all(c[k]["params_hash"] == a[k]["params_hash"] for k in c if k != 2), (c, a)
+    log = (tmp_path / "island2.log").read_text()
+    assert "fault injection: global params perturbed after outer step 1" in log
+    assert "global state after outer step 1 differs from the majority: re-syncing from a peer" in log
+    # the losing verdict reached the training thread through the next reduce, and that reduce sent nothing: the
+    # island joined the sync (outer step 2) again from the peer's state
+    assert re.search(r"joining outer step 2's sync [123] inner step\(s\) after its start", log), log[-3000:]
+    assert all("differs from the majority" not in (tmp_path / f"island{i}.log").read_text() for i in range(2))
 
 
 @pytest.mark.slow
