@@ -59,13 +59,21 @@ class ElasticIsland:
         """(arrays, meta, digests still valid): the global state's host copy. After a streaming fragment's sync
         (`fragment` given) only that fragment's part is copied; the others are the current snapshot's arrays (never
         mutated) and keep their digests, so only 1/P of the state is hashed again."""
-        arrays, known = self.local.snapshot_arrays(fragment), {}
-        if fragment is not None:
-            old, old_meta = self._provide()
-            known = {k: d for k, d in old_meta["array_digests"].items() if k not in arrays}
-            arrays = old | arrays
+        fetch, meta = self._host_copy_later(fragment)
+        arrays, known = self._merge(fetch(), fragment)
+        return arrays, meta, known
+
+    def _host_copy_later(self, fragment: int | None) -> tuple[Callable[[], dict[str, np.ndarray]], dict[str, Any]]:
+        """The host copy's device half, dispatched now (ElasticSync.snapshot_later), and its meta."""
         s = self.local.state
-        return arrays, {"outer_step": int(s.outer_step), "step": int(s.inner.step[0])}, known
+        return self.local.snapshot_later(fragment), {"outer_step": int(s.outer_step), "step": int(s.inner.step[0])}
+
+    def _merge(self, arrays: dict[str, np.ndarray], fragment: int | None) -> tuple[dict[str, np.ndarray], dict]:
+        """A fragment's fresh arrays with the current snapshot's others, and those others' digests."""
+        if fragment is None:
+            return arrays, {}
+        old, old_meta = self._provide()
+        return old | arrays, {k: d for k, d in old_meta["array_digests"].items() if k not in arrays}
 
     def _publish(self, arrays: dict[str, np.ndarray], meta: dict[str, Any], known: dict | None = None) -> str:
         """Hashes a host copy (the arrays whose digest is not `known`) and makes it the snapshot served to joiners;
@@ -118,32 +126,32 @@ class ElasticIsland:
             return self.resync(f"outer step {s} completed without this island ({e})")
         return self.settle(s, self.local.apply_mean(delta, residual))
 
-    def start_reduce(self, outer_step: int, payload: np.ndarray | Packed, norm: float | None = None,
-                     packed_out: bool = False) -> "Reduce":
+    def start_reduce(self, outer_step: int, payload: "Payload", packed_out: bool = False) -> "Reduce":
         """The ring reduce of `payload` for this outer step in a background thread (streaming: the islands go on).
         The hash vote still running from the last sync goes with it: the reduce thread takes its verdict first and
         sends nothing if this island lost it (a minority state never feeds a reduce), so the training thread never
         waits for the verdict at the launch; it reads it from the reduce (`Reduce.verdict`)."""
         vote, self._vote = self._vote, None
-        return Reduce(self.client, outer_step, payload, norm, packed_out,
+        return Reduce(self.client, outer_step, payload, packed_out,
                       vote=None if vote is None else (lambda: self._verdict_of(vote)))
 
     def settle(self, outer_step: int, metrics: dict, wait: bool = True,
                fragment: int | None = None) -> tuple[dict, str | None]:
         """After the mean of `outer_step` was applied: the hash vote; a loser re-syncs from a peer. Returns the
         metrics and the hash of the new global state. ``wait=False`` (streaming): only the host copy of the state
-        is taken here; hashing it and the vote (a round trip to the coordinator and the wait for the other islands'
-        votes) run in a background thread while the inner steps go on, the hash is None, and `settle_pending`
-        takes the verdict and the hash."""
+        is dispatched here (a device copy); bringing it to the host, hashing it and the vote (a round trip to the
+        coordinator and the wait for the other islands' votes) run in a background thread while the inner steps go
+        on, the hash is None, and `settle_pending` (or the next reduce's thread) takes the verdict and the hash."""
         if not wait:
             if self._vote is not None:
                 raise RuntimeError(f"outer step {self._vote[1]}'s hash vote was never judged (settle_pending)")
-            # before the next inner step takes the state's buffers; streaming: only the synced fragment's part
-            arrays, meta, known = self._host_copy(fragment)
+            # streaming: only the synced fragment's part
+            fetch, meta = self._host_copy_later(fragment)
             out: list = []
 
             def vote() -> None:
                 try:
+                    arrays, known = self._merge(fetch(), fragment)
                     h = self._publish(arrays, meta, known)
                     out.append((h, self.client.commit(outer_step, h)))
                 except Exception as e:  # noqa: BLE001 - re-raised where the verdict is taken
@@ -196,21 +204,25 @@ class ElasticIsland:
         self.client.close()
 
 
-Verdict = tuple[int, "str | None", "bool | BaseException | None"]  # (outer step voted on, hash voted, ok / error)
+Verdict = tuple[int, str | None, bool | BaseException | None]  # (outer step voted on, hash voted, ok / error)
+# what an island puts into the ring: (fp32 vector or Packed codes, its norm or None), or a function returning it
+# (called in the reduce thread: the copy off the device happens there)
+Payload = tuple[np.ndarray | Packed, float | None] | Callable[[], tuple[np.ndarray | Packed, float | None]]
 
 
 class Reduce:
     """One outer step's ring reduce running in a background thread while the inner steps go on (streaming DiLoCo
     with overlap). The ring works on host buffers (numpy releases the GIL on large arrays, sockets block outside it),
     so the jitted steps keep the accelerators busy. With `vote` (a callable returning the verdict of the previous
-    sync's hash vote) the thread takes that verdict first and runs the ring only if this island was in the majority;
+    sync's hash vote) the thread takes that verdict first and runs the ring only if this island was in the majority
+    (and only then makes the payload, when it is a function);
     `verdict()` hands it to the training thread, `aborted` says early that no ring will run. `result()` waits for
     the reduce: the mean, or StaleStep when the step completed without this island, or the ring's error."""
 
-    def __init__(self, client: IslandClient, outer_step: int, payload: np.ndarray | Packed, norm: float | None = None,
-                 packed_out: bool = False, vote: Callable[[], Verdict] | None = None):
-        self.client, self.outer_step, self.payload = client, outer_step, payload
-        self._norm, self._packed_out, self._vote = norm, packed_out, vote
+    def __init__(self, client: IslandClient, outer_step: int, payload: Payload, packed_out: bool = False,
+                 vote: Callable[[], Verdict] | None = None):
+        self.client, self.outer_step, self._payload = client, outer_step, payload
+        self._packed_out, self._vote = packed_out, vote
         self._delta: np.ndarray | Packed | None = None
         self._error: BaseException | None = None
         self._verdict: Verdict = (-1, None, None)
@@ -227,7 +239,8 @@ class Reduce:
             self._judged.set()
             if self.aborted:
                 return
-            self._delta = self.client.all_reduce_mean(self.outer_step, self.payload, self._norm, self._packed_out)
+            vec, norm = self._payload() if callable(self._payload) else self._payload
+            self._delta = self.client.all_reduce_mean(self.outer_step, vec, norm, self._packed_out)
         except BaseException as e:  # noqa: BLE001 - handed to the training thread by result()
             self._error = e
         finally:

@@ -623,23 +623,38 @@ class ElasticSync(DilocoSync):
                              for p in range(frags.count)]
 
     def _global_part(self, s, p: int):
+        """Fragment p's part of the global state, as new buffers (a copy, never the state's own: those are donated
+        by the next sync's programs while `snapshot_later`'s fetch may still be reading these)."""
         s = self._on_device(s)
-        return self.frags.take(s.global_params, p), s.outer_opt_state[p]
+        return jax.tree.map(jax.numpy.copy, (self.frags.take(s.global_params, p), s.outer_opt_state[p]))
 
     def snapshot_arrays(self, fragment: int | None = None) -> dict[str, np.ndarray]:
         """The global state (global params + outer optimizer state) as named host arrays: what the islands hash and
         vote on and what a joiner fetches. Streaming names it per fragment ("fragment 2/global_params/layers/q_proj",
         "fragment 2/outer_opt_state[0].trace['embed_tokens']", ...) so that after a fragment's sync only its part,
         1/P of the state, is copied and hashed again: with `fragment` given, only that part's arrays."""
+        return self.snapshot_later(fragment)()
+
+    def snapshot_later(self, fragment: int | None = None) -> Callable[[], dict[str, np.ndarray]]:
+        """`snapshot_arrays` in two halves: the device copies are dispatched now (the state as it is now); the
+        returned function brings them to the host and names them, and may run in another thread while the training
+        thread goes on (streaming: the hash vote's thread), until the next fragment sync. Without fragments the
+        state's own arrays are fetched: call the function before the state changes."""
         s = self.state
         if self.frags is None:
-            return _host_named({"global_params": s.global_params, "outer_opt_state": s.outer_opt_state})
-        out: dict[str, np.ndarray] = {}
-        for q in range(self.frags.count) if fragment is None else (fragment,):
-            g, opt = jax.device_get(self._frag_global[q](s))
-            out |= {f"fragment {q}/global_params/{k}": np.asarray(v) for k, v in g.items()}
-            out |= {f"fragment {q}/outer_opt_state{k}": v for k, v in _host_named(opt).items()}
-        return out
+            tree = {"global_params": s.global_params, "outer_opt_state": s.outer_opt_state}
+            return lambda: _host_named(tree)
+        parts = [(q, self._frag_global[q](s)) for q in (range(self.frags.count) if fragment is None else (fragment,))]
+
+        def fetch() -> dict[str, np.ndarray]:
+            out: dict[str, np.ndarray] = {}
+            for q, part in parts:
+                g, opt = jax.device_get(part)
+                out |= {f"fragment {q}/global_params/{k}": np.asarray(v) for k, v in g.items()}
+                out |= {f"fragment {q}/outer_opt_state{k}": v for k, v in _host_named(opt).items()}
+            return out
+
+        return fetch
 
     def global_from_snapshot(self, arrays: dict[str, np.ndarray]) -> tuple[Any, Any]:
         """(global params, outer optimizer state) as host trees shaped like this island's, from a peer's
@@ -828,26 +843,32 @@ class ElasticSync(DilocoSync):
         return lost
 
     def _launch(self, step: int) -> None:
-        """Fragment p's pseudo-gradient leaves the device and its ring reduce starts in the background. The last
+        """Fragment p's pseudo-gradient is made and its ring reduce starts in the background. The last
         fragment sync's hash vote, if still running, goes with it: the reduce thread takes its verdict before
         anything is sent (`_land` reads it), so the inner steps do not wait for it here. The mean is due `tau`
         steps after the sync's scheduled step (the same step on every island)."""
-        jax.block_until_ready(self.state.inner)  # the inner steps before the sync are compute, not waiting
         t1 = time.perf_counter()
         r = self.outer_step()
         p = r % self.frags.count
         if step > self.round_step(r):
             log.info("joining outer step %d's sync %d inner step(s) after its start (re-synced from a peer)", r,
                      step - self.round_step(r))
+        # The fragment's program is dispatched here; its result reaches the host in the reduce thread (the inner
+        # steps do not wait for the copy), except with error feedback on the host codec, whose residual (from the
+        # host payload) goes into the state here.
         if self.device_codes:  # the residual (error feedback) is kept on the devices inside the same program
             self.state, codes, scales, norm = self._frag_vec[p](self.state)
-            payload, norm = self._packed(*jax.device_get((codes, scales, norm)), self._vector_abstract(p).shape[0])
+            n = self._vector_abstract(p).shape[0]
+            payload = lambda: self._packed(*jax.device_get((codes, scales, norm)), n)  # noqa: E731
+        elif self.error_feedback:  # what the codec drops of this island's contribution, kept at the sync
+            vec = np.asarray(jax.device_get(self._frag_vec[p](self.state)), np.float32)
+            self.state = self._frag_residual[p](self.state, jax.device_put(vec - self._codec.roundtrip(vec),
+                                                                           self.replicated))
+            payload = (vec, None)
         else:
-            payload, norm = np.asarray(jax.device_get(self._frag_vec[p](self.state)), np.float32), None
-            if self.error_feedback:  # what the codec drops of this island's contribution, kept at the sync
-                self.state = self._frag_residual[p](self.state, jax.device_put(
-                    payload - self._codec.roundtrip(payload), self.replicated))
-        self._flight = (p, self.round_step(r) + self.tau, self.island.start_reduce(r, payload, norm, self.device_codes),
+            out = self._frag_vec[p](self.state)
+            payload = lambda: (np.asarray(jax.device_get(out), np.float32), None)  # noqa: E731
+        self._flight = (p, self.round_step(r) + self.tau, self.island.start_reduce(r, payload, self.device_codes),
                         time.perf_counter() - t1)
 
     def _land(self, step: int, report: Report) -> int:

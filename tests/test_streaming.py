@@ -321,3 +321,27 @@ def test_elastic_snapshot_is_per_fragment_and_a_fragment_sync_rehashes_only_its_
     assert all(arrays[k] is a._provide()[0][k] for k in known)  # not copied again
     h1 = a._publish(arrays, meta, known)
     assert h1 != h0 and h1 == island().refresh_snapshot() and meta["outer_step"] == 4
+
+
+@pytest.mark.parametrize("on_host", [True, False], ids=["outer-state-on-host", "outer-state-on-device"])
+def test_snapshot_dispatched_at_the_sync_and_fetched_later_is_the_state_at_the_sync(tmp_path, on_host):
+    """The hash vote's thread fetches the host copy that the sync dispatched, while the training thread goes on: it
+    must hold the state as it was at the sync even after the next programs donated (deleted) the state's buffers."""
+    from intellect_jax.elastic import wire
+    from intellect_jax.trainer import Trainer
+    from tests.helpers import tiny_config
+
+    secret = tmp_path / "secret"
+    wire.write_secret(secret)
+    cfg = tiny_config(mesh=dict(islands=1, fsdp=-1), model=dict(num_hidden_layers=3),
+                      diloco=dict(inner_steps=4, fragments=2, overlap_steps=1, outer_state_on_host=on_host),
+                      elastic=dict(coordinator="127.0.0.1:9", secret_file=str(secret)))
+    sync = Trainer(cfg).sync  # not started: nothing connects
+    before = sync.snapshot_arrays(1)
+    fetch = sync.snapshot_later(1)
+    old = jax.tree.leaves(sync.state.global_params)
+    sync.state = jax.jit(lambda s: jax.tree.map(lambda x: x + 1, s), donate_argnums=0)(sync.state)
+    assert all(x.is_deleted() for x in old)  # the buffers the copy was taken from are gone
+    later = fetch()
+    assert set(later) == set(before) and all(np.array_equal(later[k], before[k]) for k in later)
+    assert not any(np.array_equal(v, before[k]) for k, v in sync.snapshot_arrays(1).items())
