@@ -2,6 +2,8 @@
 
     python benchmarks/streaming_utilization.py               # as root: 3 islands on tbf links (~15 min)
     python benchmarks/streaming_utilization.py --quick       # loopback, short: a smoke test (RESULTS.md untouched)
+    python benchmarks/streaming_utilization.py --out DIR ... > LOG   # then, to summarise the same runs again:
+    python benchmarks/streaming_utilization.py --out DIR --resummarise LOG ...
 
 Three ``intellect-jax train`` islands, each a separate process in its own network namespace with a tbf-limited
 access link (``--rate`` up and down, launch/wan_emulation.py), the coordinator on the bridge. Every arm trains the same
@@ -13,13 +15,14 @@ model for the same inner steps on the same synthetic data:
 * ``streaming P=4 tau=..``: the model in 4 fragments, one synced every H/4 steps, its reduce running in the
   background for tau inner steps before its mean is applied (merge alpha ``--alpha``).
 
-Utilization (end to end) = seconds per inner step of the compute-only arm (its slowest island: a synced run goes at
-that pace) / seconds per inner step of the arm, over
-the steps from the first applied outer step to the last (compile, start-up and the first sync's wait for every island
-to arrive are outside the window; the compute-only arm uses the same step window). "1 - wait / wall" is what the
-islands' own rows say (wait_seconds summed over the window). Peak bytes in flight: the most one sync put on the wire
-per island (the ring's measured bytes_sent), as only one fragment is in flight at a time. Hashes: every outer step's
-params_hash must be the same on the three islands.
+Utilization (end to end) = seconds per inner step of the compute-only arm / seconds per inner step of the arm, each
+the mean over the three islands of the time between two inner steps' rows, over the steps from the first applied
+outer step to the last (compile, start-up and the first sync's wait for every island to arrive are outside the
+window; the compute-only arm: from step H to the end). The inner rows, not the outer ones, time the window: a
+streaming island writes an outer row once its hash vote's verdict is in, up to a fragment period later. "1 - wait /
+wall" is what the islands' own rows say (wait_seconds summed over the window). Peak bytes in flight: the most one
+sync put on the wire per island (the ring's measured bytes_sent), as only one fragment is in flight at a time.
+Hashes: every outer step's params_hash must be the same on the three islands.
 """
 
 from __future__ import annotations
@@ -61,11 +64,15 @@ def arms(a) -> list[tuple[str, list[str]]]:
     return out + [("compute only (again)", None)]
 
 
+def arm_dir(name: str) -> str:
+    return name.replace(" ", "_").replace("=", "")
+
+
 def run_arm(a, name: str, extra: list[str] | None, topo, work: Path) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
     env.pop("XLA_FLAGS", None)
     cli = [sys.executable, "-m", "intellect_jax"]
-    d = work / name.replace(" ", "_").replace("=", "")
+    d = work / arm_dir(name)
     d.mkdir(parents=True)
     wrap = (lambda i, argv: topo.exec_cmd(i, argv)) if topo else (lambda i, argv: argv)
     coord = relay = None
@@ -128,14 +135,15 @@ def summarise(name: str, d: Path, a, seconds: float) -> dict:
     inner = [{r["step"]: r for r in rs if r["kind"] == "inner"} for rs in rows]
     outer = [[r for r in rs if r["kind"] == "outer"] for rs in rows]
     out = {"arm": name, "seconds": seconds}
-    if not outer[0]:  # compute only: the same step window as the synced arms, from step H to the last step
+    if not outer[0]:  # compute only: from step H to the last step
         lo, hi = a.H, a.steps
         per = [(inn[hi]["time"] - inn[lo]["time"]) / (hi - lo) for inn in inner]
-        # a synced run goes at the pace of its slowest island: that island's time per step is the reference
-        return out | {"s_per_step": max(per), "s_per_step_islands": per, "window": [lo, hi],
+        return out | {"s_per_step": sum(per) / N, "s_per_step_islands": per, "window": [lo, hi],
                       "cpu_per_step": cpu_per_step(inner, lo, hi)}
-    per = [(o[-1]["time"] - o[0]["time"]) / (o[-1]["step"] - o[0]["step"]) for o in outer]
-    wait_frac = [sum(r["wait_seconds"] for r in o[1:]) / (o[-1]["time"] - o[0]["time"]) for o in outer]
+    # each island's window: its first to its last applied outer step, timed by the inner rows of those steps
+    spans = [(inn[o[-1]["step"]]["time"] - inn[o[0]["step"]]["time"]) for inn, o in zip(inner, outer)]
+    per = [t / (o[-1]["step"] - o[0]["step"]) for t, o in zip(spans, outer)]
+    wait_frac = [sum(r["wait_seconds"] for r in o[1:]) / t for t, o in zip(spans, outer)]
     by_step = [{r["outer_step"]: r["params_hash"] for r in o} for o in outer]
     hashes_ok = all(b == by_step[0] for b in by_step)  # the same outer steps, each with the same hash
     split = {k: sum(r.get(f"wait_{k}_seconds", 0.0) for o in outer for r in o[1:]) / N
@@ -189,9 +197,9 @@ def report(results: list[dict], a) -> str:
              f"bridge{away}; model: debug Llama with hidden {a.hidden}, 4 layers ({a.params / 1e6:.2f}M params), "
              f"{a.batch} x {a.seq_len} tokens per island step, int8 ring, {a.streams} streams, H = {a.H}, "
              f"{a.steps} inner steps; streaming: {a.fragments} fragments, merge alpha {a.alpha}. Utilization (end to "
-             "end) = the compute-only seconds per inner step (the mean of its two runs, each the pace of its slowest "
-             "island, which a synced run cannot beat) / the arm's, over the steps between the first and the last "
-             "applied outer step (the compute-only arm over steps H to the end); the two compute-only runs were "
+             "end) = the compute-only seconds per inner step (the mean of its two runs) / the arm's, each the mean "
+             "over the islands of the time between two inner steps' rows, from the first to the last applied outer "
+             "step (the compute-only arm: steps H to the end); the two compute-only runs were "
              f"{100 * noise:.1f}% apart: read differences below that as noise. Sync / hidden: seconds "
              "the reduces took in all / of that, the part that ran while the islands computed (per island, summed "
              "over the run). CPU ms / inner step: the CPU time the three island processes used (all threads, from "
@@ -199,10 +207,11 @@ def report(results: list[dict], a) -> str:
              "compute-only arm is the host's sync work (packing, the ring, hashing), which on this machine competes "
              "with the compute for the same cores. Peak in flight: the most bytes one island sent in one sync "
              "(measured by the ring). Wait split "
-             "(streaming rows, per island, summed): at each launch, the verdict of the previous fragment's hash vote "
-             "(hashing and the vote run in a background thread from the apply on) and the pseudo-gradient's copy off "
-             "the device; then the reduce not finished when its mean was due, the apply, the state's host copy for "
-             "the hash. Ms per reduce (the mean over "
+             "(streaming rows, per island, summed): the verdict of the previous fragment's hash vote not in when the "
+             "mean was due (the copy to the host, the hashing and the vote run in a background thread from the apply "
+             "on; the next reduce's thread takes the verdict), the launch (dispatch and, with error feedback on the "
+             "host codec, the pseudo-gradient's copy off the device), the reduce not finished when its mean was due, "
+             "the apply, the state's copy dispatched for the hash. Ms per reduce (the mean over "
              "islands and syncs, all in the background for the streaming rows): the coordinator's sync barrier (every "
              "island at the step), the ring's connections, its bytes, the done barrier (every island's verdict).")
     return tab + "\n\n" + notes
@@ -227,6 +236,8 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds an arm may take")
     ap.add_argument("--out", default=None, help="keep the runs here (default: a temporary directory)")
     ap.add_argument("--only", nargs="+", default=None, help="run only the arms whose name contains one of these")
+    ap.add_argument("--resummarise", metavar="LOG", help="run nothing: summarise again the arms kept in --out by the "
+                    "run whose output (one JSON line per arm) is LOG, with the same other flags")
     a = ap.parse_args()
     if a.quick:
         a.no_netns, a.hidden, a.steps, a.H, a.taus = True, 64, 48, 8, [1]
@@ -238,6 +249,8 @@ def main() -> int:
 
     a.params = count_params(dataclasses.replace(cfg.model, hidden_size=a.hidden, intermediate_size=3 * a.hidden,
                                                 num_hidden_layers=4)).total_params
+    if a.resummarise:
+        return resummarise(a)
     t_all = time.perf_counter()
     topo = None
     if not a.no_netns:
@@ -262,14 +275,36 @@ def main() -> int:
     finally:
         if topo:
             topo.down()
-    seconds = time.perf_counter() - t_all
+    write(a, results, time.perf_counter() - t_all)
+    return 0
+
+
+def resummarise(a) -> int:
+    """The arms a previous run kept in --out, summarised again (its output LOG gives the arms and their seconds)."""
+    if not a.out:
+        print("--resummarise needs --out: the directory where that run kept its arms", file=sys.stderr)
+        return 2
+    log = Path(a.resummarise)
+    ran = [json.loads(line) for line in log.read_text().splitlines() if line.startswith('{"arm"')]
+    if not ran:
+        print(f"{log} holds no arm results (lines starting with {{\"arm\"): pass the output of the run that "
+              f"filled {a.out}", file=sys.stderr)
+        return 2
+    results = [summarise(r["arm"], Path(a.out) / arm_dir(r["arm"]), a, r["seconds"]) for r in ran]
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(log.stat().st_mtime))
+    write(a, results, sum(r["seconds"] for r in ran), f"Runs: the arms of a run that ended {when} (kept in {a.out}), "
+          "summarised again with the command below.")
+    return 0
+
+
+def write(a, results: list[dict], seconds: float, note: str = "") -> None:
     body = report(results, a)
     print("\n" + body + f"\n\ntotal {seconds:.0f} s")
     if not a.quick:
         away = f", coordinator {a.coord_delay_ms:g} ms away" if a.coord_delay_ms else ""
+        head = ([note] if note else []) + [common.provenance(seconds)]
         common.write_section(f"Streaming utilization (elastic, {a.rate if not a.no_netns else 'loopback'}{away})",
-                             "\n\n".join([common.provenance(seconds), body, "Raw: `" + json.dumps(results) + "`"]))
-    return 0
+                             "\n\n".join([*head, body, "Raw: `" + json.dumps(results) + "`"]))
 
 
 if __name__ == "__main__":
