@@ -618,8 +618,14 @@ class ElasticSync(DilocoSync):
             self._frag_apply.append(jax.jit(lambda s, d, p=p: self._apply_fragment_vector(s, d, p),
                                             in_shardings=(full, rep), out_shardings=(full, rep), donate_argnums=0))
         # The global state's part of each fragment (its view of the global params + its outer optimizer state): a
-        # fragment sync changes only that part, so only it is copied to the host and hashed (`snapshot_arrays`).
-        self._frag_global = [jax.jit(lambda s, p=p: self._global_part(s, p), in_shardings=(full,))
+        # fragment sync changes only that part, so only it is copied to the host and hashed (`snapshot_arrays`). The
+        # copy lands in pinned host memory where the backend has it: it may wait there for the vote thread while the
+        # next inner steps run, and must not hold 1/P of the outer state in device memory meanwhile.
+        d = self.device_shardings
+        pinned = (lambda t: jax.tree.map(lambda x: x.with_memory_kind("pinned_host"), t)) if _has_pinned_host() \
+            else (lambda t: t)
+        self._frag_global = [jax.jit(lambda s, p=p: self._global_part(s, p), in_shardings=(full,),
+                                     out_shardings=pinned((frags.take(d.global_params, p), d.outer_opt_state[p])))
                              for p in range(frags.count)]
 
     def _global_part(self, s, p: int):

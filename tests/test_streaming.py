@@ -338,6 +338,10 @@ def test_snapshot_dispatched_at_the_sync_and_fetched_later_is_the_state_at_the_s
                       elastic=dict(coordinator="127.0.0.1:9", secret_file=str(secret)))
     sync = Trainer(cfg).sync  # not started: nothing connects
     before = sync.snapshot_arrays(1)
+    from intellect_jax.sync import _has_pinned_host
+
+    if _has_pinned_host():  # the copy waits for the vote thread in host memory, not in the devices'
+        assert {x.sharding.memory_kind for x in jax.tree.leaves(sync._frag_global[1](sync.state))} == {"pinned_host"}
     fetch = sync.snapshot_later(1)
     old = jax.tree.leaves(sync.state.global_params)
     sync.state = jax.jit(lambda s: jax.tree.map(lambda x: x + 1, s), donate_argnums=0)(sync.state)
