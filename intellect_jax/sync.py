@@ -849,16 +849,16 @@ class ElasticSync(DilocoSync):
         return lost
 
     def _launch(self, step: int) -> None:
-        """Fragment p's pseudo-gradient is made and its ring reduce starts in the background. The last
-        fragment sync's hash vote, if still running, goes with it: the reduce thread takes its verdict before
-        anything is sent (`_land` reads it), so the inner steps do not wait for it here. The mean is due `tau`
-        steps after the sync's scheduled step (the same step on every island)."""
+        """Fragment p's pseudo-gradient is made and its ring reduce starts in the background. The last fragment
+        sync's hash vote, if still running, goes with it: the reduce thread takes its verdict before anything is sent
+        (`_land` reads it), so the inner steps do not wait for it here. The mean is due `tau` steps after the sync's
+        scheduled step (the same step on every island)."""
         t1 = time.perf_counter()
         r = self.outer_step()
-        p = r % self.frags.count
-        if step > self.round_step(r):
+        p, start = r % self.frags.count, self.round_step(r)
+        if step > start:
             log.info("joining outer step %d's sync %d inner step(s) after its start (re-synced from a peer)", r,
-                     step - self.round_step(r))
+                     step - start)
         # The fragment's program is dispatched here; its result reaches the host in the reduce thread (the inner
         # steps do not wait for the copy), except with error feedback on the host codec, whose residual (from the
         # host payload) goes into the state here.
@@ -874,7 +874,7 @@ class ElasticSync(DilocoSync):
         else:
             out = self._frag_vec[p](self.state)
             payload = lambda: (np.asarray(jax.device_get(out), np.float32), None)  # noqa: E731
-        self._flight = (p, self.round_step(r) + self.tau, self.island.start_reduce(r, payload, self.device_codes),
+        self._flight = (p, start + self.tau, self.island.start_reduce(r, payload, self.device_codes),
                         time.perf_counter() - t1)
 
     def _land(self, step: int, report: Report) -> int:
