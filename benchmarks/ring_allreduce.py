@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "launch"))
 
 from intellect_jax import quant  # noqa: E402
-from intellect_jax.elastic import ring, wire  # noqa: E402
+from intellect_jax.elastic import identity, ring, wire  # noqa: E402
 
 RUN = "ring-bench"
 BLOCK = 256
@@ -50,6 +50,7 @@ def payload_bytes(n: int, compression: str) -> int:
 
 def member(a: argparse.Namespace) -> int:
     secret = bytes.fromhex(a.secret_hex)
+    me = identity.secret_auth(secret, f"m{a.rank}")
     addrs = a.addrs.split(",")
     N, r = len(addrs), a.rank
     maxf = 64 << 20
@@ -63,14 +64,14 @@ def member(a: argparse.Namespace) -> int:
         return True
 
     encrypt = a.encrypt == "on"
-    srv = wire.Server(a.bind or addrs[r], secret, RUN, maxf, handler, "bench", encrypt=encrypt).start()
+    srv = wire.Server(a.bind or addrs[r], me, RUN, maxf, handler, "bench", encrypt=encrypt).start()
     send = []
     deadline = time.monotonic() + 60
     for k in range(a.streams):
         while True:
             try:
-                send.append(wire.connect(addrs[(r + 1) % N], secret, RUN, maxf, hello={"stream": k}, timeout=10,
-                                         encrypt=encrypt)[0])
+                send.append(wire.connect(addrs[(r + 1) % N], me, f"m{(r + 1) % N}", RUN, maxf, hello={"stream": k},
+                                         timeout=10, encrypt=encrypt)[0])
                 break
             except OSError:
                 if time.monotonic() > deadline:

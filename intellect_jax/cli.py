@@ -5,7 +5,8 @@
     intellect-jax train --config FILE [--section.key=value ...]
     intellect-jax prepare-data --input GLOB ... --out DIR
     intellect-jax generate --run-dir DIR --prompt TEXT [--max-new-tokens N --temperature T --top-p P --step S]
-    intellect-jax coordinator --bind HOST:PORT --secret-file FILE [--config FILE] [--elastic.key=value ...]
+    intellect-jax coordinator --bind HOST:PORT --key-file KEY --islands-file FILE [--config FILE] [--elastic.k=v ...]
+    intellect-jax keygen --out FILE                                    an island's (or the coordinator's) key pair
 
 jax is imported only after the config is read, so ``run.host_devices`` / ``run.platform`` can configure it.
 A problem the user can fix (a config, checkpoint, data, Hugging Face or missing-file error) ends the command with
@@ -30,7 +31,7 @@ from intellect_jax.config import Config, ConfigError, load_config
 USER_ERRORS = {"intellect_jax.config": "ConfigError", "intellect_jax.checkpoint": "CheckpointError",
                "intellect_jax.hf": "HFError", "intellect_jax.shards": "DataError",
                "intellect_jax.tokenizer": "TokenizerError", "intellect_jax.plot": "PlotError",
-               "intellect_jax.elastic.wire": "SecretError"}
+               "intellect_jax.elastic.identity": "IdentityError"}
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -217,18 +218,42 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("coordinator", help="membership/epoch coordinator for islands joined over TCP")
     coordinator.add_arguments(p)
     p.set_defaults(func=coordinator.run, takes_overrides=True)
-    p = sub.add_parser("secret", help="write a new shared secret for elastic islands (32 random bytes, mode 0600)")
+    p = sub.add_parser("keygen", help="write a new Ed25519 key pair for an elastic island or the coordinator (the "
+                                      "private key, mode 0600) and print the public key's islands-file line")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--out", help="private key file to create (refused if it exists); keep it on this machine")
+    g.add_argument("--show", help="print the islands-file line of an existing private key")
+    p.add_argument("--name", default="NAME", help="the name to print in the islands-file line (the operator decides "
+                                                  "the name it is admitted under)")
+    p.set_defaults(func=cmd_keygen, takes_overrides=False)
+    p = sub.add_parser("secret", help="write a new shared secret for elastic islands in a local test or demo (32 "
+                                      "random bytes, mode 0600); on the internet use keygen")
     p.add_argument("--out", required=True, help="file to create (refused if it exists); copy it to every island")
     p.set_defaults(func=cmd_secret, takes_overrides=False)
     return parser
 
 
-def cmd_secret(args: argparse.Namespace, overrides: list[str]) -> int:
-    from intellect_jax.elastic import wire
+def cmd_keygen(args: argparse.Namespace, overrides: list[str]) -> int:
+    from intellect_jax.elastic import identity
 
-    path = wire.write_secret(args.out)
-    print(f"wrote {wire.SECRET_BYTES} random bytes to {path} (mode 0600); copy it to every island and the "
-          "coordinator over a channel you trust (e.g. scp), and keep its mode 0600")
+    if args.show:
+        print(f"{args.name} {identity.public_text(identity.load_key(args.show))}")
+        return 0
+    line = identity.write_key(args.out)
+    print(f"{args.name} {line}")
+    print(f"# wrote the private key to {args.out} (mode 0600; it never leaves this machine). Send the line above to "
+          "the run's operator, who adds it to the islands file (the coordinator's own key goes there under the name "
+          f"'{identity.COORDINATOR}').", file=sys.stderr)
+    return 0
+
+
+def cmd_secret(args: argparse.Namespace, overrides: list[str]) -> int:
+    from intellect_jax.elastic import identity
+
+    path = identity.write_secret(args.out)
+    print(f"wrote {identity.SECRET_BYTES} random bytes to {path} (mode 0600); copy it to every island and the "
+          "coordinator over a channel you trust (e.g. scp), and keep its mode 0600. Anyone holding it can be any "
+          "island: for islands run by different people, give each its own key (`intellect-jax keygen`)")
     return 0
 
 

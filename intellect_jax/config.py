@@ -257,7 +257,15 @@ class ElasticConfig:
     """
 
     coordinator: str = ""  # HOST:PORT of `intellect-jax coordinator`
-    secret_file: str = ""  # shared secret (32 random bytes, mode 0600; required when coordinator is set)
+    # Identity: this island's private key (`intellect-jax keygen --out FILE`, mode 0600) and the run's islands file
+    # (one `NAME ssh-ed25519 PUBLIC_KEY` line per admitted island, plus the coordinator's under "coordinator"); an
+    # island's name is the one its key is listed under. Use these on the internet.
+    key_file: str = ""
+    islands_file: str = ""
+    # Shared-secret mode, for local tests and demos only (32 random bytes, mode 0600, the same file everywhere):
+    # every identity derives from the secret, so anyone holding it can be any island. Instead of key_file and
+    # islands_file.
+    secret_file: str = ""
     # Frames after the handshake sealed with AES-256-GCM under per-connection, per-direction keys (else HMAC only:
     # authenticated but readable on the wire). Every island and the coordinator must agree.
     encrypt: bool = True
@@ -288,7 +296,9 @@ class ElasticConfig:
     # island of the run connects to, keeps a much smaller cap.
     peer_max_frame_bytes: int = 256 << 20
     coordinator_max_frame_bytes: int = 1 << 20
-    reduce_retries: int = 3  # aborted reduces of one outer step redone before giving up (ReduceFailed)
+    # Aborted reduces of one outer step redone before the island gives up (ReduceFailed); 0: never give up (the
+    # coordinator quarantines whoever keeps failing reduces, and the others go on without it).
+    reduce_retries: int = 0
     coordinator_timeout_s: float = 120.0  # an island gives up when the coordinator stays unreachable this long
     # Longest an island waits at an outer-step boundary (for the slowest island's inner steps and the decision) or
     # for a peer to fetch the state from.
@@ -303,6 +313,18 @@ class ElasticConfig:
     min_islands: int = 1
     max_islands: int = 256  # the coordinator refuses registrations beyond this many island names
     recovery_grace_s: float = 0.0
+    # Coordinator only: deadlines instead of waits. An outer step goes on without an island that is not ready
+    # sync_timeout_s after the first one was (islands of different speeds: set it above the gap between them), and a
+    # hash vote is decided without members that have not voted vote_timeout_s after the step committed. Every miss,
+    # lost vote, guard exclusion or failed reduce (its reporter and the peer it blames) is a strike; quarantine_after
+    # strikes in a row quarantine the island for quarantine_s (doubling each time, at most an hour).
+    sync_timeout_s: float = 600.0
+    vote_timeout_s: float = 300.0
+    quarantine_s: float = 60.0
+    quarantine_after: int = 3
+    # The slowest a ring link may move (Mbit/s): a reduce must finish within its bytes at this rate (or at a fifth
+    # of the slowest link the islands measured, if faster) plus dead_after_s, else it is aborted naming the link.
+    min_link_mbit: float = 1.0
     # Which disjoint slice of the data this island reads: slice `data_shard` of `data_shards` (give every island of
     # the run its own index; a restarted island keeps its index).
     data_shard: int = 0
@@ -312,7 +334,8 @@ class ElasticConfig:
         _positive(self, "max_islands", "heartbeat_s", "dead_after_s", "link_mbit", "chunk_bytes",
                   "peer_max_frame_bytes",
                   "coordinator_max_frame_bytes", "coordinator_timeout_s", "barrier_timeout_s", "min_islands",
-                  "data_shards")
+                  "data_shards", "sync_timeout_s", "vote_timeout_s", "quarantine_s", "quarantine_after",
+                  "min_link_mbit")
         _nonnegative(self, "reduce_retries", "probe_bytes", "serve_bytes_per_s", "recovery_grace_s")
         if self.device_codes not in ("auto", "on", "off"):
             raise ConfigError(f"elastic.device_codes={self.device_codes!r}: use \"auto\" (on for accelerators, off on "
@@ -323,10 +346,19 @@ class ElasticConfig:
         if not 0 <= self.data_shard < self.data_shards:
             raise ConfigError(f"elastic.data_shard={self.data_shard} must be in [0, elastic.data_shards="
                               f"{self.data_shards})")
-        if self.coordinator and not self.secret_file:
-            raise ConfigError("elastic.coordinator is set but elastic.secret_file is empty; every island and the "
-                              "coordinator must share a secret file (make one with `intellect-jax secret --out "
-                              "secret`)")
+        if self.secret_file and (self.key_file or self.islands_file):
+            raise ConfigError("elastic.secret_file and elastic.key_file/islands_file are both set; use the key and "
+                              "islands files (each island its own key) or, for a local test, the secret alone")
+        if bool(self.key_file) != bool(self.islands_file):
+            missing = "islands_file" if self.key_file else "key_file"
+            raise ConfigError(f"elastic.{missing} is empty: an identity needs both elastic.key_file (this island's "
+                              "key, `intellect-jax keygen --out FILE`) and elastic.islands_file (the run's admitted "
+                              "islands, with the coordinator's key)")
+        if self.coordinator and not (self.secret_file or self.key_file):
+            raise ConfigError("elastic.coordinator is set but this island has no identity: set elastic.key_file "
+                              "(make one with `intellect-jax keygen --out island.key` and send the public key it "
+                              "prints to the run's operator) and elastic.islands_file; or, for a local test, "
+                              "elastic.secret_file (`intellect-jax secret --out secret`)")
         if self.dead_after_s <= self.heartbeat_s:
             raise ConfigError(f"elastic.dead_after_s={self.dead_after_s} must exceed "
                               f"elastic.heartbeat_s={self.heartbeat_s}")

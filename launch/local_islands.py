@@ -4,7 +4,7 @@
     python launch/local_islands.py --islands 3 -- --config configs/debug.toml --run.steps=100
 
 Every island gets `mesh.islands=1` (one island per program), its own run directory (<out>/island<i>), its own data
-shard, and CPU devices of its own (`--devices-per-island`). The secret is generated into <out>/secret. Logs go to
+shard, and CPU devices of its own (`--devices-per-island`). Each island's key and the islands file are generated into <out>/. Logs go to
 <out>/coordinator.log and <out>/island<i>.log; each island's metrics.jsonl has a params_hash per outer step, the same
 on every island. Ctrl-C stops everything (the islands checkpoint first). At the end one line sums up: each island's
 final loss and whether the islands' global-state hashes agreed at every outer step.
@@ -30,15 +30,14 @@ def main() -> int:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    secret = out / "secret"
     port_file = out / "coordinator.port"
     port_file.unlink(missing_ok=True)
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
     env.pop("XLA_FLAGS", None)
     cli = [sys.executable, "-m", "intellect_jax"]
-    if not secret.exists():
-        subprocess.run([*cli, "secret", "--out", str(secret)], check=True, env=env, stdout=subprocess.DEVNULL)
-    coord = subprocess.Popen([*cli, "coordinator", "--bind", "127.0.0.1:0", "--secret-file", str(secret),
+    islands_file = admit(out, ["coordinator", *(f"island{i}" for i in range(args.islands))], cli, env)
+    coord = subprocess.Popen([*cli, "coordinator", "--bind", "127.0.0.1:0", "--key-file", str(out / "coordinator.key"),
+                              "--islands-file", str(islands_file),
                               "--run-id", args.run_id, "--min-islands", str(args.islands),
                               "--port-file", str(port_file)], env=env,
                              stderr=open(out / "coordinator.log", "a"), stdout=subprocess.DEVNULL)
@@ -56,7 +55,8 @@ def main() -> int:
     islands = [subprocess.Popen(
         [*cli, "train", *train_args, "--mesh.islands=1", "--mesh.fsdp=-1",
          f"--run.host_devices={args.devices_per_island}", f"--run.dir={out / f'island{i}'}",
-         f"--elastic.coordinator={addr}", f"--elastic.secret_file={secret}", f"--elastic.run_id={args.run_id}",
+         f"--elastic.coordinator={addr}", f"--elastic.key_file={out / f'island{i}.key'}",
+         f"--elastic.islands_file={islands_file}", f"--elastic.run_id={args.run_id}",
          f"--elastic.island_name=island{i}", f"--elastic.data_shard={i}", f"--elastic.data_shards={args.islands}"],
         env=env, stdout=subprocess.DEVNULL, stderr=open(out / f"island{i}.log", "a")) for i in range(args.islands)]
     print(f"coordinator {addr}; {args.islands} islands; logs in {out}/")
@@ -73,6 +73,23 @@ def main() -> int:
     coord.wait()
     print(f"islands exited with {codes}; {summary([out / f'island{i}' for i in range(args.islands)])}")
     return next((c for c in codes if c), 0)
+
+
+def admit(out: Path, names: list[str], cli: list[str], env: dict) -> Path:
+    """As a run's operator would: a key per island (and the coordinator), made with `intellect-jax keygen` where it
+    does not exist yet, and the islands file listing their public keys."""
+    lines = []
+    for n in names:
+        key = out / f"{n}.key"
+        if key.exists():
+            lines.append(subprocess.run([*cli, "keygen", "--show", str(key), "--name", n], check=True, env=env,
+                                        capture_output=True, text=True).stdout.strip())
+        else:
+            lines.append(subprocess.run([*cli, "keygen", "--out", str(key), "--name", n], check=True, env=env,
+                                        capture_output=True, text=True).stdout.strip())
+    path = out / "islands"
+    path.write_text("# the islands admitted to this demo run: NAME ssh-ed25519 PUBLIC_KEY\n" + "\n".join(lines) + "\n")
+    return path
 
 
 def summary(run_dirs: list[Path]) -> str:

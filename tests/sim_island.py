@@ -7,7 +7,9 @@ goes to ``--out``; with ``--dump-dir`` each step's pseudo-gradient and reduced m
 
 A test helper, run as a script by tests/test_elastic_e2e.py and the WAN demo (launch/wan_emulation.py)::
 
-    python tests/sim_island.py --coordinator 127.0.0.1:PORT --secret-file F --name a --seed 1 ...
+    python tests/sim_island.py --coordinator 127.0.0.1:PORT --key-file a.key --islands-file islands --name a ...
+
+(or ``--secret-file F`` instead of the key and islands files, in shared-secret mode).
 """
 
 from __future__ import annotations
@@ -52,7 +54,9 @@ def outer_update(p: np.ndarray, m: np.ndarray, delta: np.ndarray) -> tuple[np.nd
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--coordinator", required=True)
-    ap.add_argument("--secret-file", required=True)
+    ap.add_argument("--key-file", default="", help="this island's key (with --islands-file)")
+    ap.add_argument("--islands-file", default="")
+    ap.add_argument("--secret-file", default="", help="shared-secret mode instead of keys")
     ap.add_argument("--run-id", default="run")
     ap.add_argument("--name", required=True)
     ap.add_argument("--seed", type=int, default=0)
@@ -80,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     logging.basicConfig(level=getattr(logging, a.log_level.upper()), stream=sys.stderr,
                         format=f"%(asctime)s [{a.name}] %(name)s %(levelname)s %(message)s")
-    cfg = ElasticConfig(coordinator=a.coordinator, secret_file=a.secret_file, island_name=a.name, listen=a.listen,
+    cfg = ElasticConfig(coordinator=a.coordinator, secret_file=a.secret_file, key_file=a.key_file,
+                        islands_file=a.islands_file, island_name=a.name, listen=a.listen,
                         heartbeat_s=a.heartbeat_s, dead_after_s=a.dead_after_s, streams=a.streams,
                         chunk_bytes=a.chunk_bytes, coordinator_timeout_s=60.0, barrier_timeout_s=120.0,
                         serve_bytes_per_s=a.serve_bytes_per_s)

@@ -7,18 +7,19 @@ import pytest
 
 from intellect_jax import cli
 from intellect_jax.config import ConfigError, DilocoConfig, ElasticConfig, RunConfig
-from intellect_jax.elastic import ordering, wire
+from intellect_jax.elastic import identity, ordering, wire
 from intellect_jax.elastic.coordinator import Coordinator, elastic_config
 
 SECRET = b"c" * 32
+AUTH = identity.secret_auth(SECRET, identity.COORDINATOR)
 RUN = "coord-test"
 
 
 class Isl:
     def __init__(self, coord, name, step, h="h0", pending=None, last_epoch=None, kind="rpc"):
         self.name, self.inc = name, f"inc-{name}"
-        self.conn, _ = wire.connect(("127.0.0.1", coord.port), SECRET, RUN, 1 << 20,
-                                    hello={"name": name, "kind": kind}, timeout=5)
+        self.conn, _ = wire.connect(("127.0.0.1", coord.port), identity.secret_auth(SECRET, name),
+                                    identity.COORDINATOR, RUN, 1 << 20, hello={"kind": kind}, timeout=5)
         self.status = {"incarnation": self.inc, "step": step, "hash": h, "last_epoch": last_epoch,
                        "pending": pending, "advertise_host": "", "port": 1000 + ord(name[0])}
 
@@ -43,7 +44,7 @@ class Isl:
 def coord():
     cfg = ElasticConfig(heartbeat_s=0.5, dead_after_s=2.0, min_islands=2, recovery_grace_s=0.5)
     cfg.validate()
-    c = Coordinator(cfg, RUN, "127.0.0.1:0", SECRET).start()
+    c = Coordinator(cfg, RUN, "127.0.0.1:0", AUTH).start()
     yield c
     c.close()
 
@@ -70,12 +71,50 @@ def test_epoch_waits_for_all_islands_at_the_step_then_commits_and_votes(coord):
     assert a.rpc("done", epoch=ep["id"], step=0, ok=True) == {"wait": True}
     assert b.wait("done", epoch=ep["id"], step=0, ok=True)["decision"] == "commit"
     assert a.wait("done", epoch=ep["id"], step=0, ok=True)["decision"] == "commit"
-    assert coord.run_step == 1
+    assert coord.state.run_step == 1
     tb, rb = _bg(lambda: b.wait("commit", step=0, hash="h1"))
-    assert a.wait("commit", step=0, hash="h9") == {"ok": False, "hash": "h1"}  # tie 1:1 -> the smallest hash
+    assert a.wait("commit", step=0, hash="h1") == {"ok": True, "hash": "h1"}
     tb.join()
     assert rb["r"] == {"ok": True, "hash": "h1"}
-    assert coord.canonical == {-1: "h0", 0: "h1"}  # -1: the initial params both registered with
+    assert coord.state.canonical == {-1: "h0", 0: "h1"}  # -1: the initial params both registered with
+
+
+def test_an_even_split_has_no_canonical_hash_and_nobody_is_told_to_resync(coord, caplog):
+    """Two members, two hashes: nobody can tell which is right (the old rule took the smallest, so a liar could
+    always win a 1:1 split by voting "0000..."); both keep their states, the split is an error in the log."""
+    a, b = Isl(coord, "a", 0), Isl(coord, "b", 0)
+    a.rpc("register"), b.rpc("register")
+    ep = _epoch_for([a, b], 0)["a"]["epoch"]
+    tb, _ = _bg(lambda: b.wait("done", epoch=ep["id"], step=0, ok=True))
+    a.wait("done", epoch=ep["id"], step=0, ok=True)
+    tb.join()
+    tb, rb = _bg(lambda: b.wait("commit", step=0, hash="0000"))
+    assert a.wait("commit", step=0, hash="h1") == {"ok": True, "hash": None, "contested": True}
+    tb.join()
+    assert rb["r"]["contested"] and 0 not in coord.state.canonical
+    assert "the members' hashes split with no majority" in caplog.text
+
+
+def test_votes_count_only_from_the_members_that_reduced_the_step(coord):
+    """A registration (or vote) claiming a hash for a step it did not reduce counts for nothing: the canonical hash
+    is the majority of the epoch's members."""
+    isl = [Isl(coord, n, 0) for n in "abc"]
+    for i in isl:
+        i.rpc("register")
+    ep = _epoch_for(isl, 0)["a"]["epoch"]
+    threads = [_bg(lambda i=i: i.wait("done", epoch=ep["id"], step=0, ok=True)) for i in isl]
+    [t.join(10) for t, _ in threads]
+    for n in ("x", "y", "z"):  # three outsiders to epoch 0, claiming its step with a poisoned hash
+        o = Isl(coord, n, 1, h="poison")
+        o.rpc("register")
+        with pytest.raises(wire.RemoteError, match="not one of the members that reduced it"):
+            o.rpc("commit", step=0, hash="poison")
+    votes = [_bg(lambda i=i, h=h: i.wait("commit", step=0, hash=h)) for i, h in zip(isl, ["h1", "h1", "bad"])]
+    [t.join(10) for t, _ in votes]
+    assert [out["r"]["ok"] for _, out in votes] == [True, True, False]
+    assert coord.state.canonical[0] == "h1"
+    assert [s["name"] for s in isl[0].rpc("members")["islands"] if s["source"]] == ["a", "b"]
+    assert isl[2].rpc("register")["needs_state"] is True
 
 
 def test_the_last_sync_and_the_last_done_are_answered_at_once_and_wake_the_others(monkeypatch):
@@ -85,14 +124,14 @@ def test_the_last_sync_and_the_last_done_are_answered_at_once_and_wake_the_other
     silenced here, that wait would run out the 1 s long-poll."""
     monkeypatch.setattr(Coordinator, "_monitor_loop", lambda self: None)
     cfg = ElasticConfig(heartbeat_s=0.5, dead_after_s=2.0, min_islands=2, recovery_grace_s=0.5)
-    c = Coordinator(cfg, RUN, "127.0.0.1:0", SECRET).start()
+    c = Coordinator(cfg, RUN, "127.0.0.1:0", AUTH).start()
     try:
         a, b = Isl(c, "a", 0), Isl(c, "b", 0)
         a.rpc("register")
         b.rpc("register")
         tb, rb = _bg(lambda: b.rpc("sync", step=0))  # waits in the long-poll
         deadline = time.monotonic() + 5
-        while c.ready.get("b") != 0 and time.monotonic() < deadline:
+        while c.state.ready.get("b") != 0 and time.monotonic() < deadline:
             time.sleep(0.01)
         t0 = time.monotonic()
         ep = a.rpc("sync", step=0)["epoch"]
@@ -113,7 +152,7 @@ def test_the_last_sync_and_the_last_done_are_answered_at_once_and_wake_the_other
 
 def _epoch_done(c) -> dict:
     with c.cv:
-        return dict(c.epoch.done) if c.epoch is not None else {}
+        return dict(c.state.epoch.done) if c.state.epoch is not None else {}
 
 
 def test_a_fresh_run_waits_for_min_islands_past_the_recovery_grace(coord):
@@ -123,12 +162,12 @@ def test_a_fresh_run_waits_for_min_islands_past_the_recovery_grace(coord):
     a = Isl(coord, "a", 0)
     assert a.rpc("register")["recovering"] is True
     time.sleep(1.0)  # twice the grace (0.5 s)
-    assert a.rpc("register")["recovering"] is True and coord.run_step is None
+    assert a.rpc("register")["recovering"] is True and coord.state.run_step is None
     b = Isl(coord, "b", 0)
     b.rpc("register")
     assert a.rpc("register")["recovering"] is False
     ep = _one_epoch(a, b, 0)
-    assert ep["members"] == ["a", "b"] and coord.canonical[-1] == "h0"
+    assert ep["members"] == ["a", "b"] and coord.state.canonical[-1] == "h0"
 
 
 def _one_epoch(a, b, step):
@@ -148,7 +187,7 @@ def _one_epoch(a, b, step):
 def test_streams_per_link_follow_the_measured_round_trips(coord):
     """elastic.streams = 0: the first epoch (nothing measured) uses 4 streams; once the islands report their probed
     round trips, each epoch carries ceil(link rate x slowest RTT / 4 MiB) within [4, 16], the same for every member."""
-    assert coord.streams == 0 and coord.link_bytes_per_s == 125e6
+    assert coord.state.cfg.streams == 0 and coord.state.cfg.link_bytes_per_s == 125e6
     a, b = Isl(coord, "a", 0), Isl(coord, "b", 0)
     a.rpc("register"), b.rpc("register")
     assert _one_epoch(a, b, 0)["streams"] == 4
@@ -179,9 +218,9 @@ def test_member_death_aborts_and_joiner_is_admitted_only_at_a_boundary(coord):
     assert c.rpc("sync", step=0) == {"wait": True}
     b.close()  # b's heartbeat connection drops: dead
     deadline = time.monotonic() + 5
-    while coord.islands["b"].alive and time.monotonic() < deadline:
+    while coord.state.islands["b"].alive and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert not coord.islands["b"].alive
+    assert not coord.state.islands["b"].alive
     rep = a.wait("done", epoch=ep["id"], step=0, ok=False)
     assert rep["decision"] == "abort"
     # Redo of step 0 in a new epoch with the survivor and the joiner (admitted at this boundary).
@@ -217,8 +256,8 @@ def test_restart_all_reported_ok_commits(coord):
     for i in isl:
         i.rpc("heartbeat")
     reps = [i.wait("done", epoch=9, step=4, ok=True) for i in isl]
-    assert all(r["decision"] == "commit" for r in reps) and coord.run_step == 5
-    assert coord.next_epoch_id == 10
+    assert all(r["decision"] == "commit" for r in reps) and coord.state.run_step == 5
+    assert coord.state.next_epoch_id == 10
 
 
 def test_restart_one_advanced_means_commit_and_failed_one_resyncs(coord):
@@ -229,7 +268,7 @@ def test_restart_one_advanced_means_commit_and_failed_one_resyncs(coord):
         i.rpc("heartbeat")
     assert b.wait("done", epoch=9, step=4, ok=True)["decision"] == "commit"
     assert c.wait("done", epoch=9, step=4, ok=False)["decision"] == "stale"
-    assert coord.run_step == 5
+    assert coord.state.run_step == 5
 
 
 def test_restart_with_a_failure_aborts_and_redoes(coord):
@@ -239,7 +278,7 @@ def test_restart_with_a_failure_aborts_and_redoes(coord):
     for i in (a, b, c):
         i.rpc("heartbeat")
     assert a.wait("done", epoch=9, step=4, ok=True)["decision"] == "abort"
-    assert coord.run_step == 4
+    assert coord.state.run_step == 4
 
 
 def test_restart_running_member_is_waited_for(coord):
@@ -272,7 +311,7 @@ def test_duplicate_live_name_is_refused(coord, caplog):
     with pytest.raises(wire.RemoteError, match="in use by a live island"):
         dup.rpc("register")
     assert "refused registration of a incarnation other-incarnation" in caplog.text
-    assert coord.islands["a"].incarnation == "inc-a"
+    assert coord.state.islands["a"].incarnation == "inc-a"
 
 
 # -- the `intellect-jax coordinator` command's settings ----------------------------------------------------------------
@@ -303,7 +342,7 @@ def test_cli_takes_the_islands_config_then_flags_and_overrides(tmp_path):
     (["--secret-file", "s", "--min-islands", "0"], ["elastic.min_islands=0", "> 0"]),
     (["--secret-file", "s", "--dead-after-s", "1"], ["elastic.dead_after_s=1.0", "elastic.heartbeat_s"]),
     (["--secret-file", "s", "--recovery-grace-s", "-1"], ["elastic.recovery_grace_s=-1.0", ">= 0"]),
-    ([], ["--secret-file", "elastic.secret_file"]),
+    ([], ["--key-file", "--islands-file", "--secret-file"]),
     (["--secret-file", "s", "--max-norm-ratio", "0.5"], ["diloco.max_norm_ratio=0.5", "0 (off) or >= 1"]),
 ])
 def test_cli_bad_values_name_the_key(argv, words, capsys):
@@ -325,7 +364,9 @@ def test_cli_bad_values_name_the_key(argv, words, capsys):
     ("advertise_host", "evil host; rm", "advertise_host must be a host name"),
     ("rates", {"b": float("nan")}, "must be a finite number"),
     ("rtts", {"b": -1.0}, "rtts['b'] must be a finite number"),
-    ("incarnation", "", "incarnation must be a printable name"),
+    ("incarnation", "", "incarnation must be a printable string"),
+    ("last_epoch", {"id": 1, "step": 0, "members": [f"n{i}" for i in range(4096)]}, "at most 256 island names"),
+    ("pending", {"id": 2 ** 62, "step": 0, "members": ["a"], "order": ["a"], "status": "ok"}, "pending.id must be"),
 ])
 def test_bad_status_fields_are_refused_and_nothing_breaks(coord, caplog, field, value, needle):
     """An authenticated island sending a badly typed field gets an ERROR naming it, the coordinator logs it, and the
@@ -335,7 +376,7 @@ def test_bad_status_fields_are_refused_and_nothing_breaks(coord, caplog, field, 
     with pytest.raises(wire.RemoteError, match=needle.replace("[", r"\[").replace("]", r"\]")):
         bad.rpc("register")
     assert "refused 'register' request from island x" in caplog.text
-    assert "x" not in coord.islands  # nothing of a refused status was applied
+    assert "x" not in coord.state.islands  # nothing of a refused status was applied
     a, b = Isl(coord, "a", 0), Isl(coord, "b", 0)
     a.rpc("register"), b.rpc("register")
     time.sleep(0.5)  # a few monitor rounds
@@ -348,13 +389,24 @@ def test_bad_status_fields_are_refused_and_nothing_breaks(coord, caplog, field, 
         i.close()
 
 
+def test_extreme_link_measurements_are_clamped_not_a_crash(coord, caplog):
+    """rtts = {peer: 1e308} raised an OverflowError in the stream count on every request (a traceback flood); now
+    rates and round trips are clamped and unknown peers dropped."""
+    a, b = Isl(coord, "a", 0), Isl(coord, "b", 0)
+    a.rpc("register"), b.rpc("register")
+    a.rpc("rates", rates={"b": 1e308, "ghost": 1.0}, rtts={"b": 1e308})
+    assert coord.state.islands["a"].rtts == {"b": 600.0} and set(coord.state.islands["a"].rates) == {"b"}
+    assert _one_epoch(a, b, 0)["streams"] == ordering.MAX_STREAMS
+    assert "Traceback" not in caplog.text and "OverflowError" not in caplog.text
+
+
 def test_registrations_beyond_max_islands_are_refused():
     cfg = ElasticConfig(heartbeat_s=0.5, dead_after_s=2.0, min_islands=1, recovery_grace_s=0.5, max_islands=2)
-    c = Coordinator(cfg, RUN, "127.0.0.1:0", SECRET).start()
+    c = Coordinator(cfg, RUN, "127.0.0.1:0", AUTH).start()
     try:
         isl = [Isl(c, n, 0) for n in "abc"]
         isl[0].rpc("register"), isl[1].rpc("register")
-        with pytest.raises(wire.RemoteError, match=r"already has 2 islands, its limit \(elastic.max_islands=2\)"):
+        with pytest.raises(wire.RemoteError, match=r"already has 2 live islands, its limit \(elastic.max_islands=2\)"):
             isl[2].rpc("register")
         for i in isl:
             i.close()
@@ -399,9 +451,9 @@ def test_a_member_dying_after_the_others_reported_ok_still_commits(coord):
     c.rpc("heartbeat")  # fresh, so that only its connection closing (below) declares it dead
     waits = [_bg(lambda i=i: i.wait("done", epoch=ep["id"], step=0, ok=True)) for i in (a, b)]
     deadline = time.monotonic() + 5
-    while len(coord.epoch.done) < 2 and time.monotonic() < deadline:
+    while len(coord.state.epoch.done) < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert coord.epoch.done == {"a": "ok", "b": "ok"}
+    assert coord.state.epoch.done == {"a": "ok", "b": "ok"}
     c.close()  # the ring had completed (a and b hold the result): no need to redo
     for t, out in waits:
         t.join(10)
@@ -457,7 +509,7 @@ def test_bad_norm_field_is_refused(coord):
 @pytest.fixture
 def slow_grace():
     cfg = ElasticConfig(heartbeat_s=0.5, dead_after_s=2.0, min_islands=2, recovery_grace_s=2.5)
-    c = Coordinator(cfg, RUN, "127.0.0.1:0", SECRET).start()
+    c = Coordinator(cfg, RUN, "127.0.0.1:0", AUTH).start()
     yield c
     c.close()
 
@@ -473,32 +525,38 @@ def test_restart_does_not_take_the_run_step_from_islands_that_only_fetched(slow_
     a, b = (Isl(coord, n, 54, h="h54", last_epoch=le53) for n in "ab")
     a.rpc("register"), b.rpc("register")
     time.sleep(0.5)
-    assert coord.recovering and a.rpc("sync", step=54) == {"wait": True}
+    assert coord.state.recovering and a.rpc("sync", step=54) == {"wait": True}
     le54 = {"id": 56, "step": 54, "members": ["c", "d"]}
     c, d = (Isl(coord, n, 55, h="h55", last_epoch=le54) for n in "cd")
     c.rpc("register"), d.rpc("register")
     if not fetched_epoch:  # nothing named c and d: the grace runs out first
         time.sleep(2.5)
     rep = a.rpc("register")
-    assert not coord.recovering and coord.run_step == 55 and rep["needs_state"] is True
+    assert not coord.state.recovering and coord.state.run_step == 55 and rep["needs_state"] is True
     assert a.wait("sync", step=54)["stale"] is True
-    assert coord.committed[54] == le54 and a.rpc("members")["epochs"]["54"] == le54
+    assert {k: coord.state.committed[54][k] for k in le54} == le54 and a.rpc("members")["epochs"]["54"] == le54
 
 
-def test_an_island_holding_a_committed_later_step_advances_the_run(coord, caplog):
+def test_a_claimed_later_step_or_epoch_moves_nothing_once_the_run_is_going(coord, caplog):
+    """The last_epoch attack: an island claiming it holds outer step 1, committed by an epoch of its own invention,
+    used to make the coordinator abort the honest epoch and advance the run. Now a claim is not a fact: the running
+    epoch commits, the claimant must fetch the state, and no step without a committed epoch is ever believed."""
     a, b = Isl(coord, "a", 0), Isl(coord, "b", 0)
     a.rpc("register"), b.rpc("register")
     ep = _epoch_for([a, b], 0)["a"]["epoch"]  # running: outer step 0
     late = Isl(coord, "c", 1, h="h1", last_epoch={"id": 1, "step": 0, "members": ["c", "x"]})
-    late.rpc("register")
-    t, out = _bg(lambda: late.wait("sync", step=1))
-    assert a.wait("done", epoch=ep["id"], step=0, ok=True)["decision"] == "abort"  # rather than a fork
-    assert coord.run_step == 1 and "island c holds outer step 1, committed in epoch 1" in caplog.text
-    assert a.wait("sync", step=0)["stale"] is True
-    t.join(0.1)
-    no_epoch = Isl(coord, "d", 5)
-    no_epoch.rpc("register")
-    assert "ahead of the run" in no_epoch.wait("sync", step=5)["error"]  # nothing proves step 5 was committed
+    assert late.rpc("register")["needs_state"] is True
+    assert late.wait("sync", step=1)["stale"] is True
+    tb, rb = _bg(lambda: b.wait("done", epoch=ep["id"], step=0, ok=True))
+    assert a.wait("done", epoch=ep["id"], step=0, ok=True)["decision"] == "commit"
+    tb.join()
+    assert rb["r"]["decision"] == "commit" and coord.state.run_step == 1
+    far = Isl(coord, "d", 1_000_000, h="x", pending={"id": 2 ** 52, "step": 10 ** 6, "members": ["d"],
+                                                      "order": ["d"], "status": "ok"})
+    assert far.rpc("register")["needs_state"] is True
+    assert far.wait("sync", step=1_000_000)["stale"] is True
+    assert coord.state.next_epoch_id == ep["id"] + 1 and coord.state.run_step == 1
+    assert not [s for s in far.rpc("members")["islands"] if s["source"]]  # nobody holds step 1's hash yet
 
 
 def test_restart_with_a_fresh_island_first_does_not_restart_the_run_from_zero(slow_grace):
@@ -507,12 +565,12 @@ def test_restart_with_a_fresh_island_first_does_not_restart_the_run_from_zero(sl
     fresh = Isl(slow_grace, "a", 0)
     assert fresh.rpc("register")["recovering"] is True
     time.sleep(0.3)
-    assert slow_grace.recovering
+    assert slow_grace.state.recovering
     le = {"id": 12, "step": 9, "members": ["b", "c"]}
     for n in "bc":
         Isl(slow_grace, n, 10, h="h10", last_epoch=le).rpc("register")
     rep = fresh.rpc("register")
-    assert slow_grace.run_step == 10 and rep["needs_state"] is True
+    assert slow_grace.state.run_step == 10 and rep["needs_state"] is True
 
 
 def test_a_late_joiner_is_told_the_run_finished_instead_of_waiting(coord, tmp_path):
@@ -527,7 +585,7 @@ def test_a_late_joiner_is_told_the_run_finished_instead_of_waiting(coord, tmp_pa
     time.sleep(1.0)  # the recovery grace (0.5 s): the run is at outer step 3
     assert a.rpc("members")["finished_step"] is None
     assert a.rpc("bye", finished=True) == {"ok": True}
-    assert coord.finished_step == 3
+    assert coord.state.finished_step == 3
     secret = tmp_path / "secret"
     secret.write_bytes(SECRET)
     os.chmod(secret, 0o600)

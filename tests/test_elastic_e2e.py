@@ -5,8 +5,6 @@ members and ring order, the same Nesterov update) and requires every island's lo
 replay's after every outer step: no outer step lost, doubled or half-applied, and bit-identical global params.
 """
 
-import hashlib
-import hmac
 import json
 import os
 import signal
@@ -20,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from intellect_jax.elastic import ring, wire
+from intellect_jax.elastic import identity, ring, wire
 from intellect_jax.elastic.recovery import params_hash
 from tests import sim_island
+from tests.elastic_keys import write_roster
 
 PY = sys.executable
 DIM = 100_000
@@ -38,17 +37,26 @@ def _free_port() -> int:
     return port
 
 
+NAMES = ("a", "b", "c", "d")
+
+
 class Run:
     """Coordinator + sim islands as subprocesses. `prefix(i)` wraps island i's command (i=None: the coordinator),
-    e.g. with `ip netns exec`; `hosts` are the addresses they listen on (coordinator first)."""
+    e.g. with `ip netns exec`; `hosts` are the addresses they listen on (coordinator first). Every island (of
+    `names`) and the coordinator has its own key, listed in one islands file; `secret=True`: shared-secret mode."""
 
-    def __init__(self, tmp: Path, dead_after_s: float = 3.0, hosts=None, prefix=None, dim=None, dump=True):
+    def __init__(self, tmp: Path, dead_after_s: float = 3.0, hosts=None, prefix=None, dim=None, dump=True,
+                 names=NAMES, secret=False, coordinator_args=()):
         self.hosts = hosts or (lambda i: "127.0.0.1")
         self.prefix = prefix or (lambda i: [])
         self.dim = dim or DIM
         self.tmp = tmp
-        self.secret = tmp / "secret"
-        wire.write_secret(self.secret)
+        self.secret = tmp / "secret" if secret else None
+        if secret:
+            identity.write_secret(self.secret)
+        else:
+            self.islands_file, self.key_files = write_roster(tmp, list(names))
+        self.coordinator_args = list(coordinator_args)
         self.port = _free_port()
         self.dead_after_s = dead_after_s
         self.procs: dict[str, subprocess.Popen] = {}
@@ -62,11 +70,22 @@ class Run:
         log = open(self.tmp / f"coordinator{self.coord_starts}.log", "w")
         self.procs["coordinator"] = subprocess.Popen(
             [*self.prefix(None), PY, "-m", "intellect_jax.elastic.coordinator", "--bind",
-             f"{self.hosts(None)}:{self.port}", "--secret-file",
-             str(self.secret), "--min-islands", str(min_islands), "--dead-after-s", str(self.dead_after_s)],
+             f"{self.hosts(None)}:{self.port}", *self.identity_args(identity.COORDINATOR),
+             "--min-islands", str(min_islands), "--dead-after-s", str(self.dead_after_s), *self.coordinator_args],
             stdout=log, stderr=subprocess.STDOUT)
         this = self.tmp / f"coordinator{self.coord_starts}.log"
         self.wait_for(lambda: "listening" in this.read_text(), 20, "coordinator start")
+
+    def identity_args(self, name: str) -> list[str]:
+        if self.secret is not None:
+            return ["--secret-file", str(self.secret)]
+        return ["--key-file", str(self.key_files[name]), "--islands-file", str(self.islands_file)]
+
+    def auth(self, name: str) -> identity.Auth:
+        """`name`'s identity, as its island process has it (for in-process test peers)."""
+        if self.secret is not None:
+            return identity.secret_auth(self.secret.read_bytes(), name)
+        return identity.key_auth(str(self.key_files[name]), str(self.islands_file), name)
 
     def coord_log(self) -> str:
         return "".join((self.tmp / f"coordinator{i}.log").read_text() for i in range(1, self.coord_starts + 1))
@@ -77,7 +96,7 @@ class Run:
         self.procs[name + tag] = subprocess.Popen(
             [*self.prefix(index), PY, sim_island.__file__, "--coordinator",
              f"{self.hosts(None)}:{self.port}", "--listen", f"{self.hosts(index)}:0",
-             "--secret-file", str(self.secret), "--name", name, "--seed", str(seed), "--steps", str(steps),
+             *self.identity_args(name), "--name", name, "--seed", str(seed), "--steps", str(steps),
              "--dim", str(self.dim), "--inner-s", str(inner_s), "--streams", str(STREAMS), "--chunk-bytes", str(CHUNK),
              "--heartbeat-s", "0.5", "--dead-after-s", str(self.dead_after_s), "--out",
              str(self.tmp / f"{name}.jsonl"), *(["--dump-dir", str(self.tmp / "dump")] if self.dump else []),
@@ -164,19 +183,30 @@ def check_run(run: Run, names, steps, diverged=()):
     return by_step
 
 
-def _raw_frame(port, version=wire.PROTOCOL_VERSION, secret=b"x" * 32, garbage=False):
-    s = socket.create_connection(("127.0.0.1", port), timeout=5)
-    if garbage:
-        s.sendall(np.random.default_rng(1).bytes(1000))
-    else:
-        js = json.dumps({"nonce": os.urandom(16).hex(), "time": time.time(), "encrypt": True,
-                         "name": "intruder"}).encode()
-        head = struct.pack(">4sHHQ16sIQ4s", wire.MAGIC, version, 1, 0, wire.run_tag("run"), len(js), 0, b"\0" * 4)
-        key = wire._hkdf(secret, wire.run_tag("run"), b"intellect-jax/2 hello")  # the hello key, as a client makes
-        s.sendall(head + js + hmac.new(key, head + js, hashlib.sha256).digest())
-    s.settimeout(5)
-    assert s.recv(10) == b""
-    s.close()
+def _bad_peer(port, expect, version=wire.PROTOCOL_VERSION, garbage=False):
+    """An outsider: random bytes, another protocol version, or a full handshake with a key nobody admitted."""
+    if garbage or version != wire.PROTOCOL_VERSION:
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        if garbage:
+            s.sendall(np.random.default_rng(1).bytes(1000))
+        else:
+            js = json.dumps({"eph": os.urandom(32).hex(), "encrypt": True}).encode()
+            head = struct.pack(">4sHHQ16sIQ4s", wire.MAGIC, version, 1, 0, wire.run_tag("run"), len(js), 0,
+                               b"\0" * 4)
+            s.sendall(head + js + bytes(wire.MAC_BYTES))
+        s.settimeout(5)
+        while s.recv(4096):  # refused (an old build is told our version first)
+            pass
+        s.close()
+        return
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    stranger = identity.Auth(identity.Identity("intruder", Ed25519PrivateKey.generate()), identity.RosterKeys(
+        identity.load_roster(expect[1])))
+    with pytest.raises(wire.RemoteError, match="not admitted"):
+        conn = wire.connect(("127.0.0.1", port), stranger, expect[0], "run", 1 << 20, hello={"op": "state"},
+                            timeout=5)[0]
+        conn.request({"op": "manifest"})
 
 
 def test_three_islands_identical_hashes_and_bad_peers_refused(run):
@@ -186,10 +216,10 @@ def test_three_islands_identical_hashes_and_bad_peers_refused(run):
         run.start_island(n, 10 + i, steps)
     run.wait_for(lambda: len(run.events("a", "step")) >= 1, 60, "first outer step")
     island_port = run.events("b", "joined")[0]["port"]
-    for port in (run.port, island_port):  # coordinator and an island's ring/state listener
-        _raw_frame(port, secret=b"wrong-secret-wrong-secret-123456")
-        _raw_frame(port, version=99, secret=run.secret.read_bytes())
-        _raw_frame(port, garbage=True)
+    for port, name in ((run.port, identity.COORDINATOR), (island_port, "b")):  # coordinator, an island's listener
+        _bad_peer(port, (name, run.islands_file))
+        _bad_peer(port, None, version=99)
+        _bad_peer(port, None, garbage=True)
     for n in "abc":
         run.wait_exit(n)
     by_step = check_run(run, "abc", steps)
@@ -197,7 +227,7 @@ def test_three_islands_identical_hashes_and_bad_peers_refused(run):
     clog, blog = run.coord_log(), (run.tmp / "b.log").read_text()
     for text in (clog, blog):
         assert "refused connection from 127.0.0.1:" in text
-        assert "bad HMAC (wrong secret?)" in text
+        assert "(claiming to be 'intruder') is not admitted to this run" in text
         assert f"protocol version 99, this build speaks {wire.PROTOCOL_VERSION}" in text
         assert "bad magic" in text
     # The mean really is the mean of the three pseudo-grads (int8 error bound), on every island the same bytes.

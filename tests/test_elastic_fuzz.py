@@ -1,17 +1,16 @@
-"""Hostile bytes against a live run: hypothesis throws random, truncated, oversized, wrong-typed and replayed frames
-at the coordinator and at an island's listener while three islands train. Both stay up, their memory and thread
-counts stay bounded, nothing raises past a handler (no traceback in their logs), and the run's outer steps are all
-there with identical hashes on every island (the e2e replay checks them bit for bit).
+"""Hostile bytes against a live run: hypothesis throws random, truncated, oversized, wrong-typed, extreme and replayed
+frames at the coordinator and at an island's listener while three islands train. Both stay up, their memory and
+thread counts stay bounded, nothing raises past a handler (no traceback in their logs), and the run's outer steps
+are all there with identical hashes on every island (the e2e replay checks them bit for bit).
 
 Strategies, per connection: raw random bytes; a well-formed fixed header with random fields (magic, version, type,
-sequence number, run tag, declared lengths up to 2**64-1) and a body cut at a random point; a HELLO MAC'd with the
-right or a wrong key whose JSON fields have random types; a HELLO captured from a real handshake and replayed; and,
-as an authenticated insider (the right secret), random requests to the coordinator and random peer HELLOs to the
-island (ring / state / probe with wrong-typed fields).
+sequence number, run tag, declared lengths up to 2**64-1) and a body cut at a random point; a handshake whose HELLO
+has random fields and ephemeral keys (well-formed or not), followed by a random AUTH; a real client's handshake
+captured and replayed; and, as an admitted insider (its own key, listed in the islands file), every coordinator op
+with random, wrong-typed and extreme but well-typed fields (integers at and past every bound, 1e308, huge name
+lists, deep nesting), and random peer HELLOs to the island (ring / state / probe with wrong-typed fields).
 """
 
-import hashlib
-import hmac
 import json
 import os
 import socket
@@ -22,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from intellect_jax.elastic import wire
+from intellect_jax.elastic import identity, wire
 from tests.test_elastic_e2e import Run, check_run
 
 RUN_ID = "run"  # sim_island's default run id
@@ -69,12 +68,17 @@ def _send(port: int, data: bytes, read: bool = True) -> None:
         pass
 
 
+extreme = (st.sampled_from([0, -1, 1, 2**31, 2**53, 2**53 + 1, 2**62, 2**63 - 1, 2**64, -(2**63), 1e308, -1e308,
+                             5e-324, 0.0, -0.0, "", "a" * 70, "x" * 5000, "coordinator", "a", "b", "c"])
+           | st.lists(st.sampled_from(["a", "b", "c", "fz0"]), max_size=8)
+           | st.lists(st.text(max_size=3), min_size=200, max_size=400))
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=20),
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=20)
+    | extreme,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12)
 FIELDS = ["op", "name", "kind", "step", "epoch", "ok", "hash", "norm", "status", "incarnation", "stream", "from",
-          "nonce", "time", "encrypt", "rates"]
+          "eph", "key", "sig", "encrypt", "rates", "rtts", "blame", "finished", "last_epoch", "pending"]
 headers = st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=6), json_values, max_size=6)
 
 raw = st.binary(max_size=3000)
@@ -87,42 +91,52 @@ truncated = st.builds(
     st.binary(max_size=3000), st.integers(0, 6000))
 
 
-def _hello(fields: dict, key: bytes, fresh: bool) -> bytes:
-    if fresh:  # a well-formed nonce and time, so the frame gets past the replay window to the other fields
-        fields = dict(fields, nonce=os.urandom(16).hex(), time=time.time())
+def _clear(fields: dict, mtype=wire.MsgType.HELLO, seq=0) -> bytes:
+    """A clear handshake frame with the (public) checksum key: it gets past the MAC to the fields."""
+    import hashlib
+    import hmac
+
     js = json.dumps(fields).encode()
-    head = _head(mtype=int(wire.MsgType.HELLO), json_len=len(js))
+    head = _head(mtype=int(mtype), seq=seq, json_len=len(js))
+    key = wire._hkdf(wire.run_tag(RUN_ID), b"", wire._LABEL + b"hello")
     return head + js + hmac.new(key, head + js, hashlib.sha256).digest()
+
+
+def _hello(fields: dict, good_eph: bool, auth: bytes) -> bytes:
+    if good_eph:  # a well-formed ephemeral key, so the server answers and waits for an AUTH
+        fields = dict(fields, eph=os.urandom(32).hex(), encrypt=True)
+    return _clear(fields) + auth
 
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    run = Run(tmp_path_factory.mktemp("fuzz"))
+    run = Run(tmp_path_factory.mktemp("fuzz"), names=("a", "b", "c", "fz0", "fz1", "fz2", "fz3"))
     run.start_coordinator(min_islands=3)
     for i, n in enumerate("abc"):
         run.start_island(n, 90 + i, 10_000, inner_s=0.3)  # until stopped
     run.wait_for(lambda: all(run.events(n, "step") for n in "abc"), 60, "first outer step on every island")
-    key = wire._hkdf(run.secret.read_bytes(), wire.run_tag(RUN_ID), b"intellect-jax/2 hello")
-    # A HELLO captured from a real handshake (with the real key): replaying it must be refused.
-    captured = {}
-    real_sendall = socket.socket.sendall
+    # A real client's handshake (an admitted insider's), captured: replaying it must be refused.
+    captured = []
+    real = socket.create_connection
 
-    def tap(self, data, *a):
-        captured.setdefault("hello", b"")
-        if len(captured["hello"]) < 4096:
-            captured["hello"] += bytes(data)
-        return real_sendall(self, data, *a)
+    class Tap:
+        def __init__(self, sock):
+            self.sock = sock
 
-    socket.socket.sendall = tap
+        def sendall(self, b):
+            captured.append(bytes(b))
+            return self.sock.sendall(b)
+
+        def __getattr__(self, name):
+            return getattr(self.sock, name)
+
+    socket.create_connection = lambda *a, **k: Tap(real(*a, **k))
     try:
-        wire.connect(("127.0.0.1", run.port), run.secret.read_bytes(), RUN_ID, 1 << 20,
-                     hello={"name": "capture"}, timeout=5)[0].close()
+        wire.connect(("127.0.0.1", run.port), run.auth("fz0"), identity.COORDINATOR, RUN_ID, 1 << 20,
+                     hello={"kind": "rpc"}, timeout=5)[0].close()
     finally:
-        socket.socket.sendall = real_sendall
-    hello = captured["hello"]
-    json_len = struct.unpack(">4sHHQ16sIQ4s", hello[:wire.HEADER_BYTES])[5]
-    run.replayed_hello = hello[:wire.HEADER_BYTES + json_len + wire.MAC_BYTES]
-    run.hello_key = key
+        socket.create_connection = real
+    run.replayed = b"".join(captured)
     run.island_port = run.events("b", "joined")[0]["port"]
     run.targets = {"coordinator": run.port, "island": run.island_port}
     run.pids = {"coordinator": run.procs["coordinator"].pid, "island": run.procs["b"].pid}
@@ -148,29 +162,29 @@ def test_unauthenticated_garbage(live, target):
 
 
 @pytest.mark.parametrize("target", ["coordinator", "island"])
-def test_hellos_with_wrong_types_wrong_keys_and_replays(live, target):
+def test_handshakes_with_wrong_types_wrong_keys_and_replays(live, target):
     port = live.targets[target]
 
     @FUZZ
-    @given(fields=headers, right_key=st.booleans(), fresh=st.booleans(), replay=st.integers(0, 9))
-    def fuzz(fields, right_key, fresh, replay):
+    @given(fields=headers, good_eph=st.booleans(), replay=st.integers(0, 9),
+           auth=st.binary(max_size=300) | st.builds(lambda f: _clear(f, wire.MsgType.AUTH, 1), headers))
+    def fuzz(fields, good_eph, replay, auth):
         if replay == 0:
-            _send(port, live.replayed_hello)
+            _send(port, live.replayed)
         else:
-            _send(port, _hello(fields, live.hello_key if right_key else os.urandom(32), fresh))
+            _send(port, _hello(fields, good_eph, auth))
 
     fuzz()
 
 
-OPS = ["register", "heartbeat", "sync", "done", "commit", "epoch", "members", "rates", "bye", "nope"]
+OPS = ["register", "heartbeat", "sync", "done", "commit", "epoch", "members", "keys", "rates", "bye", "nope"]
 not_a_step = json_values.filter(lambda v: not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 10**6))
 
 
-def test_authenticated_insider_with_wrong_typed_requests(live):
-    """An island holding the secret (registered as one of a few names with no state, so the run never waits for it)
-    sends every op with random, wrong-typed fields: each is answered (or refused with an ERROR), none breaks a
-    thread; its sync never names a real step, so it never becomes a member."""
-    secret = live.secret.read_bytes()
+def test_authenticated_insider_with_wrong_typed_and_extreme_requests(live):
+    """An admitted island (one of a few keys, registered with no state, so the run never waits for it) sends every op
+    with random, wrong-typed and extreme fields: each is answered (or refused with an ERROR), none breaks a thread;
+    it never becomes a member (it holds no state the run committed)."""
 
     @settings(FUZZ, max_examples=EXAMPLES // 2)
     @given(k=st.integers(0, 3), kind=st.sampled_from(["rpc", "hb", 3]),
@@ -180,8 +194,8 @@ def test_authenticated_insider_with_wrong_typed_requests(live):
         status = {"incarnation": f"inc-{name}", "step": -1, "hash": None, "advertise_host": "127.0.0.1",
                   "port": 9, "last_epoch": None, "pending": None}
         try:
-            conn, _ = wire.connect(("127.0.0.1", live.port), secret, RUN_ID, 1 << 20,
-                                   hello={"name": name, "kind": kind}, timeout=3)
+            conn, _ = wire.connect(("127.0.0.1", live.port), live.auth(name), identity.COORDINATOR, RUN_ID, 1 << 20,
+                                   hello={"kind": kind}, timeout=3)
         except (OSError, wire.WireError, wire.RemoteError):
             return
         try:
@@ -213,7 +227,7 @@ def test_authenticated_insider_with_wrong_typed_requests(live):
            frames=st.lists(st.tuples(st.sampled_from(["manifest", "chunk", "x"]), headers), max_size=3))
     def island(hello, extra, op, frames):
         try:
-            conn, _ = wire.connect(("127.0.0.1", live.island_port), secret, RUN_ID, 1 << 20,
+            conn, _ = wire.connect(("127.0.0.1", live.island_port), live.auth("fz1"), "b", RUN_ID, 1 << 20,
                                    hello=dict(extra, **hello, op=op), timeout=3)
         except (OSError, wire.WireError, wire.RemoteError):
             return
@@ -253,5 +267,6 @@ def test_the_run_went_on_with_bounded_memory_and_threads(live):
     check_run(live, "abc", done + 1)
     logs = live.dump_logs()
     assert "Traceback" not in logs and "handler for" not in logs, logs
-    assert "refused connection from" in live.coord_log() and "bad magic" in live.coord_log()
-    assert "replayed" in live.coord_log()
+    clog = live.coord_log()
+    assert "refused connection from" in clog and "bad magic" in clog and "bad authentication tag" in clog
+    assert "refused 'register' request from island fz" in clog

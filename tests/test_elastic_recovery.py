@@ -10,9 +10,10 @@ import time
 import numpy as np
 import pytest
 
-from intellect_jax.elastic import recovery, wire
+from intellect_jax.elastic import identity, recovery, wire
 
 SECRET = b"r" * 32
+SOURCE, FETCHER = identity.secret_auth(SECRET, "src"), identity.secret_auth(SECRET, "fetcher")
 RUN = "recovery-test"
 
 
@@ -37,7 +38,7 @@ def _source(step, rate, port_q, mutate=False, liar=False, digests=False):
     def handler(conn, hello):
         recovery.serve_state(conn, provider, rate)
 
-    srv = wire.Server("127.0.0.1:0", SECRET, RUN, 64 << 20, handler, "src").start()
+    srv = wire.Server("127.0.0.1:0", SOURCE, RUN, 64 << 20, handler, "src").start()
     port_q.put(srv.port)
     while True:
         time.sleep(1)
@@ -50,8 +51,8 @@ def _start(ctx, step, rate, mutate=False, liar=False, digests=False):
     return p, f"127.0.0.1:{q.get(timeout=30)}"
 
 
-def _connect(addr):
-    return wire.connect(addr, SECRET, RUN, 64 << 20, hello={"op": "state"}, timeout=5)[0]
+def _connect(name, addr):
+    return wire.connect(addr, FETCHER, "src", RUN, 64 << 20, hello={"op": "state"}, timeout=5)[0]
 
 
 @pytest.fixture
@@ -151,6 +152,25 @@ def test_a_source_whose_state_is_not_the_committed_one_is_dropped(ctx, caplog):
                for r in caplog.records)
 
 
+def test_a_state_of_a_step_without_a_committed_hash_is_never_installed(ctx, caplog):
+    """A source offering a (self-consistent) state of outer step 1,000,000, for which the run has no committed hash:
+    dropped before a byte of it is fetched; the next source's committed state is installed."""
+    caplog.set_level(logging.INFO)
+    far, far_addr = _start(ctx, 1_000_000, 0)
+    good, good_addr = _start(ctx, 6, 0)
+    arrays, meta = make_state(6)
+    try:
+        state, report = recovery.fetch_state([("far", far_addr), ("good", good_addr)], _connect,
+                                             chunk_bytes=1 << 20, layout=recovery.layout_of(arrays),
+                                             expected_hash=lambda s: meta["params_hash"] if s == 6 else None)
+    finally:
+        far.kill()
+        good.kill()
+    assert report["source"] == "good" and report["bytes"] == sum(a.nbytes for a in arrays.values())
+    assert any("offers the state of outer step 1000000, which has no committed hash" in r.getMessage()
+               for r in caplog.records)
+
+
 def _fake_source(manifest):
     """An in-process source that answers the manifest request with `manifest` (and any chunk with zeros)."""
     def handler(conn, hello):
@@ -160,7 +180,7 @@ def _fake_source(manifest):
                 conn.send(wire.MsgType.REPLY, manifest)
             else:
                 conn.send(wire.MsgType.REPLY, {}, bytes(int(req["length"])))
-    return wire.Server("127.0.0.1:0", SECRET, RUN, 64 << 20, handler, "fake").start()
+    return wire.Server("127.0.0.1:0", SOURCE, RUN, 64 << 20, handler, "fake").start()
 
 
 @pytest.mark.parametrize("entry,needle", [

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from intellect_jax import quant
-from intellect_jax.elastic import ordering, ring, wire
+from intellect_jax.elastic import identity, ordering, ring, wire
 
 SECRET = b"k" * 32
+SERVER, CLIENT = identity.secret_auth(SECRET, "server"), identity.secret_auth(SECRET, "client")
 RUN = "ring-test"
 MAXF = 64 << 20
 BLOCK = 256
@@ -34,12 +35,12 @@ def _links(n_members, streams):
         def acc():
             for _ in range(streams):
                 s, (h, p) = lsock.accept()
-                accepted.append(wire.accept(s, f"{h}:{p}", SECRET, RUN, MAXF)[0])
+                accepted.append(wire.accept(s, f"{h}:{p}", SERVER, RUN, MAXF)[0])
 
         th = threading.Thread(target=acc)
         th.start()
         for k in range(streams):
-            send[i][k] = wire.connect(("127.0.0.1", port), SECRET, RUN, MAXF)[0]
+            send[i][k] = wire.connect(("127.0.0.1", port), CLIENT, "server", RUN, MAXF)[0]
         th.join(10)
         lsock.close()
         recv[j] = accepted  # accepted in connect order: stream k is the k-th connection
@@ -178,11 +179,11 @@ def _member_proc(i, n, port_q, ports, vec, die):
 
     def acc():
         s, (h, p) = lsock.accept()
-        recv.append(wire.accept(s, f"{h}:{p}", SECRET, RUN, MAXF)[0])
+        recv.append(wire.accept(s, f"{h}:{p}", SERVER, RUN, MAXF)[0])
 
     th = threading.Thread(target=acc)
     th.start()
-    send = [wire.connect(("127.0.0.1", all_ports[(i + 1) % n]), SECRET, RUN, MAXF)[0]]
+    send = [wire.connect(("127.0.0.1", all_ports[(i + 1) % n]), CLIENT, "server", RUN, MAXF)[0]]
     th.join(10)
     if i == die:
         class Dying:
@@ -261,9 +262,9 @@ def _ring_threads(settle_s=3.0):
     return [t for t in threading.enumerate() if t.name.startswith("ring-")]
 
 
-def _one_real_member(peer_action, timeout=2.0):
-    """Member 0 of a 2-ring runs ring_mean; `peer_action(send, recv)` plays member 1 badly. Returns member 0's error
-    and how long it took."""
+def _one_real_member(peer_action, timeout=2.0, min_rate=0.0):
+    """Member 0 of a 2-ring runs ring_mean; `peer_action(send, recv)` plays member 1 badly. Returns member 0's error,
+    the neighbour it blames and how long it took."""
     send, recv = _links(2, 1)
     out = {}
 
@@ -271,9 +272,9 @@ def _one_real_member(peer_action, timeout=2.0):
         t0 = __import__("time").monotonic()
         try:
             ring.ring_mean(np.ones(8 * BLOCK, np.float32), 0, send[0], recv[0], 2, ring.make_codec("int8", BLOCK), 1024,
-                           BLOCK, timeout=timeout, epoch=7)
+                           BLOCK, timeout=timeout, epoch=7, min_rate=min_rate)
         except ring.RingError as e:
-            out["error"] = str(e)
+            out["error"], out["suspect"] = str(e), e.suspect
         out["seconds"] = __import__("time").monotonic() - t0
 
     th = threading.Thread(target=member0)
@@ -293,6 +294,7 @@ def test_a_chunk_that_fails_to_decode_aborts_naming_the_link_and_leaks_no_thread
 
     out = _one_real_member(bad_peer)
     assert "link from predecessor 127.0.0.1:" in out["error"] and "int8 chunk of 17 bytes" in out["error"], out
+    assert out["suspect"] == "pred"
     assert not _ring_threads()  # every ring thread (senders, receivers, watchdog) ended
 
 
@@ -329,8 +331,30 @@ def test_a_link_slower_than_the_deadline_aborts_naming_the_link():
 
     out = _one_real_member(trickling_peer, timeout=0.5)
     assert "link from predecessor 127.0.0.1:" in out["error"] and "not done within its deadline" in out["error"], out
-    assert out["seconds"] < 6.0, out
+    assert out["seconds"] < 6.0 and out["suspect"] == "pred", out
     assert not _ring_threads()
+
+
+def test_a_peer_trickling_just_inside_the_read_timeout_is_cut_by_the_rate_deadline():
+    """The same trickle against a 10 s per-read timeout (hop deadline 10 s x 16 hops = 160 s): with the run's
+    minimum link rate the reduce must end within 10 s + its ~4 kB at 1 Mbit/s, naming the link."""
+    assert not _ring_threads()
+
+    def trickling_peer(send, recv):
+        head = wire._HEADER.pack(wire.MAGIC, wire.PROTOCOL_VERSION, int(wire.MsgType.DATA), 0, wire.run_tag(RUN),
+                                 20, 100_000, b"\0" * 4)
+        send.sock.sendall(head + b"{}")
+        for _ in range(100):
+            time.sleep(0.2)
+            try:
+                send.sock.sendall(b"\0")
+            except OSError:
+                return
+
+    out = _one_real_member(trickling_peer, timeout=10.0, min_rate=1e6 / 8)
+    assert "at least 1.00 Mbit/s (the run's slowest allowed link)" in out["error"], out
+    assert 10.0 < out["seconds"] < 13.0 and out["suspect"] == "pred", out
+    assert not _ring_threads(settle_s=15)
 
 
 def test_ring_order_maximises_slowest_link():

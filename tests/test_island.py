@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from intellect_jax.elastic import wire
 from intellect_jax.metrics import read_metrics
+from tests.elastic_keys import write_roster
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config", "configs/debug.toml", "--data.kind=synthetic", "--data.seq_len=32", "--model.vocab_size=256",
@@ -27,10 +27,12 @@ def _env():
     return env
 
 
-def _start_coordinator(tmp_path, secret, tag="", grace_s=0.0):
+def _start_coordinator(tmp_path, ids, tag="", grace_s=0.0):
     port_file = tmp_path / f"port{tag}"
+    islands_file, keys = ids
     proc = subprocess.Popen([sys.executable, "-m", "intellect_jax", "coordinator", "--bind", "127.0.0.1:0",
-                             "--secret-file", str(secret), "--run-id", "t", "--min-islands", "3",
+                             "--key-file", str(keys["coordinator"]), "--islands-file", str(islands_file),
+                             "--run-id", "t", "--min-islands", "3",
                              "--dead-after-s", "4", "--recovery-grace-s", str(grace_s), "--port-file", str(port_file)],
                             cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
                             stderr=open(tmp_path / f"coord{tag}.log", "w"))
@@ -43,22 +45,24 @@ def _start_coordinator(tmp_path, secret, tag="", grace_s=0.0):
 
 @pytest.fixture
 def coordinator(tmp_path):
-    secret = tmp_path / "secret"
-    wire.write_secret(secret)
-    proc, addr = _start_coordinator(tmp_path, secret)
-    yield addr, secret
+    """Every island (island0..2, and island2b for a restart) and the coordinator with its own key, listed in one
+    islands file, as a run's operator sets it up."""
+    ids = write_roster(tmp_path, ["island0", "island1", "island2", "island2b"])
+    proc, addr = _start_coordinator(tmp_path, ids)
+    yield addr, ids
     proc.kill()
     proc.wait()
 
 
-def _island(tmp_path, addr, secret, i, steps, name=None, extra=(), module=("intellect_jax",)):
+def _island(tmp_path, addr, ids, i, steps, name=None, extra=(), module=("intellect_jax",)):
     name = name or f"island{i}"
+    islands_file, keys = ids
     log = open(tmp_path / f"{name}.log", "a")
     return subprocess.Popen(
         [sys.executable, "-m", *module, "train", *TINY, *extra, f"--run.steps={steps}",
-         f"--run.dir={tmp_path / name}",
-         f"--elastic.coordinator={addr}", f"--elastic.secret_file={secret}", f"--elastic.island_name={name}",
-         f"--elastic.data_shard={i}"], cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+         f"--run.dir={tmp_path / name}", f"--elastic.coordinator={addr}", f"--elastic.key_file={keys[name]}",
+         f"--elastic.islands_file={islands_file}", f"--elastic.data_shard={i}"],
+        cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
 
 
 def _outer(run_dir):
@@ -75,8 +79,8 @@ def _codes_on_device(yes):
 def test_three_islands_identical_global_state(tmp_path, coordinator, extra):
     """Island 0 packs its pseudo-gradient on the host (elastic.device_codes "off"), the others on their devices and
     decode the mean there: the ring's all-gather bytes and the twins' identical arithmetic keep every hash equal."""
-    addr, secret = coordinator
-    procs = [_island(tmp_path, addr, secret, i, steps=15, extra=extra + _codes_on_device(i > 0)) for i in range(3)]
+    addr, ids = coordinator
+    procs = [_island(tmp_path, addr, ids, i, steps=15, extra=extra + _codes_on_device(i > 0)) for i in range(3)]
     for p in procs:
         assert p.wait(timeout=400) == 0, (tmp_path / "island0.log").read_text()[-3000:]
     outers = [_outer(tmp_path / f"island{i}") for i in range(3)]
@@ -115,8 +119,8 @@ def test_streaming_islands_overlap_the_reduce_and_agree_at_every_fragment_sync(t
     at 6, 10, ..), each reduce running in the background for one inner step. Every island applies every fragment's
     mean at the same step and votes the same hash; the rows say which fragment and how much of the reduce was
     hidden. Island 0 packs on the host, the others on their devices (as in the blocking test)."""
-    addr, secret = coordinator
-    procs = [_island(tmp_path, addr, secret, i, steps=16, extra=STREAMING_EF + _codes_on_device(i > 0))
+    addr, ids = coordinator
+    procs = [_island(tmp_path, addr, ids, i, steps=16, extra=STREAMING_EF + _codes_on_device(i > 0))
              for i in range(3)]
     for p in procs:
         assert p.wait(timeout=400) == 0, (tmp_path / "island0.log").read_text()[-3000:]
@@ -141,9 +145,9 @@ def test_streaming_islands_overlap_the_reduce_and_agree_at_every_fragment_sync(t
     # no reduce in flight: none is ever saved) and launches fragment 0's sync at once, as the schedule says. The new
     # coordinator learns the epoch that committed outer step 5 from the checkpoints' meta, so it waits for exactly
     # its three members (however slow their restart and compile), not for a timer: the grace only bounds that wait.
-    coord, addr = _start_coordinator(tmp_path, secret, tag="2", grace_s=300.0)
+    coord, addr = _start_coordinator(tmp_path, ids, tag="2", grace_s=300.0)
     try:
-        procs = [_island(tmp_path, addr, secret, i, steps=24, extra=STREAMING_EF + _codes_on_device(i > 0))
+        procs = [_island(tmp_path, addr, ids, i, steps=24, extra=STREAMING_EF + _codes_on_device(i > 0))
                  for i in range(3)]
         for p in procs:
             assert p.wait(timeout=400) == 0, (tmp_path / "island0.log").read_text()[-3000:]
@@ -167,9 +171,9 @@ def test_streaming_island_that_diverges_loses_the_vote_and_re_syncs_before_its_n
     wait for an island that must re-sync), fetches the state again once the step completed. Island 0 and 1 apply
     every outer step once, at the same steps; every hash island 2 reports agrees with theirs but its losing vote,
     and it ends with the run's state."""
-    addr, secret = coordinator
+    addr, ids = coordinator
     extra = ("--diloco.inner_steps=8", "--diloco.fragments=2", "--diloco.overlap_steps=3")
-    procs = [_island(tmp_path, addr, secret, i, steps=24, extra=extra,
+    procs = [_island(tmp_path, addr, ids, i, steps=24, extra=extra,
                      module=("tests.diverging_island", "1") if i == 2 else ("intellect_jax",)) for i in range(3)]
     for p in procs:
         assert p.wait(timeout=400) == 0, (tmp_path / "island2.log").read_text()[-3000:]
@@ -199,8 +203,8 @@ def test_killed_island_recovers_live_from_a_peer(tmp_path, coordinator, extra, s
     """Streaming: syncs every 2 steps from step 4 on (298 applied in 600 steps: none starts at step 600, its mean would
     be due after the end); an island killed mid-overlap leaves the survivors to finish that fragment's reduce without
     it. (With 300 steps the two survivors finished the run before the restarted island had compiled.)"""
-    addr, secret = coordinator
-    procs = [_island(tmp_path, addr, secret, i, steps=steps, extra=extra) for i in range(3)]
+    addr, ids = coordinator
+    procs = [_island(tmp_path, addr, ids, i, steps=steps, extra=extra) for i in range(3)]
     victim_metrics = tmp_path / "island2" / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline:  # wait until island2 has been through an outer step, then kill it mid-training
@@ -210,7 +214,7 @@ def test_killed_island_recovers_live_from_a_peer(tmp_path, coordinator, extra, s
     procs[2].send_signal(signal.SIGKILL)
     procs[2].wait()
     time.sleep(2)
-    restarted = _island(tmp_path, addr, secret, 2, steps=steps, name="island2b", extra=extra)
+    restarted = _island(tmp_path, addr, ids, 2, steps=steps, name="island2b", extra=extra)
     for p in procs[:2] + [restarted]:
         assert p.wait(timeout=600) == 0, (tmp_path / "island2b.log").read_text()[-3000:]
     log = (tmp_path / "island2b.log").read_text()

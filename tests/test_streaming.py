@@ -275,13 +275,13 @@ def test_elastic_snapshot_is_per_fragment_and_a_fragment_sync_rehashes_only_its_
     gives; a peer's snapshot installs bit for bit, and one from a run with other fragments is refused by name."""
     import threading
 
-    from intellect_jax.elastic import wire
+    from intellect_jax.elastic import identity
     from intellect_jax.island import ElasticIsland
     from intellect_jax.trainer import Trainer
     from tests.helpers import tiny_config
 
     secret = tmp_path / "secret"
-    wire.write_secret(secret)
+    identity.write_secret(secret)
     cfg = tiny_config(mesh=dict(islands=1, fsdp=-1), model=dict(num_hidden_layers=3),
                       diloco=dict(inner_steps=4, fragments=2, overlap_steps=1),
                       elastic=dict(coordinator="127.0.0.1:9", secret_file=str(secret)))
@@ -327,12 +327,12 @@ def test_elastic_snapshot_is_per_fragment_and_a_fragment_sync_rehashes_only_its_
 def test_snapshot_dispatched_at_the_sync_and_fetched_later_is_the_state_at_the_sync(tmp_path, on_host):
     """The hash vote's thread fetches the host copy that the sync dispatched, while the training thread goes on: it
     must hold the state as it was at the sync even after the next programs donated (deleted) the state's buffers."""
-    from intellect_jax.elastic import wire
+    from intellect_jax.elastic import identity
     from intellect_jax.trainer import Trainer
     from tests.helpers import tiny_config
 
     secret = tmp_path / "secret"
-    wire.write_secret(secret)
+    identity.write_secret(secret)
     cfg = tiny_config(mesh=dict(islands=1, fsdp=-1), model=dict(num_hidden_layers=3),
                       diloco=dict(inner_steps=4, fragments=2, overlap_steps=1, outer_state_on_host=on_host),
                       elastic=dict(coordinator="127.0.0.1:9", secret_file=str(secret)))

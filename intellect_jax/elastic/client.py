@@ -19,11 +19,18 @@ Trainer loop (``s`` = completed outer steps)::
     client.close()                                                   # deathrattle
 
 ``all_reduce_mean`` returns only after the coordinator decided "commit" for the epoch, i.e. every live member holds
-the same result; on "abort" (a member died or a link broke) it redoes the reduce in a new epoch with the same
-pseudo-gradient, up to ``reduce_retries`` times, then raises :class:`ReduceFailed`. It never falls back to the local
-pseudo-gradient. Its ``sync`` carries the pseudo-gradient's norm: an island the coordinator's guard leaves out of
-the step (not finite, or an outlier) waits for the step to commit and gets :class:`StaleStep` (re-sync from a peer);
-a decoded mean that is not finite is never returned (the epoch is failed and redone).
+the same result; on "abort" (a member died, lied or stalled, or a link broke) it redoes the reduce in a new epoch
+with the same pseudo-gradient, for as long as the coordinator forms epochs (``reduce_retries`` > 0: at most that
+many times, then :class:`ReduceFailed`): an honest island never exits because a peer misbehaves. It never falls back
+to the local pseudo-gradient. Its ``sync`` carries the pseudo-gradient's norm: an island the coordinator's guard
+leaves out of the step (not finite, or an outlier) waits for the step to commit and gets :class:`StaleStep` (re-sync
+from a peer); a quarantined island waits out its quarantine the same way; a decoded mean that is not finite is never
+returned (the epoch is failed and redone).
+
+Identity: the island proves its key to the coordinator and to every peer (wire.py); it checks that the coordinator
+is the one the islands file names, and that each peer it connects to holds the key the coordinator gave for it. Its
+listener takes ring, state and probe connections only from admitted identities (keys the coordinator vouches for),
+a bounded number per identity.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -39,14 +47,15 @@ from typing import Any, Callable
 
 import numpy as np
 
-from intellect_jax.config import ElasticConfig
+from intellect_jax.config import FRAME_HEADER_ALLOWANCE, ElasticConfig
 
-from . import ordering, recovery, ring, wire
+from . import identity, ordering, recovery, ring, wire
 from .recovery import State, StateProvider
 
 log = logging.getLogger("intellect_jax.elastic.client")
 
 MAX_RING_INBOX = 64  # ring streams accepted ahead of their epoch (a predecessor connects before we look)
+PEER_CONNS = {"ring": 2 * ordering.MAX_STREAMS, "state": 2, "probe": 2}  # per peer identity and purpose
 
 
 class ElasticError(RuntimeError):
@@ -58,7 +67,7 @@ class StaleStep(ElasticError):
 
 
 class ReduceFailed(ElasticError):
-    """The reduce was aborted more than ``reduce_retries`` times in a row."""
+    """The reduce was aborted more than ``reduce_retries`` (> 0) times in a row."""
 
 
 class CoordinatorUnavailable(ElasticError):
@@ -84,9 +93,12 @@ class IslandClient:
             raise ValueError("run_id is empty; set elastic.run_id (or run.name)")
         self.cfg = cfg
         self.run_id = run_id
-        self.name = cfg.island_name or f"{socket.gethostname()}-{os.getpid()}"
+        self.auth = island_auth(cfg)
+        self.name = self.auth.me.name
         self.incarnation = uuid.uuid4().hex[:12]
-        self._secret = wire.load_secret(cfg.secret_file)
+        if isinstance(self.auth.keys, identity.RosterKeys):
+            self.auth.keys.refresh = self._refresh_keys  # an unknown peer key: ask the coordinator (rate-limited)
+        self._roster = ""  # the digest of the admitted identities our keys are from
         self._provider = state_provider
         self.codec = ring.make_codec(compression, block_size)
         self.block_size = block_size
@@ -106,9 +118,9 @@ class IslandClient:
 
         self._mail = threading.Condition()
         self._ring_inbox: dict[tuple[int, str, int], wire.Conn] = {}
-        self.listener = wire.Server(cfg.listen, self._secret, self.run_id, cfg.peer_max_frame_bytes, self._serve_peer,
+        self.listener = wire.Server(cfg.listen, self.auth, self.run_id, cfg.peer_max_frame_bytes, self._serve_peer,
                                     f"island-{self.name}", log, idle_timeout=3 * cfg.dead_after_s,
-                                    encrypt=cfg.encrypt).start()
+                                    encrypt=cfg.encrypt, group=_peer_group).start()
         self.port = self.listener.port
         self._rpc_conn: wire.Conn | None = None
         self._rpc_lock = threading.Lock()
@@ -151,40 +163,45 @@ class IslandClient:
             vec = np.ascontiguousarray(vec, np.float32).reshape(-1)
             norm = float(np.linalg.norm(vec)) if norm is None else norm
         norm = norm if np.isfinite(norm) else None  # None: not finite (JSON has no NaN)
-        aborts, excluded = 0, False
+        aborts, waiting = 0, ""
         while True:
             t_sync = time.perf_counter()
             rep = self._wait("sync", step=outer_step, norm=norm)
             t_epoch = time.perf_counter()
-            if rep.get("excluded"):  # left out by the guard: wait for the step to commit, then re-sync
-                if not excluded:
-                    log.warning("outer step %d: %s is left out of the reduce (%s); it re-syncs from a peer once the "
-                                "step commits", outer_step, self.name, rep["excluded"])
-                excluded = True
-                time.sleep(0.5)
+            why = rep.get("excluded") or (rep.get("quarantined") and
+                                          f"quarantined for {float(rep['quarantined']):.0f} s more: {rep.get('why')}")
+            if why:  # left out by the guard or quarantined: wait for the step to go on without us, then re-sync
+                if why.split(":")[0] != waiting.split(":")[0]:
+                    log.warning("outer step %d: %s is left out (%s); it re-syncs from a peer once the run goes on",
+                                outer_step, self.name, why)
+                waiting = why
+                time.sleep(0.5 if rep.get("excluded") else min(5.0, max(0.5, float(rep["quarantined"]))))
                 continue
             if rep.get("stale"):
                 raise StaleStep(f"outer step {outer_step} was completed without {self.name} "
                                 f"(run at {rep.get('run_step')}); fetch the state from a peer")
             if "error" in rep:
                 raise ElasticError(rep["error"])
-            ep = rep["epoch"]
+            ep = _check_epoch(rep.get("epoch"), self.name)
+            self._learn(ep.get("keys") or {})
             with self._lock:
                 self.pending = {"id": ep["id"], "step": outer_step, "members": ep["members"], "order": ep["order"],
                                 "streams": _epoch_streams(ep, self.cfg), "status": "running"}
-            result, err = None, None
+            result, err, blame = None, None, None
             try:
                 result, stats = self._ring(ep, vec, packed_out)
                 if not np.isfinite(result.scales if packed_out else result).all():
                     raise ring.RingError("the decoded mean is not finite; it is not applied")
             except (ring.RingError, OSError, wire.WireError, wire.RemoteError) as e:
                 err = e
-                log.warning("epoch %d ring failed on %s: %s", ep["id"], self.name, e)
+                blame = _suspect(ep, self.name, getattr(e, "suspect", None))
+                log.warning("epoch %d ring failed on %s: %s%s", ep["id"], self.name, e,
+                            f" (reported to the coordinator, naming {blame})" if blame else "")
             with self._lock:
                 self.pending["status"] = "ok" if err is None else "fail"
             t_done = time.perf_counter()
-            d = self._wait("done", epoch=ep["id"], step=outer_step, ok=err is None)
-            decision = d["decision"]
+            d = self._wait("done", epoch=ep["id"], step=outer_step, ok=err is None, blame=blame)
+            decision = d.get("decision")
             # Where the reduce's time went: the sync barrier (every member at this step), the ring (its connections,
             # then the bytes), the done barrier (every member's verdict).
             phases = {"barrier_seconds": t_epoch - t_sync, "connect_seconds": self._connect_s,
@@ -202,35 +219,47 @@ class IslandClient:
                          ep["order"], stats.seconds, stats.bytes_sent / 1e6)
                 self._maybe_probe(ep, stats.bytes_sent / max(stats.seconds, 1e-9))
                 return result
-            if decision == "stale" or decision == "commit":
+            if decision in ("stale", "commit"):
                 raise StaleStep(f"outer step {outer_step} committed in epoch {ep['id']} without a result on "
                                 f"{self.name}; fetch the state from a peer")
             aborts += 1
-            log.warning("epoch %d aborted; redoing outer step %d (attempt %d of %d)", ep["id"], outer_step,
-                        aborts + 1, self.cfg.reduce_retries + 1)
-            if aborts > self.cfg.reduce_retries:
+            log.warning("epoch %d aborted; redoing outer step %d (attempt %d%s)", ep["id"], outer_step, aborts + 1,
+                        f" of {self.cfg.reduce_retries + 1}" if self.cfg.reduce_retries else "")
+            if self.cfg.reduce_retries and aborts > self.cfg.reduce_retries:
                 raise ReduceFailed(f"outer step {outer_step}: reduce aborted {aborts} times")
 
     def commit(self, outer_step: int, params_hash: str) -> bool:
-        """Reports the hash of the global params after `outer_step`; False: ours differs, call fetch_state()."""
+        """Reports the hash of the global params after `outer_step`; False: ours differs from the majority's (or the
+        coordinator refused our vote), call fetch_state()."""
         with self._lock:
             self.hash = params_hash
-        rep = self._wait("commit", step=outer_step, hash=params_hash)
-        if not rep["ok"]:
+        try:
+            rep = self._wait("commit", step=outer_step, hash=params_hash)
+        except wire.RemoteError as e:
+            log.warning("outer step %d: the coordinator refused our hash vote (%s); re-sync needed", outer_step, e)
+            return False
+        if rep.get("contested"):
+            log.error("outer step %d: the members' hashes split with no majority; keeping our state", outer_step)
+            return True
+        if not rep.get("ok"):
             log.warning("outer step %d: our params hash %s differs from the run's %s; re-sync needed", outer_step,
-                        params_hash[:16], rep["hash"][:16])
-        return bool(rep["ok"])
+                        params_hash[:16], str(rep.get("hash"))[:16])
+        return bool(rep.get("ok"))
 
     def fetch_state(self) -> State:
-        """Pulls the latest committed state from a live island (resuming from another if the source dies)."""
+        """Pulls the latest committed state from a live island that voted for it (resuming from another if the
+        source dies); only a state whose exact step has a canonical hash, and that hashes to it, is installed."""
         deadline = time.monotonic() + self.cfg.barrier_timeout_s
         while True:
             rep = self._rpc("members")
             run_step = rep.get("run_step")
-            peers = [i for i in rep["islands"] if i["name"] != self.name and i["step"] >= 0]
-            peers.sort(key=lambda i: (-(i["step"]), i["hash"] is None, i["name"]))
+            canonical = rep.get("canonical") if isinstance(rep.get("canonical"), dict) else {}
+            peers = [i for i in rep.get("islands") or [] if isinstance(i, dict) and i.get("source")
+                     and i.get("name") != self.name and isinstance(i.get("step"), int)
+                     and canonical.get(str(i["step"] - 1))]
+            peers.sort(key=lambda i: (-(i["step"]), i["name"]))
+            self._learn({i["name"]: i.get("key") for i in peers})
             if peers and not rep.get("recovering"):
-                canonical = rep.get("canonical") or {}
                 layout = recovery.layout_of(self._provider()[0]) if self._provider is not None else None
                 try:
                     state, report = recovery.fetch_state(
@@ -288,9 +317,9 @@ class IslandClient:
                     "rtts": self._rtts}
 
     def _connect_coord(self, kind: str) -> wire.Conn:
-        conn, _ = wire.connect(self.cfg.coordinator, self._secret, self.run_id, self.cfg.coordinator_max_frame_bytes,
-                               hello={"name": self.name, "kind": kind}, timeout=self.cfg.dead_after_s,
-                               encrypt=self.cfg.encrypt)
+        conn, _ = wire.connect(self.cfg.coordinator, self.auth, identity.COORDINATOR, self.run_id,
+                               self.cfg.coordinator_max_frame_bytes, hello={"kind": kind},
+                               timeout=self.cfg.dead_after_s, encrypt=self.cfg.encrypt)
         conn.settimeout(self.cfg.dead_after_s + 2.0)  # > the coordinator's long-poll (POLL_S = 1 s)
         return conn
 
@@ -313,6 +342,8 @@ class IslandClient:
                 if rep.get("reregister") and op != "register":
                     self._rpc("register")
                     continue
+                if op in ("register", "heartbeat"):
+                    self._note_roster(rep)
                 return rep
             except (OSError, wire.WireError) as e:
                 with self._rpc_lock:
@@ -362,7 +393,8 @@ class IslandClient:
             try:
                 if conn is None:
                     conn = self._connect_coord("hb")
-                conn.request({"op": "heartbeat", "incarnation": self.incarnation, "status": self.status()})
+                rep, _ = conn.request({"op": "heartbeat", "incarnation": self.incarnation, "status": self.status()})
+                self._note_roster(rep)
             except (OSError, wire.WireError, wire.RemoteError) as e:
                 if conn is not None:
                     log.warning("heartbeat to the coordinator failed (%s); reconnecting", e)
@@ -371,15 +403,52 @@ class IslandClient:
         if conn is not None:
             conn.close()
 
+    # -- admitted keys ---------------------------------------------------------------------------------------------
+
+    def _learn(self, keys: dict[str, Any], replace: bool = False) -> None:
+        """Peer keys the coordinator vouches for (hex), kept next to the islands file's."""
+        good = {}
+        for n, k in keys.items():
+            if identity.valid_name(n) and isinstance(k, str) and len(k) == 2 * wire.KEY_BYTES:
+                try:
+                    good[n] = bytes.fromhex(k)
+                except ValueError:
+                    continue
+        if good or replace:
+            self.auth.keys.learn(good, replace)
+
+    def _note_roster(self, rep: dict[str, Any]) -> None:
+        """The coordinator's admitted identities changed: learn their keys anew (in a thread: we may be answering
+        inside an RPC)."""
+        digest = rep.get("roster")
+        if isinstance(digest, str) and digest and digest != self._roster:
+            self._roster = digest
+            threading.Thread(target=self._refresh_keys, name="keys", daemon=True).start()
+
+    def _refresh_keys(self) -> None:
+        try:
+            rep = self._rpc("keys", retry=False)
+        except (ElasticError, wire.RemoteError, OSError) as e:
+            log.info("could not fetch the admitted keys: %s", e)
+            return
+        keys = rep.get("keys")
+        if isinstance(keys, dict):
+            self._learn(keys, replace=True)  # a revoked island's key is forgotten
+
     # -- peers: ring, state, probes --------------------------------------------------------------------------------
 
     def _serve_peer(self, conn: wire.Conn, hello: dict[str, Any]) -> bool:
         op = hello.get("op")
         if op == "ring":
-            key = (hello.get("epoch"), hello.get("from"), hello.get("stream"))
-            if not (isinstance(key[0], int) and isinstance(key[1], str) and isinstance(key[2], int)
-                    and 0 <= key[2] < ordering.MAX_STREAMS and not isinstance(key[0], bool)):
-                raise wire.MalformedFrame(f"ring HELLO with epoch/from/stream {key!r:.120}")
+            key = (hello.get("epoch"), conn.identity, hello.get("stream"))  # who: the proven identity
+            if not (isinstance(key[0], int) and isinstance(key[2], int) and 0 <= key[2] < ordering.MAX_STREAMS
+                    and not isinstance(key[0], bool) and not isinstance(key[2], bool) and key[0] >= 0):
+                raise wire.MalformedFrame(f"ring HELLO with epoch/stream {(key[0], key[2])!r:.120}")
+            with self._lock:
+                done_id = (self.last_epoch or {}).get("id", 0)
+            if key[0] <= done_id:
+                raise wire.MalformedFrame(f"ring stream for epoch {key[0]}, which is over (ours: {done_id})")
+            conn.max_recv_bytes = 2 * self.cfg.chunk_bytes + FRAME_HEADER_ALLOWANCE
             with self._mail:
                 if len(self._ring_inbox) >= max(MAX_RING_INBOX, 4 * ordering.MAX_STREAMS):
                     # Unconsumed streams (peers ahead of us, or bogus epochs): the furthest-ahead one goes.
@@ -392,26 +461,27 @@ class IslandClient:
                 self._mail.notify_all()
             return True  # adopted by the ring
         if op == "state":
+            conn.max_recv_bytes = FRAME_HEADER_ALLOWANCE  # requests only
             if self._provider is None:
                 conn.send(wire.MsgType.ERROR, {"error": f"island {self.name} serves no state"})
                 return False
             recovery.serve_state(conn, self._provider, self.cfg.serve_bytes_per_s)
             return False
         if op == "probe":
+            conn.max_recv_bytes = self.cfg.probe_bytes + FRAME_HEADER_ALLOWANCE
             while True:
                 _, h, data = conn.recv()
                 conn.send(wire.MsgType.REPLY, {"n": len(data)})
         raise wire.MalformedFrame(f"unknown peer op {op!r}")
 
-    def _connect_peer(self, addr: str, hello: dict[str, Any]) -> wire.Conn:
-        conn, _ = wire.connect(addr, self._secret, self.run_id, self.cfg.peer_max_frame_bytes,
-                               hello=dict(hello, **{"from": self.name}), timeout=self.cfg.dead_after_s,
-                               encrypt=self.cfg.encrypt)
+    def _connect_peer(self, name: str, addr: str, hello: dict[str, Any]) -> wire.Conn:
+        conn, _ = wire.connect(addr, self.auth, name, self.run_id, self.cfg.peer_max_frame_bytes, hello=hello,
+                               timeout=self.cfg.dead_after_s, encrypt=self.cfg.encrypt)
         conn.settimeout(self.cfg.dead_after_s)
         return conn
 
-    def _connect_state(self, addr: str) -> wire.Conn:
-        return self._connect_peer(addr, {"op": "state"})
+    def _connect_state(self, name: str, addr: str) -> wire.Conn:
+        return self._connect_peer(name, addr, {"op": "state"})
 
     def _epoch_aborted(self, epoch_id: int) -> str | None:
         """Why we should stop waiting on a neighbour: the coordinator already aborted the epoch (a member died)."""
@@ -437,9 +507,12 @@ class IslandClient:
         try:
             if N > 1:
                 succ, pred = order[(r + 1) % N], order[(r - 1) % N]
-                for k in range(S):
-                    send.append(self._connect_peer(ep["addrs"][succ], {"op": "ring", "epoch": ep["id"],
-                                                                       "stream": k}))
+                try:
+                    for k in range(S):
+                        send.append(self._connect_peer(succ, ep["addrs"][succ], {"op": "ring", "epoch": ep["id"],
+                                                                                 "stream": k}))
+                except (OSError, wire.WireError, wire.RemoteError) as e:
+                    raise ring.RingError(f"connecting to successor {succ}: {e}", "succ") from e
                 deadline = time.monotonic() + self.cfg.dead_after_s
                 next_poll = time.monotonic() + ring.CANCEL_POLL_S
                 with self._mail:
@@ -447,7 +520,7 @@ class IslandClient:
                         while (ep["id"], pred, k) not in self._ring_inbox:
                             left = deadline - time.monotonic()
                             if left <= 0:
-                                raise ring.RingError(f"predecessor {pred} did not connect stream {k} in time")
+                                raise ring.RingError(f"predecessor {pred} did not connect stream {k} in time", "pred")
                             if time.monotonic() >= next_poll:
                                 self._mail.release()  # no coordinator round trip while holding the inbox
                                 try:
@@ -464,7 +537,8 @@ class IslandClient:
                 send = [_Tap(c, self.on_ring_frame) for c in send]
             return ring.ring_mean(vec, r, send, recv, N, self.codec, self.cfg.chunk_bytes, self.block_size,
                                   timeout=self.cfg.dead_after_s, epoch=ep["id"],
-                                  cancel=lambda: self._epoch_aborted(ep["id"]), packed_out=packed_out)
+                                  cancel=lambda: self._epoch_aborted(ep["id"]), packed_out=packed_out,
+                                  min_rate=float(ep.get("min_rate") or 0.0))
         finally:
             for c in send + recv:
                 c.close()
@@ -478,7 +552,7 @@ class IslandClient:
         if members == self._probed or self.cfg.probe_bytes <= 0 or len(members) < wanted:
             return
         self._probed = members
-        peers = {m: ep["addrs"][m] for m in members if m != self.name}
+        peers = {m: ep["addrs"][m] for m in members if m != self.name}  # names: their keys came with the epoch
         threading.Thread(target=self._probe, args=(peers, probe_size(self.cfg.probe_bytes, ring_bytes_per_s)),
                          name="probe", daemon=True).start()
 
@@ -488,7 +562,7 @@ class IslandClient:
         blob = os.urandom(size)
         for name, addr in peers.items():
             try:
-                conn = self._connect_peer(addr, {"op": "probe"})
+                conn = self._connect_peer(name, addr, {"op": "probe"})
                 try:
                     t0 = time.perf_counter()  # warm-up (connection, slow start) and the round trip: 4 KiB fit
                     conn.send(wire.MsgType.DATA, {}, blob[:4096])  # in TCP's first window, so this is one RTT
@@ -544,3 +618,43 @@ class _Tap:
 
     def __getattr__(self, name):
         return getattr(self._conn, name)
+
+
+def island_auth(cfg: ElasticConfig) -> identity.Auth:
+    """This island's identity: its key and the islands file, or (shared-secret mode) a key derived from the secret
+    for its name (``elastic.island_name``, default hostname-pid)."""
+    if cfg.key_file:
+        return identity.key_auth(cfg.key_file, cfg.islands_file, cfg.island_name or None)
+    name = cfg.island_name or re.sub(r"[^A-Za-z0-9._@+-]", "-", f"{socket.gethostname()}-{os.getpid()}")[-64:]
+    return identity.secret_auth(identity.load_secret(cfg.secret_file), name.lstrip("-._@+") or "island")
+
+
+def _peer_group(name: str, hello: dict) -> tuple[str, int]:
+    """A peer connection's purpose and how many one identity may hold for it (a new one replaces the oldest)."""
+    op = hello.get("op")
+    if op not in PEER_CONNS or name == identity.COORDINATOR:
+        raise wire.MalformedFrame(f"peer connection for {op!r:.40} from {name!r} (expected one of {sorted(PEER_CONNS)})")
+    return op, PEER_CONNS[op]
+
+
+def _check_epoch(ep: Any, me: str) -> dict[str, Any]:
+    """The coordinator's epoch, checked before anything of it is used (it names us, its lists agree)."""
+    try:
+        members, order = list(ep["members"]), list(ep["order"])
+        if me not in members or sorted(order) != sorted(members) or not isinstance(ep["id"], int):
+            raise ValueError("members and ring order disagree or do not name this island")
+        for m in members:
+            if not isinstance(ep["addrs"][m], str):
+                raise ValueError(f"no address for {m}")
+    except (KeyError, TypeError, ValueError) as e:
+        raise ElasticError(f"malformed epoch from the coordinator: {e}") from None
+    return ep
+
+
+def _suspect(ep: dict[str, Any], me: str, side: str | None) -> str | None:
+    """The peer a ring failure points at: our predecessor or successor in the epoch's ring order."""
+    order = ep["order"]
+    if side not in ("pred", "succ") or len(order) < 2:
+        return None
+    r = order.index(me)
+    return order[(r - 1) % len(order)] if side == "pred" else order[(r + 1) % len(order)]

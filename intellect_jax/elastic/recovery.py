@@ -138,15 +138,16 @@ def check_manifest(man: Any, layout: Layout | None, source: str) -> tuple[dict[s
     return meta, out
 
 
-def fetch_state(sources: Iterable[tuple[str, str]], connect: Callable[[str], wire.Conn],
+def fetch_state(sources: Iterable[tuple[str, str]], connect: Callable[[str, str], wire.Conn],
                 chunk_bytes: int, window: int = 4, layout: Layout | None = None,
                 expected_hash: Callable[[int], str | None] | None = None) -> tuple[State, dict[str, Any]]:
     """Pulls a state from the first source that completes; resumes from the next one when a source fails.
 
-    `sources` are (name, "HOST:PORT"); `connect(addr)` opens a handshaken connection with HELLO op "state".
-    `layout` (the local model's arrays) bounds what is allocated; `expected_hash(outer_step)` is the hash the run
-    committed for that outer step (the coordinator's majority), which the assembled state must have: a source whose
-    manifest or state does not match is dropped (logged) and the next one tried.
+    `sources` are (name, "HOST:PORT"); `connect(name, addr)` opens a connection to that identity with HELLO op
+    "state". `layout` (the local model's arrays) bounds what is allocated; `expected_hash(outer_step)` is the hash the
+    run committed for that outer step (the coordinator's majority), which the assembled state must have: a source
+    whose manifest names a step with no committed hash, or whose state does not hash to it, is dropped (logged) and
+    the next one tried.
     Returns the state and a report {"source", "tried", "bytes", "reused_bytes", "seconds"}.
     """
     t0 = time.monotonic()
@@ -159,7 +160,7 @@ def fetch_state(sources: Iterable[tuple[str, str]], connect: Callable[[str], wir
     for name, addr in sources:
         tried.append(name)
         try:
-            conn = connect(addr)
+            conn = connect(name, addr)
         except (OSError, wire.WireError, wire.RemoteError) as e:
             log.warning("state source %s (%s) unreachable: %s", name, addr, e)
             last_err = e
@@ -167,6 +168,9 @@ def fetch_state(sources: Iterable[tuple[str, str]], connect: Callable[[str], wir
         try:
             man, _ = conn.request({"op": "manifest"})
             meta, arrays = check_manifest(man, layout, name)
+            if expected_hash is not None and expected_hash(int(meta["outer_step"])) is None:
+                raise TransferError(f"{name} offers the state of outer step {meta['outer_step']}, which has no "
+                                    "committed hash; dropping this source")
             for m in arrays:
                 k = m["name"]
                 if shas.get(k) == m["sha256"] and len(bufs[k]) == m["nbytes"]:

@@ -42,7 +42,13 @@ CANCEL_POLL_S = 0.5  # how often a member waiting on the ring asks `cancel` whet
 
 
 class RingError(RuntimeError):
-    """The ring broke (a peer died, timed out or sent a bad frame). Nothing of the result may be used."""
+    """The ring broke (a peer died, timed out or sent a bad frame). Nothing of the result may be used.
+    `suspect`: which neighbour's link failed ("pred": the one we receive from, "succ": the one we send to), or None
+    (cancelled, or a local failure); the island reports it to the coordinator as the peer it blames."""
+
+    def __init__(self, msg: str, suspect: str | None = None):
+        super().__init__(msg)
+        self.suspect = suspect
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -241,8 +247,12 @@ def _window(members: int, streams: int, chunk_wire_bytes: int) -> int:
 def ring_mean(vec: np.ndarray | Packed, rank: int, send: Sequence[wire.Conn], recv: Sequence[wire.Conn],
               members: int, codec: Codec, chunk_bytes: int, block_size: int, timeout: float,
               epoch: int = 0, cancel: Callable[[], str | None] | None = None, packed_out: bool = False,
-              ) -> tuple[np.ndarray | Packed, RingStats]:
+              min_rate: float = 0.0) -> tuple[np.ndarray | Packed, RingStats]:
     """Mean of `vec` over the ring. `send[k]` goes to the successor, `recv[k]` comes from the predecessor.
+
+    Deadlines: each read and write must progress within `timeout` seconds, and the whole reduce must finish within
+    `timeout` plus the bytes this member sends at `min_rate` bytes/s (a peer that trickles each frame just inside the
+    per-read timeout cannot stretch the reduce further); without `min_rate`, `timeout` per chunk hop.
 
     `vec` is float32, or `Packed` (made on the island's device): then this member's own chunks go out as they are
     (no host pack) and each hop adds their decoded values. Returns the mean, bit-identical on every member: float32
@@ -361,7 +371,7 @@ def ring_mean(vec: np.ndarray | Packed, rank: int, send: Sequence[wire.Conn], re
                     queued[0] -= nbytes
                 send[k].send(wire.MsgType.DATA, header, parts)
         except BaseException as e:  # noqa: BLE001 - any failure breaks the ring
-            fail(RingError(f"{link_out(k)}: {e}"))
+            fail(RingError(f"{link_out(k)}: {e}", "succ"))
 
     def receiver(k: int) -> None:
         try:
@@ -392,7 +402,7 @@ def ring_mean(vec: np.ndarray | Packed, rank: int, send: Sequence[wire.Conn], re
                 else:
                     raise wire.MalformedFrame(f"unknown ring phase {phase!r}")
         except BaseException as e:  # noqa: BLE001
-            fail(RingError(f"{link_in(k)}: {e}"))
+            fail(RingError(f"{link_in(k)}: {e}", "pred"))
 
     finished = threading.Event()
 
@@ -406,8 +416,8 @@ def ring_mean(vec: np.ndarray | Packed, rank: int, send: Sequence[wire.Conn], re
         conn.settimeout(timeout)
     # A thread per stream and direction, with the link it serves: receivers first, since a receiver still waiting
     # at the deadline names the slow link (a sender waits on what its receivers pass on).
-    links = {threading.Thread(target=f, args=(k,), daemon=True, name=f"ring-{f.__name__}-{k}"): describe(k)
-             for f, describe in ((receiver, link_in), (sender, link_out)) for k in range(S)}
+    links = {threading.Thread(target=f, args=(k,), daemon=True, name=f"ring-{f.__name__}-{k}"): (describe(k), who)
+             for f, describe, who in ((receiver, link_in, "pred"), (sender, link_out, "succ")) for k in range(S)}
     threads = list(links)
     for th in threads:
         th.start()
@@ -415,7 +425,14 @@ def ring_mean(vec: np.ndarray | Packed, rank: int, send: Sequence[wire.Conn], re
         threading.Thread(target=watchdog, daemon=True, name="ring-watchdog").start()
     window = _window(N, S, codec.wire_bytes(lay.chunk))
     hops = max(1, 2 * (N - 1) * C)
-    deadline = time.monotonic() + timeout * hops
+    if min_rate > 0:
+        budget = timeout + 2 * (N - 1) * C * codec.wire_bytes(lay.chunk) / min_rate
+        why = (f"at least {min_rate * 8 / 1e6:.2f} Mbit/s (the run's slowest allowed link) plus the {timeout:g} s "
+               "link timeout")
+    else:
+        budget = timeout * hops
+        why = f"the link timeout {timeout:g} s x {hops} chunk hops"
+    deadline = time.monotonic() + budget
     for c in range(C):  # reduce-scatter step 0: our own segment `rank`, packed while earlier chunks are in flight
         with progress:  # ... but at most `window` chunk indices ahead of the last complete one (bounded buffers)
             while c >= window and landed[c - window] < N and not failed.is_set() and time.monotonic() < deadline:
@@ -428,13 +445,14 @@ def ring_mean(vec: np.ndarray | Packed, rank: int, send: Sequence[wire.Conn], re
         th.join(max(0.0, deadline - time.monotonic()))
     late = [links[th] for th in threads if th.is_alive()]
     if late:  # a link too slow for the deadline
-        fail(RingError(f"{late[0]}: the reduce was not done within its deadline of {timeout * hops:.1f} s (the link "
-                       f"timeout {timeout:g} s x {hops} chunk hops): the link is slower than the timeout allows"))
+        fail(RingError(f"{late[0][0]}: the reduce was not done within its deadline of {budget:.1f} s ({why}): the "
+                       "link is slower than the run allows", late[0][1]))
         for th in threads:
             th.join(5.0)
     finished.set()
     if errors:
-        raise RingError(f"ring all-reduce (epoch {epoch}) failed: {errors[0]}") from errors[0]
+        raise RingError(f"ring all-reduce (epoch {epoch}) failed: {errors[0]}",
+                        getattr(errors[0], "suspect", None)) from errors[0]
     stats.seconds = time.perf_counter() - t0
     stats.bytes_sent = sum(c.bytes_sent for c in send)
     stats.bytes_received = sum(c.bytes_received for c in recv)
