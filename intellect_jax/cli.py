@@ -31,7 +31,7 @@ from intellect_jax.config import Config, ConfigError, load_config
 USER_ERRORS = {"intellect_jax.config": "ConfigError", "intellect_jax.checkpoint": "CheckpointError",
                "intellect_jax.hf": "HFError", "intellect_jax.shards": "DataError",
                "intellect_jax.tokenizer": "TokenizerError", "intellect_jax.plot": "PlotError",
-               "intellect_jax.elastic.identity": "IdentityError"}
+               "intellect_jax.elastic.identity": "IdentityError", "intellect_jax.elastic.client": "NotAdmitted"}
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:

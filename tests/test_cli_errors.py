@@ -72,6 +72,22 @@ def test_errors_without_jax(tmp_path):
     r = _cli("coordinator", "--bind", "127.0.0.1:0", "--secret-file", secret)
     _one_line(r, "coordinator", "mode 0640", f"chmod 600 {secret}")
 
+    key, islands = tmp_path / "c.key", tmp_path / "islands"
+    r = _cli("keygen", "--out", key, "--name", "coordinator")
+    assert r.returncode == 0 and r.stdout.startswith("coordinator ssh-ed25519 AAAA"), r.stderr
+    line = r.stdout.strip()
+    r = _cli("keygen", "--out", key)
+    _one_line(r, "keygen", "already exists")
+    islands.write_text(line.replace("coordinator", "alice", 1) + "\n")  # no coordinator line yet
+    r = _cli("coordinator", "--bind", "127.0.0.1:0", "--key-file", key, "--islands-file", islands)
+    _one_line(r, "coordinator", "has no 'coordinator' line")
+    other = _cli("keygen", "--out", tmp_path / "other.key", "--name", "coordinator").stdout
+    islands.write_text(other)
+    r = _cli("coordinator", "--bind", "127.0.0.1:0", "--key-file", key, "--islands-file", islands)
+    _one_line(r, "coordinator", "is not the one the islands file", "on the 'coordinator' line")
+    r = _cli("coordinator", "--bind", "127.0.0.1:0", "--key-file", key)
+    assert r.returncode == 2 and "config error: coordinator: elastic.islands_file is empty" in r.stderr, r.stderr
+
     r = _cli("train", "--config", "configs/debug.toml", "--run.profile_steps=9:3")
     assert r.returncode == 2 and "config error: run.profile_steps='9:3' must be" in r.stderr
 

@@ -615,3 +615,34 @@ def test_a_link_probe_lasts_a_fraction_of_a_second_at_the_rate_the_ring_reached(
     assert probe_size(1 << 20, 1e5) == 256 << 10
     assert probe_size(1 << 20, None) == probe_size(1 << 20, 0.0) == 1 << 20
     assert probe_size(100_000, 1e5) == 100_000
+
+
+def test_an_island_whose_key_is_not_admitted_stops_at_join_with_the_fix(tmp_path):
+    """An island with a key the islands file does not list: its join fails at once with a message naming its key
+    and where to add it (a user error: one line from the CLI), and the coordinator logs the refusal."""
+    from intellect_jax.elastic import IslandClient
+    from intellect_jax.elastic.client import NotAdmitted
+    from intellect_jax.elastic.coordinator import coordinator_auth
+    from tests.elastic_keys import write_roster
+
+    islands, keys = write_roster(tmp_path, ["a"])
+    cfg = ElasticConfig(heartbeat_s=0.5, dead_after_s=2.0, key_file=str(keys["coordinator"]),
+                        islands_file=str(islands))
+    c = Coordinator(cfg, RUN, "127.0.0.1:0", coordinator_auth(cfg)).start()
+    try:
+        identity.write_key(tmp_path / "stranger.key")
+        icfg = ElasticConfig(coordinator=f"127.0.0.1:{c.port}", key_file=str(tmp_path / "stranger.key"),
+                             islands_file=str(islands), island_name="z", listen="127.0.0.1:0", heartbeat_s=0.5,
+                             dead_after_s=2.0)
+        client = IslandClient(icfg, RUN, lambda: ({}, {}), compression="int8", block_size=256)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(NotAdmitted, match=r"refused island z: not admitted: key SHA256:.*\(claiming to be "
+                                                  r"'z'\) is not admitted to this run; add its line"):
+                client.join(0, "h0")
+            assert time.monotonic() - t0 < 5
+        finally:
+            client.close()
+    finally:
+        c.close()
+

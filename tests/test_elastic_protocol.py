@@ -194,3 +194,103 @@ def test_after_a_restart_with_no_majority_the_survivors_word_is_taken_and_said()
     heartbeat(st, clock, "a")
     st.advance(clock())
     assert not st.recovering and st.run_step == 5
+
+
+# -- every op, every field, extreme but well-typed values: hypothesis against the state machine itself -----------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+INTS = st.sampled_from([-(2 ** 63), -1, 0, 1, 2, 3, 2 ** 31, 2 ** 40, 2 ** 53, 2 ** 53 + 1, 2 ** 62, 2 ** 64])
+FLOATS = st.sampled_from([0.0, -0.0, 5e-324, 1.0, 1e308, -1e308, float("inf"), float("nan")])
+NAMES = st.sampled_from(["a", "b", "c", "x", "coordinator", "", "a" * 65, "bad name"])
+VALUES = st.one_of(INTS, FLOATS, NAMES, st.none(), st.booleans(), st.lists(NAMES, max_size=300),
+                   st.dictionaries(NAMES, FLOATS | INTS, max_size=5))
+EPOCHS = st.fixed_dictionaries({"id": INTS, "step": INTS, "members": st.lists(NAMES, max_size=300)},
+                               optional={"order": st.lists(NAMES, max_size=10),
+                                         "status": st.sampled_from(["running", "ok", "fail", "x"]),
+                                         "streams": INTS})
+STATUS = st.fixed_dictionaries({"incarnation": st.sampled_from(["i1", "i2", "", "x" * 100]), "step": INTS,
+                                "hash": st.sampled_from([None, "h0", "h1", "", "z" * 200]), "port": INTS,
+                                "advertise_host": st.sampled_from(["", "1.2.3.4", "a b"])},
+                               optional={"rates": VALUES, "rtts": VALUES, "last_epoch": EPOCHS | VALUES,
+                                         "pending": EPOCHS | VALUES})
+OPS = st.sampled_from(["register", "heartbeat", "sync", "done", "commit", "rates", "bye", "tick"])
+REQ = st.fixed_dictionaries({}, optional={"step": INTS | VALUES, "epoch": INTS | VALUES, "ok": VALUES,
+                                          "hash": VALUES, "norm": FLOATS | VALUES, "blame": NAMES,
+                                          "progress": FLOATS | VALUES, "cause": VALUES, "rates": VALUES,
+                                          "rtts": VALUES, "finished": VALUES})
+
+
+def honest_round(st, clock):
+    """a, b and c do what honest islands do next: sync at the run's step, report a finished ring ok, vote the
+    replayable hash h<step+1>, and re-sync a state they lost (as a fetch would)."""
+    now = clock(0.5)
+    for n in "abc":
+        isl = st.islands[n]
+        isl.last_seen = now
+        if not isl.alive:
+            st.register(n, status(step=isl.step, h=isl.hash, name=n), 0, "h", True, now)
+    s = st.run_step
+    for n in "abc":
+        isl = st.islands[n]
+        if st.needs_state(isl) and s - 1 in st.canonical:  # fetch: the canonical state of the run's step
+            st.register(n, status(step=s, h=st.canonical[s - 1], name=n), 0, "h", True, now)
+        st.sync(isl, {"step": s}, now)
+    e = st.epoch
+    if e is not None:
+        for n in e.members:
+            if n in "abc":
+                st.done(st.islands[n], {"epoch": e.id, "step": e.step, "ok": True}, now)
+        c = st.committed.get(e.step)
+        if c is not None:
+            for n in c["ok"]:
+                if n in "abc" and n not in st.hashes.get(e.step, {}):
+                    st.commit(st.islands[n], {"step": e.step, "hash": f"h{e.step + 1}"}, now)
+    st.advance(now)
+
+
+@settings(max_examples=300, deadline=None, database=None, derandomize=True,
+          suppress_health_check=list(HealthCheck))
+@given(actions=st.lists(st.tuples(OPS, STATUS, REQ, st.floats(0, 40)), min_size=1, max_size=40))
+def test_any_sequence_of_requests_with_extreme_fields_is_answered_or_refused(actions):
+    """Three honest islands run outer steps while x sends every op with extreme fields between their moves: every
+    request of x is answered or refused with a ValueError (never another exception), the honest ones' requests never
+    fail, the tables stay bounded, the run step never goes back, a canonical hash never changes and is always the
+    honest one."""
+    clock = Clock()
+    st_ = make(clock, max_islands=8)
+    seen_canonical, last_step = {}, st_.run_step
+    for op, status_, req, dt in actions:
+        now = clock(dt)
+        isl = st_.islands.get("x")
+        try:
+            if op in ("register", "heartbeat"):
+                st_.register("x", status_, 0, "h", op == "register", now)
+            elif op == "tick":
+                st_.tick(now)
+            elif isl is None:
+                pass
+            elif op == "sync":
+                st_.sync(isl, req, now)
+            elif op == "done":
+                st_.done(isl, req, now)
+            elif op == "commit":
+                st_.commit(isl, req, now)
+            elif op == "rates":
+                st_.set_rates(isl, req)
+            elif op == "bye":
+                st_.bye(isl, req.get("finished") is True, now)
+        except ValueError:
+            pass
+        honest_round(st_, clock)
+        assert len(st_.islands) <= 8 and len(st_.decisions) <= 4096 and len(st_.committed) <= 257
+        assert all(len(i.rates) <= 8 and len(i.rtts) <= 8 for i in st_.islands.values())
+        assert all(v <= 1e12 for i in st_.islands.values() for v in i.rates.values())
+        assert st_.run_step >= last_step
+        last_step = st_.run_step
+        for s, h in st_.canonical.items():
+            assert seen_canonical.setdefault(s, h) == h
+            assert h == f"h{s + 1}" or s == -1, (s, h)  # x never makes its hash the run's
+        assert st_.next_epoch_id < 2 ** 20
+    assert st_.run_step >= 1  # the honest islands got somewhere

@@ -74,6 +74,10 @@ class CoordinatorUnavailable(ElasticError):
     pass
 
 
+class NotAdmitted(ElasticError):
+    """The coordinator refused this island's key or name; the message says how to fix it."""
+
+
 @dataclasses.dataclass(frozen=True)
 class JoinInfo:
     run_step: int | None  # completed outer steps of the run (None: we are the first island)
@@ -187,7 +191,7 @@ class IslandClient:
             with self._lock:
                 self.pending = {"id": ep["id"], "step": outer_step, "members": ep["members"], "order": ep["order"],
                                 "streams": _epoch_streams(ep, self.cfg), "status": "running"}
-            result, err, blame = None, None, None
+            result, err, blame, progress, cause = None, None, None, None, None
             try:
                 result, stats = self._ring(ep, vec, packed_out)
                 if not np.isfinite(result.scales if packed_out else result).all():
@@ -195,12 +199,14 @@ class IslandClient:
             except (ring.RingError, OSError, wire.WireError, wire.RemoteError) as e:
                 err = e
                 blame = _suspect(ep, self.name, getattr(e, "suspect", None))
+                progress, cause = getattr(e, "progress", None), getattr(e, "cause", None)
                 log.warning("epoch %d ring failed on %s: %s%s", ep["id"], self.name, e,
                             f" (reported to the coordinator, naming {blame})" if blame else "")
             with self._lock:
                 self.pending["status"] = "ok" if err is None else "fail"
             t_done = time.perf_counter()
-            d = self._wait("done", epoch=ep["id"], step=outer_step, ok=err is None, blame=blame)
+            d = self._wait("done", epoch=ep["id"], step=outer_step, ok=err is None, blame=blame, progress=progress,
+                           cause=cause)
             decision = d.get("decision")
             # Where the reduce's time went: the sync barrier (every member at this step), the ring (its connections,
             # then the bytes), the done barrier (every member's verdict).
@@ -365,6 +371,9 @@ class IslandClient:
             try:
                 rep = self._rpc("register")
             except wire.RemoteError as e:
+                if "not admitted" in str(e):
+                    raise NotAdmitted(f"the coordinator {self.cfg.coordinator} refused island {self.name}: {e}") \
+                        from None
                 if "in use" not in str(e) or time.monotonic() > deadline:
                     raise
                 log.warning("%s; retrying", e)
@@ -512,7 +521,8 @@ class IslandClient:
                         send.append(self._connect_peer(succ, ep["addrs"][succ], {"op": "ring", "epoch": ep["id"],
                                                                                  "stream": k}))
                 except (OSError, wire.WireError, wire.RemoteError) as e:
-                    raise ring.RingError(f"connecting to successor {succ}: {e}", "succ") from e
+                    raise ring.RingError(f"connecting to successor {succ}: {e}", "succ", 0.0,
+                                         "closed" if isinstance(e, OSError) else "bad") from e
                 deadline = time.monotonic() + self.cfg.dead_after_s
                 next_poll = time.monotonic() + ring.CANCEL_POLL_S
                 with self._mail:
@@ -520,7 +530,8 @@ class IslandClient:
                         while (ep["id"], pred, k) not in self._ring_inbox:
                             left = deadline - time.monotonic()
                             if left <= 0:
-                                raise ring.RingError(f"predecessor {pred} did not connect stream {k} in time", "pred")
+                                raise ring.RingError(f"predecessor {pred} did not connect stream {k} in time",
+                                                     "pred", 0.0, "timeout")
                             if time.monotonic() >= next_poll:
                                 self._mail.release()  # no coordinator round trip while holding the inbox
                                 try:
@@ -528,7 +539,8 @@ class IslandClient:
                                 finally:
                                     self._mail.acquire()
                                 if why:
-                                    raise ring.RingError(f"waiting for predecessor {pred}: {why}")
+                                    raise ring.RingError(f"waiting for predecessor {pred}: {why}",
+                                                         cause="cancelled")
                                 next_poll = time.monotonic() + ring.CANCEL_POLL_S
                             self._mail.wait(min(left, ring.CANCEL_POLL_S))
                         recv.append(self._ring_inbox.pop((ep["id"], pred, k)))

@@ -215,7 +215,9 @@ class Epoch:
     streams: int = ordering.MIN_STREAMS  # TCP streams per ring link, the same on every member
     min_rate: float = 0.0  # bytes/s every ring link must keep up (the members' reduce deadline)
     done: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> "ok" | "fail"
-    blame: dict[str, str | None] = dataclasses.field(default_factory=dict)  # failed member -> the peer it names
+    # failed member -> Report, kept after an abort for a while: every member's report helps tell the ring's broken
+    # link from the failures it caused downstream
+    reports: dict[str, "Report"] = dataclasses.field(default_factory=dict)
     decision: str | None = None
     excluded: dict[str, str] = dataclasses.field(default_factory=dict)  # ready islands left out -> why
 
@@ -223,6 +225,20 @@ class Epoch:
         return {"id": self.id, "step": self.step, "members": self.members, "order": self.order,
                 "streams": self.streams, "min_rate": self.min_rate,
                 "addrs": {m: islands[m].addr for m in self.members}, "keys": {m: key_of(m) for m in self.members}}
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """A member's failed reduce, as it reports it (ring.RingError): the peer it blames, the share of what it was owed
+    that arrived, how the link failed, and whether it came before the epoch was aborted."""
+
+    blame: str | None
+    progress: float
+    cause: str
+    first: bool
+
+
+CAUSES = ("closed", "timeout", "bad", "cancelled")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,7 +278,8 @@ class RunState:
         self.contested: dict[int, dict[str, str]] = {}  # steps whose voters split evenly -> the votes
         self.committed: dict[int, dict] = {}  # step s -> {"id", "step", "members", "ok", "at"} of its epoch
         self.disputes: dict[int, set[frozenset]] = {}  # step -> pairs of members that blamed each other
-        self.held_strikes: list[tuple[float, int, list[str], list[tuple[str, str]]]] = []  # (due, epoch, ...)
+        self.held: dict[int, Epoch] = {}  # aborted epochs whose strikes wait for the members' reports
+        self.held_until: list[tuple[float, int]] = []
         self.finished_step: int | None = None  # the newest outer step an island finished its run at
         self.epochs_formed = 0
         self.recovering = True
@@ -484,32 +501,54 @@ class RunState:
                     e.step, e.done, [m for m in e.members if not self.islands[m].alive])
 
     def _attribute(self, e: Epoch, now: float) -> None:
-        """Strikes for an aborted epoch: the member that reported the failure and the peer it blamed (a two-sided
-        dispute: either may lie), or the reporter alone when it names nobody. They are held for dead_after_s: if a
-        member of the epoch dies meanwhile, its death explains the failure (a crashed island breaks the ring for
-        its neighbours, who report it first) and nobody is struck."""
-        strikes = []
-        for m, status in e.done.items():
-            if status != "fail" or m not in self.islands:
-                continue
-            b = e.blame.get(m)
-            if b is not None and b in e.members and b != m:
-                self.disputes.setdefault(e.step, set()).add(frozenset((m, b)))
-                strikes += [(m, f"reported epoch {e.id}'s reduce failed, blaming {b}"),
-                            (b, f"blamed by {m} for epoch {e.id}'s failed reduce")]
-            else:
-                strikes.append((m, f"reported epoch {e.id}'s reduce failed without naming a peer"))
-        if strikes and len(self.held_strikes) < KEEP_DECISIONS:
-            self.held_strikes.append((now + self.cfg.dead_after_s, e.id, list(e.members), strikes))
+        """Holds an aborted epoch for dead_after_s before striking anyone: the members' later reports come in (each
+        names the peer whose link failed it and how much of what it was owed arrived), and if a member dies
+        meanwhile its death explains the failure (a crashed island breaks the ring for its neighbours) and nobody
+        is struck. The redo of the step waits for that judgement (unless a member is already dead: then the redo
+        goes at once without it), so repeated failures meet their strikes, and the redo's ring keeps the disputing
+        pair apart, before the next attempt."""
+        dead = any(m in self.islands and not self.islands[m].alive for m in e.members)
+        if e.reports and not dead and len(self.held) < KEEP_DECISIONS:
+            self.held[e.id] = e
+            self.held_until.append((now + self.cfg.dead_after_s, e.id))
 
     def _release_strikes(self, now: float) -> None:
-        while self.held_strikes and self.held_strikes[0][0] <= now:
-            _, eid, members, strikes = self.held_strikes.pop(0)
-            dead = [m for m in members if m in self.islands and not self.islands[m].alive]
+        """Strikes for a held aborted epoch, from all its members' reports:
+
+        - a report, after the abort, that its peer closed the link is a cascade when that peer reported it was
+          cancelled (a member stops its ring when the epoch is aborted): it is set aside (a close before the abort
+          cannot be a cancellation's);
+        - of the reports left that name a peer, the one(s) with the least progress point at the link that broke
+          first (the failures downstream of it saw more arrive): that reporter and the peer it blames are struck (a
+          two-sided dispute: either may lie) and kept apart in the redo's ring;
+        - if none is left, the members that reported a failure before the abort are struck (a failure nobody else
+          can place)."""
+        while self.held_until and self.held_until[0][0] <= now:
+            _, eid = self.held_until.pop(0)
+            e = self.held.pop(eid)
+            dead = [m for m in e.members if m in self.islands and not self.islands[m].alive]
             if dead:
                 log.info("epoch %d's failed reduce is explained by the death of %s: no strikes", eid, dead)
                 continue
-            for name, why in strikes:
+            log.info("epoch %d's failed reduce, as its members report it: %s", eid, "; ".join(
+                f"{m} blames {r.blame} ({r.cause}, {100 * r.progress:.0f}% arrived{', first' if r.first else ''})"
+                for m, r in sorted(e.reports.items())))
+            kept = {m: r for m, r in e.reports.items()
+                    if r.blame is not None and r.blame in e.members and r.blame != m and r.cause != "cancelled"
+                    and not (r.cause == "closed" and not r.first and e.reports.get(r.blame) is not None
+                             and e.reports[r.blame].cause == "cancelled")}
+            strikes: dict[str, str] = {}
+            if kept:
+                least = min(r.progress for r in kept.values())
+                for m, r in sorted(kept.items()):
+                    if r.progress <= least + 0.01:
+                        self.disputes.setdefault(e.step, set()).add(frozenset((m, r.blame)))
+                        strikes.setdefault(m, f"reported epoch {eid}'s reduce failed ({r.cause}), blaming {r.blame}")
+                        strikes.setdefault(r.blame, f"blamed by {m} for epoch {eid}'s failed reduce ({r.cause})")
+            else:
+                strikes = {m: f"reported epoch {eid}'s reduce failed ({r.cause}), and no report places the failure"
+                           for m, r in e.reports.items() if r.first}
+            for name, why in strikes.items():
                 if name in self.islands:
                     self.strike(self.islands[name], why, now)
 
@@ -523,6 +562,8 @@ class RunState:
         s = self.run_step
         if s is None:
             return
+        if any(e.step == s for e in self.held.values()):
+            return  # a failed reduce of this step is still being judged: its redo waits (at most dead_after_s)
         live = [i for i in self.islands.values() if i.alive and not self.quarantined(i, now)]
         for n in [n for n in self.ready if self.quarantined(self.islands[n], now)]:
             del self.ready[n]
@@ -530,10 +571,14 @@ class RunState:
         ready = {n for n, rs in self.ready.items() if rs == s and self.islands[n].alive}
         if not ready:
             return
-        if self.epochs_formed == 0 and s == 0 and len(ready) < self.cfg.min_islands:
+        waited = now - self.first_ready.get(s, now)
+        # A fresh run's first epoch waits for min_islands ready ones, as any epoch for the expected ones: up to
+        # sync_timeout_s after the first (an island that registered but never syncs cannot hold the run's start).
+        if (self.epochs_formed == 0 and s == 0 and len(ready) < self.cfg.min_islands
+                and waited < self.cfg.sync_timeout_s):
             return
         late = expected - ready
-        if late and now - self.first_ready.get(s, now) < self.cfg.sync_timeout_s:
+        if late and waited < self.cfg.sync_timeout_s:
             return
         excluded = outliers({n: self.norms[n][1] for n in ready if self.norms.get(n, (None,))[0] == s},
                             self.cfg.max_norm_ratio)
@@ -640,6 +685,14 @@ class RunState:
         ok = req["ok"]
         blame = req.get("blame")
         blame = blame if valid_name(blame) else None
+        progress = req.get("progress")
+        # What arrived before the failure (a report that does not say counts as nothing: the first link to break)
+        progress = min(1.0, max(0.0, float(progress))) if isinstance(progress, (int, float)) and not isinstance(
+            progress, bool) and math.isfinite(progress) else 0.0
+        cause = req.get("cause") if req.get("cause") in CAUSES else "bad"
+        held = self.held.get(eid)
+        if not ok and held is not None and isl.name in held.members:  # a later report of an aborted epoch
+            held.reports.setdefault(isl.name, Report(blame, progress, cause, False))
         e = self.epoch
         if eid not in self.decisions:
             if self.recovering:
@@ -650,7 +703,7 @@ class RunState:
             if isl.name in e.members and isl.name not in e.done:
                 e.done[isl.name] = "ok" if ok else "fail"
                 if not ok:
-                    e.blame[isl.name] = blame
+                    e.reports[isl.name] = Report(blame, progress, cause, True)
                 self.advance(now)
             if eid not in self.decisions:
                 return None

@@ -22,6 +22,7 @@ comparison; also bit-identical, since the all-gather forwards the owner's fp32 b
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import math
 import queue
@@ -43,12 +44,33 @@ CANCEL_POLL_S = 0.5  # how often a member waiting on the ring asks `cancel` whet
 
 class RingError(RuntimeError):
     """The ring broke (a peer died, timed out or sent a bad frame). Nothing of the result may be used.
-    `suspect`: which neighbour's link failed ("pred": the one we receive from, "succ": the one we send to), or None
-    (cancelled, or a local failure); the island reports it to the coordinator as the peer it blames."""
 
-    def __init__(self, msg: str, suspect: str | None = None):
+    What the island reports to the coordinator, which compares the members' reports to tell the link that broke
+    first from the failures it caused downstream: `suspect`, which neighbour's link failed ("pred": the one we
+    receive from, "succ": the one we send to; None: cancelled, or a local failure); `cause`, how ("closed": the peer
+    closed or reset the connection, "timeout": too slow, "bad": a malformed frame, "cancelled": the epoch was
+    aborted elsewhere); `progress`, the share of the frames owed to us that arrived before it."""
+
+    def __init__(self, msg: str, suspect: str | None = None, progress: float | None = None,
+                 cause: str | None = None):
         super().__init__(msg)
         self.suspect = suspect
+        self.progress = progress
+        self.cause = cause
+
+
+def _cause(e: BaseException) -> str:
+    """How a link failed (RingError.cause)."""
+    if isinstance(e, wire.PeerClosed):
+        return "closed"
+    if isinstance(e, (wire.PeerTimeout, TimeoutError)):
+        return "timeout"
+    inner = e.__cause__ if isinstance(e, wire.WireError) and e.__cause__ is not None else e
+    if isinstance(inner, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+        return "closed"
+    if isinstance(inner, OSError) and inner.errno in (errno.EBADF, errno.ENOTCONN):
+        return "closed"
+    return "bad"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -325,6 +347,7 @@ def ring_mean(vec: np.ndarray | Packed, rank: int, send: Sequence[wire.Conn], re
     failed = threading.Event()
     queues = [queue.SimpleQueue() for _ in range(S)]
     expected_units = [2 * (N - 1) * len(range(k, C, S)) for k in range(S)]
+    got_units = [0] * S  # frames received per stream (the coordinator compares members' progress at a failure)
     landed = [0] * C  # segments of chunk c decoded into `out` here; N = chunk c is complete
     progress = threading.Condition()
     queued = [0]  # payload bytes waiting in `queues` (guarded by `progress`)
@@ -371,7 +394,7 @@ def ring_mean(vec: np.ndarray | Packed, rank: int, send: Sequence[wire.Conn], re
                     queued[0] -= nbytes
                 send[k].send(wire.MsgType.DATA, header, parts)
         except BaseException as e:  # noqa: BLE001 - any failure breaks the ring
-            fail(RingError(f"{link_out(k)}: {e}", "succ"))
+            fail(RingError(f"{link_out(k)}: {e}", "succ", cause=_cause(e)))
 
     def receiver(k: int) -> None:
         try:
@@ -379,6 +402,7 @@ def ring_mean(vec: np.ndarray | Packed, rank: int, send: Sequence[wire.Conn], re
                 mtype, h, payload = recv[k].recv()
                 if failed.is_set():
                     return
+                got_units[k] += 1
                 if mtype != wire.MsgType.DATA or h.get("e") != epoch:
                     raise wire.MalformedFrame(f"unexpected ring frame {mtype.name} {h}")
                 phase, t, c = h["p"], int(h["t"]), int(h["c"])
@@ -402,7 +426,7 @@ def ring_mean(vec: np.ndarray | Packed, rank: int, send: Sequence[wire.Conn], re
                 else:
                     raise wire.MalformedFrame(f"unknown ring phase {phase!r}")
         except BaseException as e:  # noqa: BLE001
-            fail(RingError(f"{link_in(k)}: {e}", "pred"))
+            fail(RingError(f"{link_in(k)}: {e}", "pred", cause=_cause(e)))
 
     finished = threading.Event()
 
@@ -410,7 +434,7 @@ def ring_mean(vec: np.ndarray | Packed, rank: int, send: Sequence[wire.Conn], re
         while not finished.wait(CANCEL_POLL_S) and not failed.is_set():
             why = cancel()
             if why:
-                fail(RingError(why))
+                fail(RingError(why, cause="cancelled"))
 
     for conn in list(send) + list(recv):
         conn.settimeout(timeout)
@@ -446,13 +470,13 @@ def ring_mean(vec: np.ndarray | Packed, rank: int, send: Sequence[wire.Conn], re
     late = [links[th] for th in threads if th.is_alive()]
     if late:  # a link too slow for the deadline
         fail(RingError(f"{late[0][0]}: the reduce was not done within its deadline of {budget:.1f} s ({why}): the "
-                       "link is slower than the run allows", late[0][1]))
+                       "link is slower than the run allows", late[0][1], cause="timeout"))
         for th in threads:
             th.join(5.0)
     finished.set()
     if errors:
-        raise RingError(f"ring all-reduce (epoch {epoch}) failed: {errors[0]}",
-                        getattr(errors[0], "suspect", None)) from errors[0]
+        raise RingError(f"ring all-reduce (epoch {epoch}) failed: {errors[0]}", getattr(errors[0], "suspect", None),
+                        sum(got_units) / max(1, sum(expected_units)), getattr(errors[0], "cause", None)) from errors[0]
     stats.seconds = time.perf_counter() - t0
     stats.bytes_sent = sum(c.bytes_sent for c in send)
     stats.bytes_received = sum(c.bytes_received for c in recv)
