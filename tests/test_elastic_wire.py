@@ -502,3 +502,56 @@ def test_elastic_layer_imports_no_jax():
             "intellect_jax.elastic.ring, intellect_jax.elastic.recovery, intellect_jax.elastic.ordering; "
             "assert 'jax' not in sys.modules, 'jax imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_an_accept_that_fails_backs_off_and_is_logged_not_spun(caplog):
+    """Out of file descriptors, accept() fails at once every time: the loop backs off (here: fewer than 30 tries in
+    2 s, not millions) and says so, once per 5 s; when descriptors come back, clients get in again."""
+    import errno
+
+    caplog.set_level(logging.WARNING)
+    echo = Echo.__new__(Echo)
+    echo.seen = []
+    echo.server = wire.Server("127.0.0.1:0", KEYS.auth(identity.COORDINATOR), RUN, 1 << 20, echo.handle, "echo")
+    echo.addr = f"127.0.0.1:{echo.server.port}"
+    real, calls = echo.server.sock, []
+
+    class Failing:  # the listening socket, out of descriptors for 2 s
+        def accept(self):
+            calls.append(1)
+            if time.monotonic() < until:
+                raise OSError(errno.EMFILE, "Too many open files")
+            return real.accept()
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    until = time.monotonic() + 2.0
+    echo.server.sock = Failing()
+    echo.server.start()
+    try:
+        time.sleep(2.2)
+        assert 5 <= len(calls) < 30, len(calls)
+        assert sum("accept failed (EMFILE)" in r.getMessage() for r in caplog.records) == 1
+        _still_serves(echo)
+    finally:
+        echo.close()
+
+
+def test_one_address_may_start_only_so_many_handshakes_per_second(caplog, monkeypatch):
+    """A burst beyond the per-address bucket is closed before any public-key work, with one log line; the bucket
+    refills."""
+    caplog.set_level(logging.WARNING)
+    monkeypatch.setattr(wire, "HANDSHAKE_BURST", 5.0)
+    monkeypatch.setattr(wire, "HANDSHAKES_PER_S", 5.0)
+    echo = Echo()
+    try:
+        socks = [_raw_socket(echo) for _ in range(12)]
+        time.sleep(0.3)
+        assert _refused(caplog, "new connections per second from 127.0.0.1 (the limit per address)")
+        for s in socks:
+            s.close()
+        time.sleep(1.5)
+        _still_serves(echo)
+    finally:
+        echo.close()

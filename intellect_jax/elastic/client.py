@@ -477,6 +477,10 @@ class IslandClient:
             recovery.serve_state(conn, self._provider, self.cfg.serve_bytes_per_s)
             return False
         if op == "probe":
+            with self._lock:  # a link probe comes from a member of the epoch we are in or just reduced with
+                members = set((self.last_epoch or {}).get("members", [])) | set((self.pending or {}).get("members", []))
+            if conn.identity not in members:
+                raise wire.MalformedFrame(f"a link probe from {conn.identity}, not a member of our last epoch")
             conn.max_recv_bytes = self.cfg.probe_bytes + FRAME_HEADER_ALLOWANCE
             while True:
                 _, h, data = conn.recv()

@@ -91,6 +91,10 @@ HANDSHAKE_TIMEOUT_S = 5.0  # the whole handshake, on the server (a few round tri
 MAX_PENDING_HANDSHAKES = 64  # per listener: connections accepted but not yet authenticated
 MAX_PENDING_PER_HOST = 24  # of those, from one source address (a ring link opens up to 16 streams at once)
 MAX_CONNECTIONS = 1024  # authenticated connections one listener holds at once
+# New connections one source address may start per second (a token bucket): a handshake costs the server two
+# public-key operations, so a flood from one address must not take a core. An island opens at most ~40 at a burst
+# (its ring streams, a state transfer, probes).
+HANDSHAKES_PER_S, HANDSHAKE_BURST = 20.0, 64.0
 RECV_START = 1 << 20  # a frame's buffer starts at this size and doubles as its bytes arrive
 SEND_SLICE = 1 << 20
 _LABEL = b"intellect-jax/4 "
@@ -442,15 +446,16 @@ def parse_hostport(text: str) -> tuple[str, int]:
 
 def connect(addr: str | tuple[str, int], auth: Auth, expect: str, run_id: str, max_frame_bytes: int,
             hello: dict[str, Any] | None = None, timeout: float = 10.0,
-            encrypt: bool = True) -> tuple[Conn, dict[str, Any]]:
-    """Opens a connection to `expect` (the coordinator, or an island by name) at `addr` and runs the handshake; the
-    server must prove it holds the key `auth.keys` has for that name. `hello`: what the connection is for (sealed,
-    sent with our proof). Returns the connection and the server's AUTH fields."""
+            encrypt: bool = True, source: tuple[str, int] | None = None) -> tuple[Conn, dict[str, Any]]:
+    """Opens a connection to `expect` (the coordinator, or an island by name) at `addr` (from the local address
+    `source`, if given) and runs the handshake; the server must prove it holds the key `auth.keys` has for that name.
+    `hello`: what the connection is for (sealed, sent with our proof). Returns the connection and the server's AUTH
+    fields."""
     want = auth.keys.public(expect)
     if want is None:
         raise NotAdmitted(f"no admitted key is known for {expect!r}; it cannot be authenticated")
     host, port = parse_hostport(addr) if isinstance(addr, str) else addr
-    sock = socket.create_connection((host, port), timeout=timeout)
+    sock = socket.create_connection((host, port), timeout=timeout, source_address=source)
     conn = Conn(sock, run_id, max_frame_bytes, f"{host}:{port}", encrypt)
     conn.deadline = time.monotonic() + timeout
     try:
@@ -604,8 +609,8 @@ class Server:
     `idle_timeout` bounds each receive in the handler (None: wait forever, for long-polling peers).
 
     Before authentication: at most `max_pending` connections in their handshake at once and `max_pending_per_host`
-    from one source address (more are closed at once, one log line per 5 s), each with HELLO_TIMEOUT_S for its HELLO
-    and `handshake_timeout` for all of it. After: `group(identity, hello) -> (name, cap)` puts each connection in a
+    from one source address, which may start at most HANDSHAKES_PER_S per second (more are closed at once, one log
+    line per 5 s), each with HELLO_TIMEOUT_S for its HELLO and `handshake_timeout` for all of it. After: `group(identity, hello) -> (name, cap)` puts each connection in a
     group (e.g. an island's heartbeat connection) that holds at most `cap` connections: a new one closes the oldest
     of its group (an honest peer that reconnects replaces its stale connection; nobody holds more); at most
     `max_connections` in all. An accept that fails (e.g. out of file descriptors) backs off and is logged.
@@ -637,6 +642,7 @@ class Server:
         self._lock = threading.Lock()
         self._encrypt = encrypt
         self._pending: collections.Counter[str] = collections.Counter()
+        self._buckets: dict[str, tuple[float, float]] = {}  # host -> (handshake tokens, when counted)
         self._max_pending, self._max_per_host = max_pending, max_pending_per_host
         self._group = group or (lambda identity, hello: (identity, 64))
         self._groups: dict[tuple[str, str], collections.deque[Conn]] = {}
@@ -667,10 +673,12 @@ class Server:
             with self._lock:
                 total, mine = sum(self._pending.values()), self._pending[h]
                 full = total >= self._max_pending or mine >= self._max_per_host
-                if not full:
+                fast = not full and not self._token(h)
+                if not full and not fast:
                     self._pending[h] += 1
-            if full:
-                why = (f"{mine} handshakes from {h} already in progress (the limit per address)"
+            if full or fast:
+                why = (f"{HANDSHAKES_PER_S:g} new connections per second from {h} (the limit per address)" if fast
+                       else f"{mine} handshakes from {h} already in progress (the limit per address)"
                        if mine >= self._max_per_host else f"{total} handshakes already in progress (the limit)")
                 self._limited(("full", h), logging.WARNING, "refused connection from %s:%s: %s; closing new "
                               "connections until they finish or time out", h, p, why)
@@ -683,6 +691,20 @@ class Server:
                 self._release(h)
                 s.close()
                 self._limited("thread", logging.WARNING, "%s: refused connection from %s: %s", self._name, h, e)
+
+    def _token(self, host: str) -> bool:
+        """Takes one of `host`'s handshake tokens (under self._lock); False: it is over its rate."""
+        now = time.monotonic()
+        tokens, last = self._buckets.get(host, (HANDSHAKE_BURST, now))
+        tokens = min(HANDSHAKE_BURST, tokens + (now - last) * HANDSHAKES_PER_S)
+        if len(self._buckets) > 4096:  # forget full buckets (hosts that stopped)
+            self._buckets = {k: v for k, v in self._buckets.items()
+                             if v[0] + (now - v[1]) * HANDSHAKES_PER_S < HANDSHAKE_BURST}
+        if tokens < 1.0:
+            self._buckets[host] = (tokens, now)
+            return False
+        self._buckets[host] = (tokens - 1.0, now)
+        return True
 
     def _release(self, host: str) -> None:
         with self._lock:
@@ -764,8 +786,8 @@ class Server:
             return False
         for old in evict:
             old.evicted = True
-            self._limited(("evict", key), logging.INFO, "closing the oldest %s connection of %s: a newer one "
-                          "replaces it", gname, conn.identity)
+            self._limited(("evict", key), logging.WARNING, "closing the oldest %s connection of %s: a newer one "
+                          "replaces it (at most %d per identity)", gname, conn.identity, cap)
             old.close()
         return True
 
