@@ -161,6 +161,11 @@ class Scenario:
              "--chunk-bytes", str(256 << 10), "--heartbeat-s", "0.5", "--dead-after-s", str(run.dead_after_s),
              "--out", str(run.tmp / "x.jsonl")], stdout=log, stderr=subprocess.STDOUT)
 
+    def more_steps(self, k: int, timeout: float = 90.0) -> None:
+        """Waits until island a has committed `k` more outer steps (AssertionError if it does not)."""
+        base = len(self.run.events("a", "step"))
+        self.run.wait_for(lambda: len(self.run.events("a", "step")) >= base + k, timeout, f"{k} more outer steps")
+
     def wait_first_step(self):
         self.run.wait_for(lambda: all(self.run.events(n, "step") for n in HONEST), 90, "a first outer step")
 
@@ -405,8 +410,7 @@ def exhaust_coordinator(api: Api, tmp: Path, how: str) -> dict:
                     break
         time.sleep(1.0)
         during = _proc(pid)
-        steps_before = len(sc.run.events("a", "step"))
-        sc.run.wait_for(lambda: len(sc.run.events("a", "step")) >= steps_before + 3, 90, "three more outer steps")
+        sc.more_steps(3)
         # and a restarted island can still fetch the state (the coordinator's reply naming the sources fits a frame)
         sc.run.procs["c"].kill()
         sc.run.procs["c"].wait(10)
@@ -450,8 +454,7 @@ def idle_connections(api: Api, tmp: Path, n: int = 3000) -> dict:
                 break
         time.sleep(1.0)
         during = _proc(pid)
-        steps_before = len(sc.run.events("a", "step"))
-        sc.run.wait_for(lambda: len(sc.run.events("a", "step")) >= steps_before + 3, 90, "three more outer steps")
+        sc.more_steps(3)
         ok = True
     except AssertionError:
         ok = False
@@ -519,8 +522,7 @@ def low_fd_limit(api: Api, tmp: Path) -> dict:
             time.sleep(0.2)
         stop.set()
         [t.join(10) for t in threads]
-        steps_before = len(sc.run.events("a", "step"))
-        sc.run.wait_for(lambda: len(sc.run.events("a", "step")) >= steps_before + 3, 90, "three more outer steps")
+        sc.more_steps(3)
         ok = True
     except AssertionError:
         ok = False
@@ -572,8 +574,7 @@ def exhaust_island(api: Api, tmp: Path) -> dict:
         during = _proc(pid)
         for c in conns:
             c.close()
-        steps_before = len(sc.run.events("a", "step"))
-        sc.run.wait_for(lambda: len(sc.run.events("a", "step")) >= steps_before + 2, 90, "two more outer steps")
+        sc.more_steps(2)
         alive = sc.run.procs["b"].poll() is None
     finally:
         sc.stop()

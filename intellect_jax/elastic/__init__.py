@@ -1,7 +1,9 @@
 """Cross-island layer for islands that are separate programs (the internet case). Host-side only: no jax.
 
-wire         framed, versioned, HMAC-authenticated messages
-coordinator  membership, heartbeats, epochs, ring order; restartable (`intellect-jax coordinator`)
+identity     per-island Ed25519 keys and the operator's islands file (who is admitted, under which name)
+wire         framed, versioned messages; an X25519 + Ed25519 handshake, then AES-256-GCM per connection and direction
+protocol     the coordinator's state machine: epochs, votes, deadlines, quarantine, recovery (no sockets)
+coordinator  its I/O: membership, heartbeats, the islands file re-read live; restartable (`intellect-jax coordinator`)
 ring         int8 (or fp32) ring all-reduce whose result is bit-identical on every member
 ordering     bandwidth-aware ring order (maximise the slowest link)
 recovery     live state transfer from a live island, resumable across sources
@@ -11,7 +13,8 @@ Settings come from ``intellect_jax.config.ElasticConfig``. A numpy stand-in isla
 trainer (for the end-to-end tests and the WAN demo) lives in tests/sim_island.py.
 """
 
-from .client import ElasticError, IslandClient, JoinInfo, ReduceFailed, StaleStep
+from .client import ElasticError, IslandClient, JoinInfo, NotAdmitted, ReduceFailed, StaleStep
 from .recovery import State, params_hash
 
-__all__ = ["ElasticError", "IslandClient", "JoinInfo", "ReduceFailed", "StaleStep", "State", "params_hash"]
+__all__ = ["ElasticError", "IslandClient", "JoinInfo", "NotAdmitted", "ReduceFailed", "StaleStep", "State",
+           "params_hash"]

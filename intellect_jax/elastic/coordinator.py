@@ -52,15 +52,6 @@ CONNS_PER_KIND = 2  # an island's heartbeat and RPC connections (a reconnect rep
 log = logging.getLogger("intellect_jax.elastic.coordinator")
 
 
-def settings(cfg: ElasticConfig, max_norm_ratio: float) -> protocol.Settings:
-    return protocol.Settings(
-        min_islands=cfg.min_islands, max_islands=cfg.max_islands, max_norm_ratio=max_norm_ratio,
-        dead_after_s=cfg.dead_after_s, recovery_grace_s=cfg.recovery_grace_s or cfg.dead_after_s,
-        sync_timeout_s=cfg.sync_timeout_s, vote_timeout_s=cfg.vote_timeout_s, quarantine_s=cfg.quarantine_s,
-        quarantine_after=cfg.quarantine_after, streams=cfg.streams, link_bytes_per_s=cfg.link_mbit * 1e6 / 8,
-        min_rate=cfg.min_link_mbit * 1e6 / 8)
-
-
 class Coordinator:
     """Reads the ``elastic`` settings of `cfg` (dead_after_s, min_islands, max_islands, encrypt,
     coordinator_max_frame_bytes, recovery_grace_s, sync_timeout_s, vote_timeout_s, quarantine_s, quarantine_after,
@@ -73,7 +64,8 @@ class Coordinator:
         self.run_id = run_id
         self.auth = auth
         self.cv = threading.Condition()
-        self.state = protocol.RunState(settings(cfg, max_norm_ratio), time.monotonic(), key_of=self._key_hex)
+        self.state = protocol.RunState(protocol.Settings.of(cfg, max_norm_ratio), time.monotonic(),
+                                        key_of=self._key_hex)
         self._stop = threading.Event()
         self._conn_ids = 0
         self._refusals = wire.RateLimitedLog(log)

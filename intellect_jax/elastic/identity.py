@@ -96,19 +96,34 @@ def parse_public(key_type: str, b64: str) -> bytes:
 # -- private keys --------------------------------------------------------------------------------------------------
 
 
-def write_key(path: str | os.PathLike) -> str:
-    """Writes a new Ed25519 private key (OpenSSH format, mode 0600) to a new file; returns its public key line."""
-    p = Path(path)
-    key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                            serialization.NoEncryption())
+def _create_private(p: Path, data: bytes, exists: str, error: type[IdentityError]) -> None:
+    """Writes `data` to a new file of mode 0600 (never over an existing one: `exists` says what to do instead)."""
     try:
         fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        raise IdentityError(f"{str(p)!r} already exists; keep it (its public key is already admitted), or remove it "
-                            "first and admit the new key's line in the islands file") from None
+        raise error(f"{str(p)!r} already exists; {exists}") from None
     with os.fdopen(fd, "wb") as f:
-        f.write(pem)
+        f.write(data)
+
+
+def _read_private(p: Path, what: str, create: str, error: type[IdentityError]) -> bytes:
+    """A private file's bytes; refuses a missing one (`create` says how to make it) and one that group or others may
+    read."""
+    if not p.is_file():
+        raise error(f"{what} {str(p)!r} does not exist; {create}")
+    mode = p.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise error(f"{what} {str(p)!r} has mode {mode:04o}: group or others can read it; run `chmod 600 {p}`")
+    return p.read_bytes()
+
+
+def write_key(path: str | os.PathLike) -> str:
+    """Writes a new Ed25519 private key (OpenSSH format, mode 0600) to a new file; returns its public key line."""
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                            serialization.NoEncryption())
+    _create_private(Path(path), pem, "keep it (its public key is already admitted), or remove it first and admit the "
+                    "new key's line in the islands file", IdentityError)
     return public_text(key)
 
 
@@ -116,14 +131,8 @@ def load_key(path: str | os.PathLike) -> Ed25519PrivateKey:
     """Reads this process's private key; refuses a missing file, one that group or others may read, an encrypted key
     and a key that is not Ed25519, each with the command that fixes it."""
     p = Path(path)
-    if not p.is_file():
-        raise IdentityError(f"key file {str(p)!r} does not exist; create one with `intellect-jax keygen --out {p}` "
-                            "and add the public key it prints to the run's islands file")
-    mode = p.stat().st_mode & 0o777
-    if mode & 0o077:
-        raise IdentityError(f"key file {str(p)!r} has mode {mode:04o}: group or others can read it; run "
-                            f"`chmod 600 {p}`")
-    data = p.read_bytes()
+    data = _read_private(p, "key file", f"create one with `intellect-jax keygen --out {p}` and add the public key it "
+                         "prints to the run's islands file", IdentityError)
     try:
         key = serialization.load_ssh_private_key(data, password=None)
     except (ValueError, TypeError) as e:
@@ -154,13 +163,8 @@ SECRET_BYTES = 32
 def write_secret(path: str | os.PathLike) -> Path:
     """Writes SECRET_BYTES random bytes to a new file with mode 0600 (``intellect-jax secret --out FILE``)."""
     p = Path(path)
-    try:
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise SecretError(f"{str(p)!r} already exists; keep it (every island needs the same secret) or remove it "
-                          "first to make a new one") from None
-    with os.fdopen(fd, "wb") as f:
-        f.write(os.urandom(SECRET_BYTES))
+    _create_private(p, os.urandom(SECRET_BYTES), "keep it (every island needs the same secret) or remove it first "
+                    "to make a new one", SecretError)
     return p
 
 
@@ -168,14 +172,8 @@ def load_secret(path: str | os.PathLike) -> bytes:
     """Reads the shared secret file. Refuses a missing one, one shorter than SECRET_BYTES (a passphrase is not a
     key) and one that group or others may read, each with the command that fixes it."""
     p = Path(path)
-    if not p.is_file():
-        raise SecretError(f"secret file {str(p)!r} does not exist; create one with `intellect-jax secret --out {p}` "
-                          "and give the same file to every island and the coordinator")
-    mode = p.stat().st_mode & 0o777
-    if mode & 0o077:
-        raise SecretError(f"secret file {str(p)!r} has mode {mode:04o}: group or others can read it; run "
-                          f"`chmod 600 {p}`")
-    data = p.read_bytes()
+    data = _read_private(p, "secret file", f"create one with `intellect-jax secret --out {p}` and give the same file "
+                         "to every island and the coordinator", SecretError)
     if len(data) < SECRET_BYTES:
         raise SecretError(f"secret file {str(p)!r} holds {len(data)} bytes, fewer than {SECRET_BYTES} random bytes; "
                           f"make a new one with `intellect-jax secret --out NEWFILE` and give it to every island")

@@ -42,6 +42,8 @@ import math
 import statistics
 from typing import Any, Callable
 
+from intellect_jax.config import DilocoConfig, ElasticConfig
+
 from . import ordering
 from .identity import valid_name
 
@@ -243,18 +245,28 @@ CAUSES = ("closed", "timeout", "bad", "cancelled")
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    min_islands: int = 1
-    max_islands: int = 256
-    max_norm_ratio: float = 5.0
-    dead_after_s: float = 10.0
-    recovery_grace_s: float = 10.0
-    sync_timeout_s: float = 600.0
-    vote_timeout_s: float = 300.0
-    quarantine_s: float = 60.0
-    quarantine_after: int = 3
-    streams: int = 0  # 0: automatic, from the measured round trips
-    link_bytes_per_s: float = 125e6
-    min_rate: float = 125e3  # bytes/s: the slowest a ring link may be (elastic.min_link_mbit)
+    """What the state machine reads of the run's config (defaults: ElasticConfig's, the one place they live)."""
+
+    min_islands: int = ElasticConfig.min_islands
+    max_islands: int = ElasticConfig.max_islands
+    max_norm_ratio: float = DilocoConfig.max_norm_ratio
+    dead_after_s: float = ElasticConfig.dead_after_s
+    recovery_grace_s: float = ElasticConfig.dead_after_s  # elastic.recovery_grace_s 0: dead_after_s
+    sync_timeout_s: float = ElasticConfig.sync_timeout_s
+    vote_timeout_s: float = ElasticConfig.vote_timeout_s
+    quarantine_s: float = ElasticConfig.quarantine_s
+    quarantine_after: int = ElasticConfig.quarantine_after
+    streams: int = ElasticConfig.streams  # 0: automatic, from the measured round trips
+    link_bytes_per_s: float = ElasticConfig.link_mbit * 1e6 / 8
+    min_rate: float = ElasticConfig.min_link_mbit * 1e6 / 8  # bytes/s: the slowest a ring link may be
+
+    @classmethod
+    def of(cls, cfg: ElasticConfig, max_norm_ratio: float) -> "Settings":
+        return cls(min_islands=cfg.min_islands, max_islands=cfg.max_islands, max_norm_ratio=max_norm_ratio,
+                   dead_after_s=cfg.dead_after_s, recovery_grace_s=cfg.recovery_grace_s or cfg.dead_after_s,
+                   sync_timeout_s=cfg.sync_timeout_s, vote_timeout_s=cfg.vote_timeout_s,
+                   quarantine_s=cfg.quarantine_s, quarantine_after=cfg.quarantine_after, streams=cfg.streams,
+                   link_bytes_per_s=cfg.link_mbit * 1e6 / 8, min_rate=cfg.min_link_mbit * 1e6 / 8)
 
 
 class RunState:
@@ -790,6 +802,10 @@ class RunState:
                      if k in known}
         isl.rtts = {k: v for k, v in _rates(req.get("rtts"), "rtts", MAX_RTT, self.cfg.max_islands).items()
                     if k in known}
+        clamped = sorted(k for k, v in {**isl.rates, **isl.rtts}.items() if v in (MAX_RATE, MAX_RTT))
+        if clamped:
+            log.warning("island %s reported implausible link measurements to %s: clamped (rates to %g B/s, round "
+                        "trips to %g s)", isl.name, clamped, MAX_RATE, MAX_RTT)
         log.info("island %s measured links (MB/s): %s", isl.name, {k: round(v / 1e6, 1) for k, v in isl.rates.items()})
 
     def sources(self) -> list[dict[str, Any]]:
