@@ -812,13 +812,17 @@ def main() -> int:
         print(f"{n:30s} {'PASS' if res['pass'] else 'FAIL'}  {res['summary']}"
               f"{'' if res['named'] else ' (the attacker is not named in any warning)'}", flush=True)
     if a.json:
+        import datetime
+        measured = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         Path(a.json).write_text(json.dumps({"label": a.label, "tree": a.tree, "protocol": api.wire.PROTOCOL_VERSION,
+                                            "measured": measured, "command": " ".join(sys.argv),
                                             "results": results}, indent=1, default=str))
     if not a.no_write:
         sys.path.insert(0, str(ROOT))
         from benchmarks.common import provenance, table, write_section
 
-        before = json.loads(Path(a.compare).read_text())["results"] if a.compare else {}
+        prior = json.loads(Path(a.compare).read_text()) if a.compare else {}
+        before = prior.get("results", {})
         rows = [[n, SCENARIOS[n][0], before.get(n, {}).get("summary", "-"), r["summary"],
                  "yes" if r.get("named") else "no", "held" if r["pass"] else "**FAILED**"]
                 for n, r in results.items()]
@@ -828,11 +832,12 @@ def main() -> int:
             "\"held\": the honest islands finished, their hashes equal the replay of the members that reduced each "
             "step (nothing lost, doubled or poisoned), and what the attack aimed at (memory, threads, the table, the "
             "handshake) stayed bounded."
-            + (" Before: the same scenarios against the build named below, through its own handshake." if before else
-               ""),
-            table(["attack", "kind", "before" + (f" ({json.loads(Path(a.compare).read_text())['label']})"
-                                                 if a.compare else ""), "after", "attacker named (after)",
-                   "verdict"], rows, align="llllll"),
+            + (f" Before: the same scenarios against {prior.get('label')} (protocol {prior.get('protocol')}), through "
+               f"its own handshake (shared secret; the insider names itself), measured {prior.get('measured', '?')} "
+               f"with `{prior.get('command', '?')}` on a `git worktree add /tmp/before {prior.get('label')}`."
+               if before else ""),
+            table(["attack", "kind", f"before ({prior.get('label')})" if before else "before", "after",
+                   "attacker named (after)", "verdict"], rows, align="llllll"),
             provenance(time.perf_counter() - t0)])
         print(body)
         write_section("Security: attacks on the elastic layer", body)
