@@ -316,7 +316,7 @@ class RunState:
                              f"island is accepted once the old one is declared dead)")
         if isl is None or isl.incarnation != st["incarnation"]:
             if isl is not None and isl.alive:
-                self.mark_dead(isl, "replaced by a new incarnation")
+                self.mark_dead(isl, "replaced by a new incarnation", now=now)
             old = isl
             isl = Island(name, st["incarnation"])
             if old is not None:  # a restart does not clear a quarantine or its history
@@ -809,15 +809,15 @@ class RunState:
         log.info("island %s measured links (MB/s): %s", isl.name, {k: round(v / 1e6, 1) for k, v in isl.rates.items()})
 
     def sources(self) -> list[dict[str, Any]]:
-        """The live islands, each marked whether a fetcher may take the state from it: it holds a step with a
-        canonical hash and voted (or registered) that hash."""
+        """The live islands, each marked whether a fetcher may take the state from it: it holds the run's step, that
+        step has a canonical hash, and the island voted (or registered) that hash."""
         out = []
         for i in self.islands.values():
             if not i.alive:
                 continue
             want = self.canonical.get(i.step - 1)
             out.append({"name": i.name, "addr": i.addr, "step": i.step, "hash": i.hash, "key": self.key_of(i.name),
-                        "source": want is not None and i.hash == want})
+                        "source": i.step == self.run_step and want is not None and i.hash == want})
         return out
 
     # -- recovery after a restart ----------------------------------------------------------------------------------
