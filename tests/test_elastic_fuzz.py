@@ -269,4 +269,7 @@ def test_the_run_went_on_with_bounded_memory_and_threads(live):
     assert "Traceback" not in logs and "handler for" not in logs, logs
     clog = live.coord_log()
     assert "refused connection from" in clog and "bad magic" in clog and "bad authentication tag" in clog
+    for key in live.key_files.values():  # no private key (nor a piece of one) ever reaches a log
+        body = "".join(line for line in key.read_text().splitlines() if not line.startswith("-----"))
+        assert all(body[i:i + 24] not in logs for i in range(0, len(body) - 24, 24))
     assert "refused 'register' request from island fz" in clog
