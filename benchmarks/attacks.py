@@ -363,7 +363,8 @@ def member_attack(api: Api, tmp: Path, attack: str) -> dict:
     out["named"] = "island x quarantined" in clog
     out["pass"] = out["finished"] and out["replay"] == "equal" and out["tracebacks"] == 0
     aborts = clog.count("aborted (outer step")
-    out["summary"] = (f"honest islands {'finished ' + str(sc.steps) + ' steps' if out['finished'] else 'did NOT finish: ' + str(out['codes'])} "
+    done = f"finished {sc.steps} steps" if out["finished"] else f"did NOT finish: {out['codes']}"
+    out["summary"] = (f"honest islands {done} "
                       f"in {out['seconds']} s; {aborts} aborted reduces; replay {out['replay']}; "
                       f"{out['tracebacks']} tracebacks"
                       + ("; x quarantined (named in the log)" if out["named"] else ""))

@@ -7,6 +7,7 @@
     intellect-jax generate --run-dir DIR --prompt TEXT [--max-new-tokens N --temperature T --top-p P --step S]
     intellect-jax coordinator --bind HOST:PORT --key-file KEY --islands-file FILE [--config FILE] [--elastic.k=v ...]
     intellect-jax keygen --out FILE                                    an island's (or the coordinator's) key pair
+    intellect-jax status --coordinator HOST:PORT [--json]             an elastic run's state (the coordinator's --http)
 
 jax is imported only after the config is read, so ``run.host_devices`` / ``run.platform`` can configure it.
 A problem the user can fix (a config, checkpoint, data, Hugging Face or missing-file error) ends the command with
@@ -31,7 +32,8 @@ from intellect_jax.config import Config, ConfigError, load_config
 USER_ERRORS = {"intellect_jax.config": "ConfigError", "intellect_jax.checkpoint": "CheckpointError",
                "intellect_jax.hf": "HFError", "intellect_jax.shards": "DataError",
                "intellect_jax.tokenizer": "TokenizerError", "intellect_jax.plot": "PlotError",
-               "intellect_jax.elastic.identity": "IdentityError", "intellect_jax.elastic.client": "NotAdmitted"}
+               "intellect_jax.elastic.identity": "IdentityError", "intellect_jax.elastic.client": "NotAdmitted",
+               "intellect_jax.elastic.status": "StatusError"}
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -218,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("coordinator", help="membership/epoch coordinator for islands joined over TCP")
     coordinator.add_arguments(p)
     p.set_defaults(func=coordinator.run, takes_overrides=True)
+    p = sub.add_parser("status", help="the state of an elastic run, from its coordinator's --http endpoint")
+    p.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="where the coordinator serves --http")
+    p.add_argument("--token-file", default="", help="the token its --http-token-file holds (mode 0600)")
+    p.add_argument("--json", action="store_true", help="print the status document as JSON")
+    p.set_defaults(func=cmd_status, takes_overrides=False)
     p = sub.add_parser("keygen", help="write a new Ed25519 key pair for an elastic island or the coordinator (the "
                                       "private key, mode 0600) and print the public key's islands-file line")
     g = p.add_mutually_exclusive_group(required=True)
@@ -231,6 +238,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="file to create (refused if it exists); copy it to every island")
     p.set_defaults(func=cmd_secret, takes_overrides=False)
     return parser
+
+
+def cmd_status(args: argparse.Namespace, overrides: list[str]) -> int:
+    from intellect_jax.elastic import identity, status
+
+    token = identity.read_private(args.token_file, "token file", "pass the coordinator's --http-token-file").decode() \
+        .strip() if args.token_file else None
+    doc = status.fetch(args.coordinator, token)
+    print(json.dumps(doc, indent=1) if args.json else status.format_table(doc))
+    return 0
 
 
 def cmd_keygen(args: argparse.Namespace, overrides: list[str]) -> int:

@@ -325,6 +325,11 @@ class ElasticConfig:
     # The slowest a ring link may move (Mbit/s): a reduce must finish within its bytes at this rate (or at a fifth
     # of the slowest link the islands measured, if faster) plus dead_after_s, else it is aborted naming the link.
     min_link_mbit: float = 1.0
+    # Coordinator only: serve /metrics (Prometheus), /status.json and a status page at HOST:PORT ("": off). Any
+    # address but loopback needs a token: a file of mode 0600 (Prometheus sends it as a bearer token, a browser as
+    # the password of basic authentication).
+    http: str = ""
+    http_token_file: str = ""
     # Which disjoint slice of the data this island reads: slice `data_shard` of `data_shards` (give every island of
     # the run its own index; a restarted island keeps its index).
     data_shard: int = 0
@@ -354,6 +359,11 @@ class ElasticConfig:
             raise ConfigError(f"elastic.{missing} is empty: an identity needs both elastic.key_file (this island's "
                               "key, `intellect-jax keygen --out FILE`) and elastic.islands_file (the run's admitted "
                               "islands, with the coordinator's key)")
+        if self.http and not _hostport(self.http):
+            raise ConfigError(f"elastic.http={self.http!r} must be HOST:PORT (e.g. 127.0.0.1:9400) or \"\" (off)")
+        if self.http_token_file and not self.http:
+            raise ConfigError("elastic.http_token_file is set but elastic.http is empty: the token protects the "
+                              "coordinator's HTTP endpoint; set elastic.http too")
         if self.coordinator and not (self.secret_file or self.key_file):
             raise ConfigError("elastic.coordinator is set but this island has no identity: set elastic.key_file "
                               "(make one with `intellect-jax keygen --out island.key` and send the public key it "
@@ -365,6 +375,11 @@ class ElasticConfig:
         if self.probe_bytes + FRAME_HEADER_ALLOWANCE > self.peer_max_frame_bytes:
             raise ConfigError(f"elastic.probe_bytes={self.probe_bytes} does not fit in one peer frame; lower it or "
                               f"raise elastic.peer_max_frame_bytes={self.peer_max_frame_bytes}")
+
+
+def _hostport(text: str) -> bool:
+    host, _, port = text.rpartition(":")
+    return bool(host) and port.isdigit() and int(port) < 65536
 
 
 # Room for a frame's JSON header next to its payload (a ring or probe header is a few hundred bytes).
@@ -432,6 +447,9 @@ class RunConfig:
     # (continued pre-training); ignored when the run directory already has a checkpoint.
     init_from_hf: str = ""
     wandb_project: str = ""  # also log to Weights & Biases (needs the `wandb` extra)
+    # Serve the rows that go to metrics.jsonl as Prometheus gauges at http://HOST:PORT/metrics ("": off), e.g.
+    # "127.0.0.1:9401"; bind another address only behind a firewall (the numbers are not secret, the port is open).
+    metrics_http: str = ""
     # Held-out loss of the global params every eval_every inner steps (DiLoCo: at the first outer step at or after
     # each multiple) and at the end of the run, on data.eval_batches batches; 0: no evaluation, nothing held out.
     eval_every: int = 0
@@ -459,6 +477,9 @@ class RunConfig:
         return start, stop
 
     def validate(self) -> None:
+        if self.metrics_http and not _hostport(self.metrics_http):
+            raise ConfigError(f"run.metrics_http={self.metrics_http!r} must be HOST:PORT (e.g. 127.0.0.1:9401) or "
+                              "\"\" (off)")
         if self.steps == 0 or self.steps < -1:
             raise ConfigError(f"run.steps={self.steps} must be positive (or -1 for optim.total_steps)")
         _positive(self, "log_every")

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,40 @@ class WandbWriter:
         self._run.finish()
 
 
+class PrometheusWriter:
+    """The rows that go to metrics.jsonl as Prometheus gauges, one per (kind, field), served at HOST:PORT/metrics:
+    ``intellect_jax_inner_loss``, ``intellect_jax_outer_wait_seconds``, ``intellect_jax_eval_eval_loss``, ... (the
+    latest value of each), and ``intellect_jax_step`` (the step of the last row)."""
+
+    def __init__(self, bind: str):
+        from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+        host, _, port = bind.rpartition(":")
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._gauge, self._gauges = Gauge, {}
+        self.step = Gauge("intellect_jax_step", "Inner step of the latest metrics row", registry=self.registry)
+        self.server, _ = start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=self.registry)
+        self.port = self.server.server_address[1]
+
+    def write(self, record: dict[str, Any]) -> None:
+        kind = str(record.get("kind", "train"))
+        if "step" in record:
+            self.step.set(float(record["step"]))
+        for k, v in record.items():
+            if k in ("kind", "time", "step") or isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            name = re.sub(r"[^a-zA-Z0-9_]", "_", f"intellect_jax_{kind}_{k}")
+            g = self._gauges.get(name)
+            if g is None:
+                g = self._gauges[name] = self._gauge(name, f"{k} of the latest {kind} row of metrics.jsonl",
+                                                     registry=self.registry)
+            g.set(float(v))
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 class RunLogger:
     """Where a run's metrics go: metrics.jsonl, TensorBoard (<run dir>/tensorboard), a progress bar or log lines.
 
@@ -114,7 +149,7 @@ class RunLogger:
 
     def __init__(self, run_dir: str | Path, *, total_steps: int, start_step: int, enabled: bool = True,
                  progress: bool | None = None, tensorboard: bool = True, wandb_project: str = "",
-                 run_name: str = "", config: dict[str, Any] | None = None):
+                 run_name: str = "", config: dict[str, Any] | None = None, metrics_http: str = ""):
         import sys
 
         self.enabled = enabled
@@ -133,6 +168,8 @@ class RunLogger:
                 logging.getLogger(__name__).warning("tensorboardX is not installed: no TensorBoard event files")
         if wandb_project:
             self.writers.append(WandbWriter(wandb_project, run_name, config or {}))
+        if metrics_http:  # the same rows as metrics.jsonl, no second source of truth
+            self.writers.append(PrometheusWriter(metrics_http))
         if progress is None:
             progress = sys.stderr.isatty()
         if progress:

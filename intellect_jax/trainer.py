@@ -354,7 +354,8 @@ def _step_logger(cfg: Config, trainer: Trainer, run_dir, start: int) -> StepLogg
                       pipelined=not trainer.sync.serialized,
                       flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len, info.total_params),
                       peak_flops=peak * len(devices) if peak else None, enabled=jax.process_index() == 0,
-                      wandb_project=cfg.run.wandb_project, run_name=cfg.run.name, config=cfg.to_dict())
+                      wandb_project=cfg.run.wandb_project, run_name=cfg.run.name, config=cfg.to_dict(),
+                      metrics_http=cfg.run.metrics_http)
 
 
 def make_loader(cfg: Config, trainer: Trainer):

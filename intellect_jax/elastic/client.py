@@ -205,8 +205,9 @@ class IslandClient:
             with self._lock:
                 self.pending["status"] = "ok" if err is None else "fail"
             t_done = time.perf_counter()
+            extra = {"seconds": stats.seconds, "bytes": stats.bytes_sent} if err is None else {}  # for the status
             d = self._wait("done", epoch=ep["id"], step=outer_step, ok=err is None, blame=blame, progress=progress,
-                           cause=cause)
+                           cause=cause, **extra)
             decision = d.get("decision")
             # Where the reduce's time went: the sync barrier (every member at this step), the ring (its connections,
             # then the bytes), the done barrier (every member's verdict).
@@ -649,7 +650,8 @@ def _peer_group(name: str, hello: dict) -> tuple[str, int]:
     """A peer connection's purpose and how many one identity may hold for it (a new one replaces the oldest)."""
     op = hello.get("op")
     if op not in PEER_CONNS or name == identity.COORDINATOR:
-        raise wire.MalformedFrame(f"peer connection for {op!r:.40} from {name!r} (expected one of {sorted(PEER_CONNS)})")
+        raise wire.MalformedFrame(f"peer connection for {op!r:.40} from {name!r} (expected one of "
+                                  f"{sorted(PEER_CONNS)})")
     return op, PEER_CONNS[op]
 
 

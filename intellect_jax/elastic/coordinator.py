@@ -41,7 +41,7 @@ from typing import Any
 
 from intellect_jax.config import ConfigError, DilocoConfig, ElasticConfig, load_config
 
-from . import identity, protocol, wire
+from . import identity, protocol, status, wire
 from .protocol import check_norm, check_status, outliers  # noqa: F401 - re-exported for callers and tests
 
 COORDINATOR_IDLE_MIN_S = 600.0
@@ -78,10 +78,25 @@ class Coordinator:
                                   max_connections=2 * CONNS_PER_KIND * cfg.max_islands + 16)
         self.port = self.server.port
         self._monitor = threading.Thread(target=self._monitor_loop, name="coordinator-monitor", daemon=True)
+        self.http: status.StatusServer | None = None
+        if cfg.http:
+            token = (identity.read_private(cfg.http_token_file, "token file", "write a random token into it (e.g. "
+                                           "`head -c 24 /dev/urandom | base64 > FILE; chmod 600 FILE`)").decode()
+                     .strip() if cfg.http_token_file else None)
+            self.http = status.StatusServer(cfg.http, self.snapshot, token)
+
+    def snapshot(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The status document and the reduce histograms, taken under the lock (the status page, /metrics)."""
+        with self.cv:
+            return status.document(self.state, self.run_id, time.monotonic()), dict(self.state.hist)
 
     def start(self) -> "Coordinator":
         self.server.start()
         self._monitor.start()
+        if self.http is not None:
+            self.http.start()
+            log.info("status page, /status.json and /metrics at http://%s:%d/", self.http.httpd.server_address[0],
+                     self.http.port)
         log.info("coordinator for run %r listening on %s:%d (%s)", self.run_id, self.server.host, self.port,
                  "islands file " + self.auth.keys.roster().source if self.auth.mode == "keys" else
                  "shared-secret mode: anyone holding the secret can be any island; use an islands file on the "
@@ -91,6 +106,8 @@ class Coordinator:
     def close(self) -> None:
         self._stop.set()
         self.server.close()
+        if self.http is not None:
+            self.http.close()
 
     def _key_hex(self, name: str) -> str | None:
         k = self.auth.keys.public(name)
@@ -279,6 +296,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                               "same file as every island's (default: elastic.secret_file)")
     parser.add_argument("--run-id", help="frames from another run are refused (default: elastic.run_id, else "
                                          "run.name, as on the islands)")
+    parser.add_argument("--http", help="serve /metrics (Prometheus), /status.json and a status page here, e.g. "
+                                       "127.0.0.1:9400 (default: elastic.http, off)")
+    parser.add_argument("--http-token-file", help="a token (file of mode 0600) required by --http; needed on any "
+                                                  "address but loopback (default: elastic.http_token_file)")
     defaults = ElasticConfig()
     for name, text in FLAGS.items():
         value = getattr(defaults, name)
@@ -296,7 +317,8 @@ def elastic_config(args: argparse.Namespace, overrides: list[str]) -> tuple[Elas
     """The coordinator's ElasticConfig (the config with the flags given), run id and max_norm_ratio; raises
     ConfigError."""
     cfg = load_config(args.config, overrides)
-    given = {name: getattr(args, name) for name in ("secret_file", "key_file", "islands_file", *FLAGS)
+    given = {name: getattr(args, name) for name in ("secret_file", "key_file", "islands_file", "http",
+                                                      "http_token_file", *FLAGS)
              if getattr(args, name) is not None}
     diloco = {"max_norm_ratio": args.max_norm_ratio} if args.max_norm_ratio is not None else {}
     if given.get("secret_file"):  # a flag chooses the mode over the config's
@@ -327,7 +349,12 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     cfg, run_id, max_norm_ratio = elastic_config(args, overrides)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)  # absl may own root
-    coord = Coordinator(cfg, run_id, args.bind, coordinator_auth(cfg), max_norm_ratio).start()
+    try:
+        coord = Coordinator(cfg, run_id, args.bind, coordinator_auth(cfg), max_norm_ratio).start()
+    except (ValueError, OSError) as e:
+        if isinstance(e, identity.IdentityError):
+            raise
+        raise ConfigError(f"coordinator: {e}") from None
     if args.port_file:
         from pathlib import Path
         tmp = Path(args.port_file + ".tmp")

@@ -106,9 +106,11 @@ def _create_private(p: Path, data: bytes, exists: str, error: type[IdentityError
         f.write(data)
 
 
-def _read_private(p: Path, what: str, create: str, error: type[IdentityError]) -> bytes:
+def read_private(path: str | os.PathLike, what: str, create: str, error: type[IdentityError] = IdentityError
+                 ) -> bytes:
     """A private file's bytes; refuses a missing one (`create` says how to make it) and one that group or others may
     read."""
+    p = Path(path)
     if not p.is_file():
         raise error(f"{what} {str(p)!r} does not exist; {create}")
     mode = p.stat().st_mode & 0o777
@@ -131,7 +133,7 @@ def load_key(path: str | os.PathLike) -> Ed25519PrivateKey:
     """Reads this process's private key; refuses a missing file, one that group or others may read, an encrypted key
     and a key that is not Ed25519, each with the command that fixes it."""
     p = Path(path)
-    data = _read_private(p, "key file", f"create one with `intellect-jax keygen --out {p}` and add the public key it "
+    data = read_private(p, "key file", f"create one with `intellect-jax keygen --out {p}` and add the public key it "
                          "prints to the run's islands file", IdentityError)
     try:
         key = serialization.load_ssh_private_key(data, password=None)
@@ -172,7 +174,7 @@ def load_secret(path: str | os.PathLike) -> bytes:
     """Reads the shared secret file. Refuses a missing one, one shorter than SECRET_BYTES (a passphrase is not a
     key) and one that group or others may read, each with the command that fixes it."""
     p = Path(path)
-    data = _read_private(p, "secret file", f"create one with `intellect-jax secret --out {p}` and give the same file "
+    data = read_private(p, "secret file", f"create one with `intellect-jax secret --out {p}` and give the same file "
                          "to every island and the coordinator", SecretError)
     if len(data) < SECRET_BYTES:
         raise SecretError(f"secret file {str(p)!r} holds {len(data)} bytes, fewer than {SECRET_BYTES} random bytes; "

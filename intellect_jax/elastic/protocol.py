@@ -40,6 +40,7 @@ import dataclasses
 import logging
 import math
 import statistics
+import time
 from typing import Any, Callable
 
 from intellect_jax.config import DilocoConfig, ElasticConfig
@@ -60,6 +61,8 @@ MAX_RATE = 1e12  # bytes/s: a claimed link rate is clamped to this
 MAX_RTT = 600.0  # s
 RATE_SLACK = 0.2  # a ring must move at least this fraction of its measured bottleneck rate (or elastic.min_link_mbit)
 QUARANTINE_MAX_S = 3600.0
+EVENTS = 200  # recent warnings kept for the status page
+RECENT_STEPS = 50  # recent outer steps kept for the status page
 
 
 # -- what an island may tell the coordinator: every field type- and range-checked before it touches the run's state
@@ -178,6 +181,26 @@ def outliers(norms: dict[str, float | None], max_norm_ratio: float) -> dict[str,
     return out
 
 
+def _clamped(v: Any, hi: float) -> float:
+    """A number an island reports about itself for the status page: finite, in [0, hi], else 0."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return 0.0
+    return min(hi, max(0.0, float(v)))
+
+
+class Histogram:
+    """Cumulative bucket counts (Prometheus' convention: bucket i counts observations <= bounds[i])."""
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds, self.counts, self.sum, self.n = bounds, [0] * len(bounds), 0.0, 0
+
+    def observe(self, v: float) -> None:
+        self.sum, self.n = self.sum + v, self.n + 1
+        for i, b in enumerate(self.bounds):
+            if v <= b:
+                self.counts[i] += 1
+
+
 def majority(votes: dict[str, str], of: int) -> str | None:
     """The hash more than half of `of` voters cast (None: none has)."""
     counts = collections.Counter(votes.values())
@@ -216,6 +239,9 @@ class Epoch:
     order: list[str]
     streams: int = ordering.MIN_STREAMS  # TCP streams per ring link, the same on every member
     min_rate: float = 0.0  # bytes/s every ring link must keep up (the members' reduce deadline)
+    formed_at: float = 0.0
+    waited: float = 0.0  # from the first island ready to the formation (the sync barrier)
+    stats: dict[str, tuple[float, int]] = dataclasses.field(default_factory=dict)  # member -> (reduce s, bytes sent)
     done: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> "ok" | "fail"
     # failed member -> Report, kept after an abort for a while: every member's report helps tell the ring's broken
     # link from the failures it caused downstream
@@ -296,6 +322,21 @@ class RunState:
         self.epochs_formed = 0
         self.recovering = True
         self.started = now
+        # What an operator sees (status.py): counts by outcome and reason, recent events and outer steps, bounded.
+        self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.aborted_step: int | None = None  # the step of the last aborted epoch (its next epoch is a redo)
+        self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=EVENTS)
+        self.hist = {"reduce_seconds": Histogram((0.1, 0.3, 1, 3, 10, 30, 100, 300, 1000, 3000)),
+                     "reduce_bytes": Histogram(tuple(10.0 ** k for k in range(3, 13)))}
+        self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_STEPS)
+        self.rebuilt_from: str = ""  # how the last recovery decided the run's state ("" for a fresh run)
+
+    def _say(self, level: int, kind: str, msg: str, *args: Any) -> None:
+        """Logs a warning or error and keeps it (with its kind) among the recent events of the status page."""
+        log.log(level, msg, *args)
+        text = msg % args if args else msg
+        self.events.append({"time": time.time(), "level": logging.getLevelName(level).lower(), "kind": kind,
+                            "text": text[:500]})
 
     # -- registration ----------------------------------------------------------------------------------------------
 
@@ -310,8 +351,8 @@ class RunState:
                                  "island is expected")
         if (isl is not None and isl.alive and isl.incarnation != st["incarnation"]
                 and now - isl.last_seen < self.cfg.dead_after_s):
-            log.warning("refused registration of %s incarnation %s: the name is in use by live incarnation %s",
-                        name, st["incarnation"], isl.incarnation)
+            self._say(logging.WARNING, "refused", "refused registration of %s incarnation %s: the name is in use "
+                      "by live incarnation %s", name, st["incarnation"], isl.incarnation)
             raise ValueError(f"island name {name!r} is in use by a live island; names must be unique (a restarted "
                              f"island is accepted once the old one is declared dead)")
         if isl is None or isl.incarnation != st["incarnation"]:
@@ -340,7 +381,7 @@ class RunState:
         elif step == isl.step and st["hash"] is not None:
             isl.hash = st["hash"]
         if isl.hash is not None and isl.step == step:
-            self._vote_from_status(isl)
+            self._vote_from_status(isl, now)
         known = set(self.islands)
         if st["rates"]:
             isl.rates = {k: v for k, v in st["rates"].items() if k in known}
@@ -352,17 +393,30 @@ class RunState:
                 and isl.pending["status"] in ("ok", "fail") and e.decision is None):
             e.done.setdefault(name, isl.pending["status"])
         if self.run_step is not None and not self.recovering and step > self.run_step:
-            log.warning("island %s claims %d completed outer steps, the run has %d: not believed (it fetches the "
-                        "state)", name, step, self.run_step)
+            self._say(logging.WARNING, "claim", "island %s claims %d completed outer steps, the run has %d: not "
+                      "believed (it fetches the state)", name, step, self.run_step)
         return isl
 
-    def _vote_from_status(self, isl: Island) -> None:
+    def _vote_from_status(self, isl: Island, now: float) -> None:
         """A re-sent status is a vote when the island is a voter of the step it holds and has not voted yet (after a
         coordinator restart, the votes are re-sent this way)."""
         s = isl.step - 1
         c = self.committed.get(s)
-        if c is not None and isl.name in c["ok"] and isl.name not in self.hashes.get(s, {}):
-            self.hashes.setdefault(s, {})[isl.name] = isl.hash  # type: ignore[assignment]
+        if c is not None and isl.name in c["ok"] and isl.hash is not None:
+            self._vote(s, isl.name, isl.hash, now)
+
+    def _vote(self, s: int, name: str, h: str, now: float) -> None:
+        """A voter's hash of step s (its first counts): judged at once if the majority already decided, else it may
+        decide it."""
+        votes = self.hashes.setdefault(s, {})
+        first = name not in votes
+        if first:
+            votes[name] = h
+        if s not in self.canonical:
+            self._maybe_canonical(s, now)  # a re-sent vote may find the vote timeout passed
+        elif first:  # the majority had decided before this vote came
+            self._judge(s, name, h, now)
+            self._note_votes(s, now)
 
     def holds_canonical(self, isl: Island) -> bool:
         """Whether the state the island says it holds is the run's: the canonical hash of its step, or (while that
@@ -400,7 +454,7 @@ class RunState:
         if clean:  # an island that said goodbye (finished or stopped) is no alarm
             log.info("island %s %s", isl.name, why)
         else:
-            log.warning("island %s dead: %s", isl.name, why)
+            self._say(logging.WARNING, "dead", "island %s dead: %s", isl.name, why)
         e = self.epoch
         if (e is not None and e.decision is None and not self.recovering and isl.name in e.members
                 and isl.name not in e.done
@@ -409,19 +463,24 @@ class RunState:
             # the decision). If every other member already reported ok, the ring completed: commit as usual.
             self._decide(e, "abort", now)
 
-    def strike(self, isl: Island, why: str, now: float) -> None:
+    def strike(self, isl: Island, why: str, now: float, kind: str = "other") -> None:
+        """One strike of `kind` (late, excluded, vote timeout, lost vote, blamed, reported, unplaced)."""
+        self.counts["strikes", kind] += 1
         isl.strikes += 1
         if isl.strikes < self.cfg.quarantine_after:
-            log.warning("island %s: strike %d of %d (%s)", isl.name, isl.strikes, self.cfg.quarantine_after, why)
+            self._say(logging.WARNING, "strike", "island %s: strike %d of %d (%s)", isl.name, isl.strikes,
+                      self.cfg.quarantine_after, why)
             return
         d = min(QUARANTINE_MAX_S, self.cfg.quarantine_s * 2 ** isl.quarantines)
         isl.quarantines += 1
+        self.counts["quarantines", kind] += 1
         isl.strikes = 0
         isl.quarantined_until = now + d
         isl.quarantine_why = why
         self.ready.pop(isl.name, None)
-        log.warning("island %s quarantined for %.0f s (quarantine %d; the last of %d strikes in a row: %s); the "
-                    "others go on without it", isl.name, d, isl.quarantines, self.cfg.quarantine_after, why)
+        self._say(logging.WARNING, "quarantine", "island %s quarantined for %.0f s (quarantine %d; the last of %d "
+                  "strikes in a row: %s); the others go on without it", isl.name, d, isl.quarantines,
+                  self.cfg.quarantine_after, why)
 
     def clear_strikes(self, name: str) -> None:
         isl = self.islands.get(name)
@@ -485,6 +544,7 @@ class RunState:
 
     def _decide(self, e: Epoch, decision: str, now: float) -> None:
         e.decision = decision
+        self.counts["epochs", "committed" if decision == "commit" else "aborted"] += 1
         self.decisions[e.id] = (decision, e.step)
         while len(self.decisions) > KEEP_DECISIONS:
             self.decisions.popitem(last=False)
@@ -502,15 +562,24 @@ class RunState:
                 if s <= e.step:
                     del self.ready[name]
             self._trim(e.step)
+            seconds = max((v[0] for v in e.stats.values()), default=0.0)
+            sent = sum(v[1] for v in e.stats.values())
+            self.hist["reduce_seconds"].observe(seconds)
+            self.hist["reduce_bytes"].observe(sent)
+            self.recent.append({"step": e.step, "epoch": e.id, "members": e.members, "time": time.time(),
+                                "barrier_s": e.waited, "outer_s": now - e.formed_at + e.waited if e.formed_at else None,
+                                "reduce_s": seconds, "bytes": sent, "hash": None, "agree": None})
             log.info("epoch %d committed: outer step %d done by %s", e.id, e.step, e.members)
             return
+
         self._attribute(e, now)
+        self.aborted_step = e.step
         self.first_ready.pop(e.step, None)  # the redo's sync deadline counts from its first island
         for m in e.members:  # the redo epoch takes only the islands that ask again (none that died meanwhile)
             if self.ready.get(m) == e.step:
                 del self.ready[m]
-        log.warning("epoch %d aborted (outer step %d; done: %s; dead: %s); survivors redo the step", e.id,
-                    e.step, e.done, [m for m in e.members if not self.islands[m].alive])
+        self._say(logging.WARNING, "abort", "epoch %d aborted (outer step %d; done: %s; dead: %s); survivors redo "
+                  "the step", e.id, e.step, e.done, [m for m in e.members if not self.islands[m].alive])
 
     def _attribute(self, e: Epoch, now: float) -> None:
         """Holds an aborted epoch for dead_after_s before striking anyone: the members' later reports come in (each
@@ -523,6 +592,8 @@ class RunState:
         if e.reports and not dead and len(self.held) < KEEP_DECISIONS:
             self.held[e.id] = e
             self.held_until.append((now + self.cfg.dead_after_s, e.id))
+        else:
+            self.counts["aborts", "a member died" if dead else "unexplained"] += 1
 
     def _release_strikes(self, now: float) -> None:
         """Strikes for a held aborted epoch, from all its members' reports:
@@ -541,6 +612,7 @@ class RunState:
             dead = [m for m in e.members if m in self.islands and not self.islands[m].alive]
             if dead:
                 log.info("epoch %d's failed reduce is explained by the death of %s: no strikes", eid, dead)
+                self.counts["aborts", "a member died"] += 1
                 continue
             log.info("epoch %d's failed reduce, as its members report it: %s", eid, "; ".join(
                 f"{m} blames {r.blame} ({r.cause}, {100 * r.progress:.0f}% arrived{', first' if r.first else ''})"
@@ -549,20 +621,23 @@ class RunState:
                     if r.blame is not None and r.blame in e.members and r.blame != m and r.cause != "cancelled"
                     and not (r.cause == "closed" and not r.first and e.reports.get(r.blame) is not None
                              and e.reports[r.blame].cause == "cancelled")}
-            strikes: dict[str, str] = {}
+            strikes: dict[str, tuple[str, str]] = {}
             if kept:
                 least = min(r.progress for r in kept.values())
                 for m, r in sorted(kept.items()):
                     if r.progress <= least + 0.01:
                         self.disputes.setdefault(e.step, set()).add(frozenset((m, r.blame)))
-                        strikes.setdefault(m, f"reported epoch {eid}'s reduce failed ({r.cause}), blaming {r.blame}")
-                        strikes.setdefault(r.blame, f"blamed by {m} for epoch {eid}'s failed reduce ({r.cause})")
+                        strikes.setdefault(m, ("reported", f"reported epoch {eid}'s reduce failed ({r.cause}), "
+                                                           f"blaming {r.blame}"))
+                        strikes.setdefault(r.blame, ("blamed", f"blamed by {m} for epoch {eid}'s failed reduce "
+                                                               f"({r.cause})"))
             else:
-                strikes = {m: f"reported epoch {eid}'s reduce failed ({r.cause}), and no report places the failure"
-                           for m, r in e.reports.items() if r.first}
-            for name, why in strikes.items():
+                strikes = {m: ("unplaced", f"reported epoch {eid}'s reduce failed ({r.cause}), and no report places "
+                                           "the failure") for m, r in e.reports.items() if r.first}
+            self.counts["aborts", "a peer blamed" if kept else "unplaced failure"] += 1
+            for name, (kind, why) in strikes.items():
                 if name in self.islands:
-                    self.strike(self.islands[name], why, now)
+                    self.strike(self.islands[name], why, now, kind)
 
     def _trim(self, step: int) -> None:
         for table in (self.hashes, self.canonical, self.contested, self.committed, self.disputes, self.first_ready,
@@ -603,22 +678,27 @@ class RunState:
                                         f"({excluded}); the run cannot go on from this state: restore the last good "
                                         "checkpoint, and lower the inner learning rate or raise "
                                         "diloco.max_norm_ratio")
-                log.error("%s", self.guard_errors[s])
+                self._say(logging.ERROR, "guard", "%s", self.guard_errors[s])
             return
         if late:
-            log.warning("outer step %d: %s not ready within %g s of the first island; the step goes on without "
-                        "them (they re-sync from a peer)", s, sorted(late), self.cfg.sync_timeout_s)
+            self._say(logging.WARNING, "late", "outer step %d: %s not ready within %g s of the first island; the "
+                      "step goes on without them (they re-sync from a peer)", s, sorted(late), self.cfg.sync_timeout_s)
             for n in sorted(late):
                 self.strike(self.islands[n], f"not ready for outer step {s} within elastic.sync_timeout_s="
-                                             f"{self.cfg.sync_timeout_s:g} s of the first island", now)
+                                             f"{self.cfg.sync_timeout_s:g} s of the first island", now, "late")
+                self.counts["excluded", "late"] += 1
         for n, why in sorted(excluded.items()):
-            log.warning("outer step %d: island %s left out of the reduce: %s; it re-syncs from a peer after the "
-                        "step (diloco.max_norm_ratio=%g)", s, n, why, self.cfg.max_norm_ratio)
-            self.strike(self.islands[n], f"left out of outer step {s}: {why}", now)
+            self._say(logging.WARNING, "excluded", "outer step %d: island %s left out of the reduce: %s; it re-syncs "
+                      "from a peer after the step (diloco.max_norm_ratio=%g)", s, n, why, self.cfg.max_norm_ratio)
+            self.strike(self.islands[n], f"left out of outer step {s}: {why}", now, "excluded")
+            self.counts["excluded", "guard" if "pseudo-gradient" in why else "initial state"] += 1
         rates = {i.name: i.rates for i in live}
         order = ordering.ring_order(members, rates, avoid=self.disputes.get(s, set()))
         e = Epoch(self.next_epoch_id, s, members, order, self._streams(order), self._min_rate(order, rates),
-                  excluded=excluded)
+                  excluded=excluded, formed_at=now, waited=waited)
+        self.counts["epochs", "formed"] += 1
+        if s == self.aborted_step:
+            self.counts["epochs", "redo"] += 1
         self.epoch = e
         self.next_epoch_id += 1
         self.epochs_formed += 1
@@ -637,8 +717,9 @@ class RunState:
         h = majority(votes, len(votes))  # type: ignore[arg-type]
         if h is None:
             h = min(votes.values())  # type: ignore[type-var]
-            log.error("the first islands disagree on the initial parameters with no majority (%s); taking the "
-                      "smallest hash: check that every island uses the same model config and seed", votes)
+            self._say(logging.ERROR, "split", "the first islands disagree on the initial parameters with no "
+                      "majority (%s); taking the smallest hash: check that every island uses the same model config "
+                      "and seed", votes)
         self.canonical[-1] = h  # type: ignore[assignment]
         return {n: "its initial parameters differ from the majority's (another model config or seed?)"
                 for n, v in votes.items() if v != h}
@@ -716,6 +797,8 @@ class RunState:
                 e.done[isl.name] = "ok" if ok else "fail"
                 if not ok:
                     e.reports[isl.name] = Report(blame, progress, cause, True)
+                else:
+                    e.stats[isl.name] = (_clamped(req.get("seconds"), 1e6), int(_clamped(req.get("bytes"), 1e15)))
                 self.advance(now)
             if eid not in self.decisions:
                 return None
@@ -732,16 +815,12 @@ class RunState:
         if c is None or isl.name not in c["ok"]:
             raise ValueError(f"a vote on outer step {s} from {isl.name}, which is not one of the members that "
                              "reduced it: only they vote")
-        votes = self.hashes.setdefault(s, {})
+        votes = self.hashes.get(s, {})
         if isl.name in votes and votes[isl.name] != h:
             raise ValueError(f"{isl.name} already voted {votes[isl.name][:16]} on outer step {s}")
-        late = s in self.canonical and isl.name not in votes
-        votes[isl.name] = h
         if isl.step == s + 1:
             isl.hash = h
-        if late:  # the majority had decided before this vote came
-            self._judge(s, isl.name, h, now)
-        self._maybe_canonical(s, now)
+        self._vote(s, isl.name, h, now)
         if s in self.canonical:
             want = self.canonical[s]
             return {"ok": h == want, "hash": want}
@@ -764,20 +843,35 @@ class RunState:
                 return
             for n in waiting:
                 self.strike(self.islands[n], f"did not vote on outer step {s} within elastic.vote_timeout_s="
-                                             f"{self.cfg.vote_timeout_s:g} s", now)
+                                             f"{self.cfg.vote_timeout_s:g} s", now, "vote timeout")
             h = majority(votes, len(votes))
             if h is None:
                 self.contested[s] = dict(votes)
-                log.error("outer step %d: the members' hashes split with no majority (%s): their states differ and "
-                          "nobody can tell which is right; each keeps its own (with 3 or more islands a majority "
-                          "decides)", s, {n: v[:16] for n, v in sorted(votes.items())})
+                self.counts["splits", "no majority"] += 1
+                for r in self.recent:
+                    if r["step"] == s:
+                        r["hash"], r["agree"], r["voters"] = "split", 0, len(voters)
+                self._say(logging.ERROR, "split", "outer step %d: the members' hashes split with no majority (%s): "
+                          "their states differ and nobody can tell which is right; each keeps its own (with 3 or "
+                          "more islands a majority decides)", s, {n: v[:16] for n, v in sorted(votes.items())})
                 return
         self.canonical[s] = h
         bad = sorted(n for n, v in votes.items() if v != h)
+        self._note_votes(s, now)
         log.info("outer step %d: params hash %s on %d of %d members%s", s, h[:16], len(votes) - len(bad),
                  len(voters), f"; {bad} differ and must re-sync" if bad else "")
         for n, v in votes.items():
             self._judge(s, n, v, now, quiet=True)
+
+    def _note_votes(self, s: int, now: float) -> None:
+        """The status page's row of step s: how many of its voters voted the canonical hash so far."""
+        c = self.committed.get(s)
+        for r in self.recent:
+            if r["step"] == s and c is not None:
+                votes = self.hashes.get(s, {})
+                r["hash"], r["voters"] = self.canonical[s], len(c["ok"])
+                r["agree"] = sum(votes.get(n) == self.canonical[s] for n in c["ok"])
+                r.setdefault("vote_s", now - c["at"])
 
     def _judge(self, s: int, name: str, h: str, now: float, quiet: bool = False) -> None:
         """A vote against the canonical hash of step s: a match clears the voter's strikes, a mismatch is one."""
@@ -788,7 +882,8 @@ class RunState:
             log.info("outer step %d: ['%s'] differ and must re-sync (voted %s, the run's hash is %s)", s, name,
                      h[:16], self.canonical[s][:16])
         if name in self.islands:
-            self.strike(self.islands[name], f"its hash after outer step {s} differs from the majority's", now)
+            self.strike(self.islands[name], f"its hash after outer step {s} differs from the majority's", now,
+                        "lost vote")
 
     def bye(self, isl: Island, finished: bool, now: float) -> None:
         if finished:
@@ -804,8 +899,8 @@ class RunState:
                     if k in known}
         clamped = sorted(k for k, v in {**isl.rates, **isl.rtts}.items() if v in (MAX_RATE, MAX_RTT))
         if clamped:
-            log.warning("island %s reported implausible link measurements to %s: clamped (rates to %g B/s, round "
-                        "trips to %g s)", isl.name, clamped, MAX_RATE, MAX_RTT)
+            self._say(logging.WARNING, "clamped", "island %s reported implausible link measurements to %s: clamped "
+                      "(rates to %g B/s, round trips to %g s)", isl.name, clamped, MAX_RATE, MAX_RTT)
         log.info("island %s measured links (MB/s): %s", isl.name, {k: round(v / 1e6, 1) for k, v in isl.rates.items()})
 
     def sources(self) -> list[dict[str, Any]]:
@@ -867,8 +962,10 @@ class RunState:
             newest = max(agreed, default=None)
             trusted = "taken on the word of its surviving members " + (str(sorted(claims[newest])) if newest else "")
             if newest is not None:
-                log.warning("no claimed epoch has a majority of its members back; epoch %d (outer step %d, members "
-                            "%s) is %s alone", newest[0], newest[1], list(newest[2]), trusted)
+                self._say(logging.WARNING, "recovery", "no claimed epoch has a majority of its members back; epoch "
+                          "%d (outer step %d, members %s) is %s alone", newest[0], newest[1], list(newest[2]),
+                          trusted)
+        self.rebuilt_from = trusted if newest is not None else ""
         claimed_ids = [k[0] for k in claims]
         top = newest[0] if newest else 0
         self.next_epoch_id = max([self.next_epoch_id, top + 1] +
@@ -880,13 +977,15 @@ class RunState:
             self.run_step = max(steps, key=lambda k: (steps[k], k))
             holders = sorted(i.name for i in regs if i.step == self.run_step)
             if self.run_step > 0:
+                self.rebuilt_from = "the step most islands hold"
                 self.committed[self.run_step - 1] = {"id": 0, "step": self.run_step - 1, "members": holders,
                                                      "ok": holders, "at": now}
                 for n in holders:
                     if self.islands[n].hash is not None:
-                        self._vote_from_status(self.islands[n])
-                log.warning("no island names the epoch of its state; the run resumes at outer step %d, the step most "
-                            "of them hold (%s); their hashes vote on it", self.run_step, holders)
+                        self._vote_from_status(self.islands[n], now)
+                self._say(logging.WARNING, "recovery", "no island names the epoch of its state; the run resumes at "
+                          "outer step %d, the step most of them hold (%s); their hashes vote on it", self.run_step,
+                          holders)
             else:
                 log.info("fresh run: %d islands at outer step 0", len(regs))
             return
@@ -906,7 +1005,7 @@ class RunState:
             for n in ok:
                 isl = self.islands[n]
                 if isl.step == es + 1 and isl.hash is not None:
-                    self._vote_from_status(isl)
+                    self._vote_from_status(isl, now)
                 elif isl.step == es:  # told commit: it applies the mean and votes
                     pass
         else:

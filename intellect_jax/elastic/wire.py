@@ -610,8 +610,9 @@ class Server:
 
     Before authentication: at most `max_pending` connections in their handshake at once and `max_pending_per_host`
     from one source address, which may start at most HANDSHAKES_PER_S per second (more are closed at once, one log
-    line per 5 s), each with HELLO_TIMEOUT_S for its HELLO and `handshake_timeout` for all of it. After: `group(identity, hello) -> (name, cap)` puts each connection in a
-    group (e.g. an island's heartbeat connection) that holds at most `cap` connections: a new one closes the oldest
+    line per 5 s), each with HELLO_TIMEOUT_S for its HELLO and `handshake_timeout` for all of it. After:
+    `group(identity, hello) -> (name, cap)` puts each connection in a group (e.g. an island's heartbeat connection)
+    that holds at most `cap` connections: a new one closes the oldest
     of its group (an honest peer that reconnects replaces its stale connection; nobody holds more); at most
     `max_connections` in all. An accept that fails (e.g. out of file descriptors) backs off and is logged.
     """
