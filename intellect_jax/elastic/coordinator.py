@@ -32,6 +32,7 @@ run), a changed key rotates it.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import logging
 import signal
@@ -88,7 +89,7 @@ class Coordinator:
     def snapshot(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """The status document and the reduce histograms, taken under the lock (the status page, /metrics)."""
         with self.cv:
-            return status.document(self.state, self.run_id, time.monotonic()), dict(self.state.hist)
+            return status.document(self.state, self.run_id, time.monotonic()), copy.deepcopy(self.state.hist)
 
     def start(self) -> "Coordinator":
         self.server.start()
