@@ -367,6 +367,8 @@ def test_cli_bad_values_name_the_key(argv, words, capsys):
     ("incarnation", "", "incarnation must be a printable string"),
     ("last_epoch", {"id": 1, "step": 0, "members": [f"n{i}" for i in range(4096)]}, "at most 256 island names"),
     ("pending", {"id": 2 ** 62, "step": 0, "members": ["a"], "order": ["a"], "status": "ok"}, "pending.id must be"),
+    ("pending", {"id": 1, "step": 0, "members": ["a"], "order": ["a"], "topology": "mesh", "status": "ok"},
+     "pending.topology must be one of ['ring']"),
 ])
 def test_bad_status_fields_are_refused_and_nothing_breaks(coord, caplog, field, value, needle):
     """An authenticated island sending a badly typed field gets an ERROR naming it, the coordinator logs it, and the

@@ -5,6 +5,7 @@ run by the same executor unchanged: the seam a later topology plugs into."""
 import itertools
 import socket
 import threading
+import types
 
 import numpy as np
 import pytest
@@ -196,3 +197,20 @@ def test_executor_refuses_links_that_do_not_match_the_plan():
     with pytest.raises(ValueError, match="needs 1 streams to each of \\[1\\]"):
         executor.run_plan(np.ones(1000, np.float32), plan.ring_plan(3), 0, {2: [object()]}, {2: [object()]},
                           ring.make_codec("int8", BLOCK), 4096, BLOCK, timeout=1)
+
+
+def test_an_island_reads_the_epochs_plan_and_blames_the_peer_of_the_failed_link():
+    from intellect_jax.elastic import client
+    from intellect_jax.elastic.protocol import Epoch
+
+    e = Epoch(3, 0, ["a", "b", "c"], ["c", "a", "b"])
+    ep = e.public({m: types.SimpleNamespace(addr="127.0.0.1:1") for m in "abc"}, lambda m: None)
+    assert ep["topology"] == "ring" and ep["order"] == ["c", "a", "b"]  # the plan, and the order islands read
+    assert client._check_epoch(ep, "a") is ep
+    with pytest.raises(client.ElasticError, match="unknown reduce topology"):
+        client._check_epoch({**ep, "topology": "mesh"}, "a")
+    # The failed link's peer, by rank in the order; without one, the plan's only link that way (a's ring: c -> a -> b).
+    assert client._suspect(ep, "a", executor.RingError("x", "pred", peer=2)) == "b"
+    assert client._suspect(ep, "a", executor.RingError("x", "pred")) == "c"
+    assert client._suspect(ep, "a", executor.RingError("x", "succ")) == "b"
+    assert client._suspect(ep, "a", executor.RingError("x", cause="cancelled")) is None

@@ -49,12 +49,12 @@ import numpy as np
 
 from intellect_jax.config import FRAME_HEADER_ALLOWANCE, ElasticConfig
 
-from . import identity, ordering, recovery, ring, wire
+from . import executor, identity, ordering, plan, recovery, ring, wire
 from .recovery import State, StateProvider
 
 log = logging.getLogger("intellect_jax.elastic.client")
 
-MAX_RING_INBOX = 64  # ring streams accepted ahead of their epoch (a predecessor connects before we look)
+MAX_RING_INBOX = 64  # ring streams accepted ahead of their epoch (an in-link's peer connects before we look)
 PEER_CONNS = {"ring": 2 * ordering.MAX_STREAMS, "state": 2, "probe": 2}  # per peer identity and purpose
 
 
@@ -190,7 +190,8 @@ class IslandClient:
             self._learn(ep.get("keys") or {})
             with self._lock:
                 self.pending = {"id": ep["id"], "step": outer_step, "members": ep["members"], "order": ep["order"],
-                                "streams": _epoch_streams(ep, self.cfg), "status": "running"}
+                                "topology": ep.get("topology", "ring"), "streams": _epoch_streams(ep, self.cfg),
+                                "status": "running"}
             result, err, blame, progress, cause = None, None, None, None, None
             try:
                 result, stats = self._ring(ep, vec, packed_out)
@@ -198,7 +199,7 @@ class IslandClient:
                     raise ring.RingError("the decoded mean is not finite; it is not applied")
             except (ring.RingError, OSError, wire.WireError, wire.RemoteError) as e:
                 err = e
-                blame = _suspect(ep, self.name, getattr(e, "suspect", None))
+                blame = _suspect(ep, self.name, e)
                 progress, cause = getattr(e, "progress", None), getattr(e, "cause", None)
                 log.warning("epoch %d ring failed on %s: %s%s", ep["id"], self.name, e,
                             f" (reported to the coordinator, naming {blame})" if blame else "")
@@ -510,33 +511,39 @@ class IslandClient:
 
     def _ring(self, ep: dict[str, Any], vec: np.ndarray | ring.Packed, packed_out: bool,
               ) -> tuple[np.ndarray | ring.Packed, ring.RingStats]:
+        """The epoch's reduce: connect the plan's out-links (S streams each), wait for its in-links' peers to connect
+        theirs, then run the plan (``executor.run_plan``)."""
         order = ep["order"]
-        N, r = len(order), order.index(self.name)
+        p, r = plan.from_description(ep), order.index(self.name)
         S = _epoch_streams(ep, self.cfg)
         if self.on_ring_frame is not None:
             self.on_ring_frame(0)  # the ring starts (0 frames sent)
-        send: list[wire.Conn] = []
-        recv: list[wire.Conn] = []
+        send: dict[int, list[wire.Conn]] = {}
+        recv: dict[int, list[wire.Conn]] = {}
         t0, self._connect_s = time.perf_counter(), 0.0
         try:
-            if N > 1:
-                succ, pred = order[(r + 1) % N], order[(r - 1) % N]
+            for q in p.out_links(r):
+                peer = order[q]
+                send[q] = []
                 try:
                     for k in range(S):
-                        send.append(self._connect_peer(succ, ep["addrs"][succ], {"op": "ring", "epoch": ep["id"],
-                                                                                 "stream": k}))
+                        send[q].append(self._connect_peer(peer, ep["addrs"][peer], {"op": "ring", "epoch": ep["id"],
+                                                                                    "stream": k}))
                 except (OSError, wire.WireError, wire.RemoteError) as e:
-                    raise ring.RingError(f"connecting to successor {succ}: {e}", "succ", 0.0,
-                                         "closed" if isinstance(e, OSError) else "bad") from e
-                deadline = time.monotonic() + self.cfg.dead_after_s
-                next_poll = time.monotonic() + ring.CANCEL_POLL_S
-                with self._mail:
+                    raise ring.RingError(f"connecting to {p.role(True)} {peer}: {e}", "succ", 0.0,
+                                         "closed" if isinstance(e, OSError) else "bad", peer=q) from e
+            deadline = time.monotonic() + self.cfg.dead_after_s
+            next_poll = time.monotonic() + ring.CANCEL_POLL_S
+            with self._mail:
+                for q in p.in_links(r):
+                    peer = order[q]
+                    recv[q] = []
                     for k in range(S):
-                        while (ep["id"], pred, k) not in self._ring_inbox:
+                        while (ep["id"], peer, k) not in self._ring_inbox:
                             left = deadline - time.monotonic()
                             if left <= 0:
-                                raise ring.RingError(f"predecessor {pred} did not connect stream {k} in time",
-                                                     "pred", 0.0, "timeout")
+                                raise ring.RingError(f"{p.role(False)} {peer} did not connect stream {k} in time",
+                                                     "pred", 0.0, "timeout", peer=q)
                             if time.monotonic() >= next_poll:
                                 self._mail.release()  # no coordinator round trip while holding the inbox
                                 try:
@@ -544,20 +551,20 @@ class IslandClient:
                                 finally:
                                     self._mail.acquire()
                                 if why:
-                                    raise ring.RingError(f"waiting for predecessor {pred}: {why}",
+                                    raise ring.RingError(f"waiting for {p.role(False)} {peer}: {why}",
                                                          cause="cancelled")
                                 next_poll = time.monotonic() + ring.CANCEL_POLL_S
                             self._mail.wait(min(left, ring.CANCEL_POLL_S))
-                        recv.append(self._ring_inbox.pop((ep["id"], pred, k)))
+                        recv[q].append(self._ring_inbox.pop((ep["id"], peer, k)))
             self._connect_s = time.perf_counter() - t0
             if self.on_ring_frame is not None:
-                send = [_Tap(c, self.on_ring_frame) for c in send]
-            return ring.ring_mean(vec, r, send, recv, N, self.codec, self.cfg.chunk_bytes, self.block_size,
-                                  timeout=self.cfg.dead_after_s, epoch=ep["id"],
-                                  cancel=lambda: self._epoch_aborted(ep["id"]), packed_out=packed_out,
-                                  min_rate=float(ep.get("min_rate") or 0.0))
+                send = {q: [_Tap(c, self.on_ring_frame) for c in cs] for q, cs in send.items()}
+            return executor.run_plan(vec, p, r, send, recv, self.codec, self.cfg.chunk_bytes, self.block_size,
+                                     timeout=self.cfg.dead_after_s, epoch=ep["id"],
+                                     cancel=lambda: self._epoch_aborted(ep["id"]), packed_out=packed_out,
+                                     min_rate=float(ep.get("min_rate") or 0.0))
         finally:
-            for c in send + recv:
+            for c in [c for cs in list(send.values()) + list(recv.values()) for c in cs]:
                 c.close()
             with self._mail:  # connections left over from aborted epochs
                 for key in [k for k in self._ring_inbox if k[0] <= ep["id"]]:
@@ -661,6 +668,7 @@ def _check_epoch(ep: Any, me: str) -> dict[str, Any]:
         members, order = list(ep["members"]), list(ep["order"])
         if me not in members or sorted(order) != sorted(members) or not isinstance(ep["id"], int):
             raise ValueError("members and ring order disagree or do not name this island")
+        plan.from_description(ep)  # a topology this build runs
         for m in members:
             if not isinstance(ep["addrs"][m], str):
                 raise ValueError(f"no address for {m}")
@@ -669,10 +677,17 @@ def _check_epoch(ep: Any, me: str) -> dict[str, Any]:
     return ep
 
 
-def _suspect(ep: dict[str, Any], me: str, side: str | None) -> str | None:
-    """The peer a ring failure points at: our predecessor or successor in the epoch's ring order."""
-    order = ep["order"]
+def _suspect(ep: dict[str, Any], me: str, e: BaseException) -> str | None:
+    """The peer a reduce failure points at: the member at the other end of the failed link (`e.peer`, its rank in
+    the epoch's order), or, where the error names only the link's direction (`e.suspect`, "pred": in, "succ": out),
+    the one peer the epoch's plan links us to that way."""
+    order, side, q = ep["order"], getattr(e, "suspect", None), getattr(e, "peer", None)
     if side not in ("pred", "succ") or len(order) < 2:
         return None
-    r = order.index(me)
-    return order[(r - 1) % len(order)] if side == "pred" else order[(r + 1) % len(order)]
+    if q is None:
+        p, r = plan.from_description(ep), order.index(me)
+        links = p.out_links(r) if side == "succ" else p.in_links(r)
+        if len(links) != 1:
+            return None
+        q = links[0]
+    return order[q] if isinstance(q, int) and 0 <= q < len(order) and order[q] != me else None

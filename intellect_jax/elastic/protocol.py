@@ -45,7 +45,7 @@ from typing import Any, Callable
 
 from intellect_jax.config import DilocoConfig, ElasticConfig
 
-from . import ordering
+from . import ordering, plan
 from .identity import valid_name
 
 log = logging.getLogger("intellect_jax.elastic.coordinator")
@@ -125,6 +125,10 @@ def _epoch(v: Any, what: str, pending: bool, limit: int) -> dict | None:
         if sorted(order) != sorted(out["members"]):
             raise ValueError(f"{what}.order must be the members in ring order")
         out["order"] = order
+        topology = v.get("topology", "ring")
+        if not isinstance(topology, str) or topology not in plan.TOPOLOGIES:
+            raise ValueError(f"{what}.topology must be one of {sorted(plan.TOPOLOGIES)}, got {topology!r:.40}")
+        out["topology"] = topology
         out["streams"] = _int(v.get("streams", 0), f"{what}.streams", 0, ordering.MAX_STREAMS)
         if v.get("status") not in ("running", "ok", "fail"):
             raise ValueError(f"{what}.status must be 'running', 'ok' or 'fail', got {v.get('status')!r:.40}")
@@ -248,9 +252,12 @@ class Epoch:
     reports: dict[str, "Report"] = dataclasses.field(default_factory=dict)
     decision: str | None = None
     excluded: dict[str, str] = dataclasses.field(default_factory=dict)  # ready islands left out -> why
+    topology: str = "ring"  # the reduce plan over `order` (plan.TOPOLOGIES)
 
     def public(self, islands: dict[str, Island], key_of: Callable[[str], str | None]) -> dict[str, Any]:
-        return {"id": self.id, "step": self.step, "members": self.members, "order": self.order,
+        """What the members are told: the reduce plan (``plan.describe``: topology and order), its streams and rate
+        floor, and each member's address and key."""
+        return {"id": self.id, "step": self.step, "members": self.members, **plan.describe(self.topology, self.order),
                 "streams": self.streams, "min_rate": self.min_rate,
                 "addrs": {m: islands[m].addr for m in self.members}, "keys": {m: key_of(m) for m in self.members}}
 
@@ -1012,7 +1019,8 @@ class RunState:
             self.run_step = es
             p = next(self.islands[n].pending for n in supporters if (self.islands[n].pending or {}).get("id") == eid)
             e = Epoch(eid, es, members, list(p.get("order", members)),  # type: ignore[union-attr]
-                      p.get("streams") or self._streams(members), self.cfg.min_rate)  # type: ignore[union-attr]
+                      p.get("streams") or self._streams(members), self.cfg.min_rate,  # type: ignore[union-attr]
+                      topology=p.get("topology", "ring"))  # type: ignore[union-attr]
             for n in supporters:
                 st = (self.islands[n].pending or {}).get("status")
                 if st in ("ok", "fail"):

@@ -62,9 +62,9 @@ def document(st: RunState, run_id: str, now: float) -> dict[str, Any]:
                         "rtts": {k: round(v, 4) for k, v in sorted(i.rtts.items())}})
     e = st.epoch
     epoch = None if e is None else {
-        "id": e.id, "step": e.step, "members": e.members, "order": e.order, "streams": e.streams,
-        "min_rate": e.min_rate, "done": dict(e.done), "running_s": round(now - e.formed_at, 1) if e.formed_at else None,
-        "excluded": dict(e.excluded)}
+        "id": e.id, "step": e.step, "members": e.members, "topology": e.topology, "order": e.order,
+        "streams": e.streams, "min_rate": e.min_rate, "done": dict(e.done),
+        "running_s": round(now - e.formed_at, 1) if e.formed_at else None, "excluded": dict(e.excluded)}
     counts: dict[str, dict[str, int]] = {}
     for (group, reason), n in st.counts.items():
         counts.setdefault(group, {})[reason] = n
