@@ -113,15 +113,15 @@ TOPOLOGIES: dict[str, Callable[[int], Plan]] = {"ring": ring_plan}
 def describe(topology: str, order: Sequence[str]) -> dict[str, Any]:
     """What the coordinator hands out: the topology's name and the member order (ranks are positions in it)."""
     if topology not in TOPOLOGIES:
-        raise ValueError(f"unknown reduce topology {topology!r}; expected one of {sorted(TOPOLOGIES)}")
+        raise ValueError(f"unknown reduce topology {topology!r:.40}; expected one of {sorted(TOPOLOGIES)}")
     return {"topology": topology, "order": list(order)}
 
 
 def from_description(desc: dict[str, Any]) -> Plan:
     """The plan an epoch names (``{"topology", "order"}``; no topology: the ring)."""
     topology = desc.get("topology") or "ring"
-    if topology not in TOPOLOGIES:
-        raise ValueError(f"unknown reduce topology {topology!r}; expected one of {sorted(TOPOLOGIES)}")
+    if not isinstance(topology, str) or topology not in TOPOLOGIES:
+        raise ValueError(f"unknown reduce topology {topology!r:.40}; expected one of {sorted(TOPOLOGIES)}")
     return TOPOLOGIES[topology](len(desc["order"]))
 
 

@@ -26,7 +26,7 @@ from intellect_jax import quant  # the numpy twin; imports no jax
 
 from . import wire
 from .codec import BlockCodec, Codec, Fp32Codec, Packed, make_codec  # noqa: F401 - the ring's public names
-from .executor import CANCEL_POLL_S, RingError, RingStats, _cause, run_plan, window  # noqa: F401
+from .executor import CANCEL_POLL_S, RingError, RingStats, run_plan, window  # noqa: F401
 from .plan import PIPELINE_DEPTH, Layout, make_layout, ring_plan  # noqa: F401
 
 
