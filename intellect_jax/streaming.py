@@ -22,8 +22,9 @@ of the bytes) is on the wire at a time. With tau = ``overlap_steps``:
         params_i,p <- alpha x params_i,p(s + tau) + (1 - alpha) x global_p      # alpha = merge_alpha
 
 tau = 0 applies at the sync step; with alpha = 0 an island takes the global fragment (alpha = 0 uses it directly, so
-a non-finite island value cannot leak through 0 x NaN). P = 1, tau = 0, alpha = 0 is plain DiLoCo (diloco.py), and
-the trainer then runs diloco.outer_update itself. A non-finite mean skips that fragment's outer update (the global
+a non-finite island value cannot leak through 0 x NaN). P = 1, tau = 0, alpha = 0 is plain DiLoCo (diloco.py) bit
+for bit (tests/test_streaming.py); a run with those settings takes sync.py's plain outer step (diloco.outer_update
+in-program, island.py's blocking sync over TCP). A non-finite mean skips that fragment's outer update (the global
 fragment and its optimizer state are kept, every island takes the kept values as above) and leaves its residuals.
 The inner optimizer state is never reset (as in plain DiLoCo here).
 

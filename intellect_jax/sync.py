@@ -226,6 +226,9 @@ class DilocoSync(Sync):
             if cfg.diloco.outer_state_on_host:
                 log.info("the %s backend has no pinned_host memory: the outer state stays in device memory",
                          jax.default_backend())
+        # Parameters each outer row syncs (the whole model, or each fragment's view): its data-parallel comparison.
+        self.row_elements = ([nparams_of(global_params)] if self.frags is None else
+                             [self.frags.size(p, global_params) for p in range(self.frags.count)])
         self.state = jax.jit(self._init_state, out_shardings=self.shardings)(global_params)
         del global_params  # now inside the state
         self._island_step = diloco.island_inner_step(inner_step)
@@ -236,9 +239,7 @@ class DilocoSync(Sync):
         nparams = count_params(cfg.model).total_params
         self.wire_bytes = collective.wire_bytes_per_island(nparams, wire_islands, cfg.diloco.compression,
                                                            cfg.diloco.block_size)
-        # Data-parallel training all-reduces fp32 gradients every inner step: H of them per outer step.
-        ddp = collective.ring_allreduce_bytes_per_island(nparams, n) * self.H
-        self.wire_ratio_vs_ddp = ddp / self.wire_bytes if self.wire_bytes else float("inf")
+        self.wire_ratio_vs_ddp = ddp_ratio(nparams, wire_islands, self.H, self.wire_bytes)
         self._t_outer = time.perf_counter()
         # Streaming with overlap: (fragment, step at which its mean is applied, the mean) between its sync and then;
         # `_marked`: (fragment, sync step) of a reduce that runs inside the next inner step's program.
@@ -295,15 +296,19 @@ class DilocoSync(Sync):
     def _record(self, step: int, metrics: dict[str, Any], wait_s: float, wire_bytes: int,
                 extra: dict[str, Any], sync_s: float | None = None) -> dict[str, Any]:
         """An outer step's metrics row (and its log lines); `wait_s`: the time the inner steps waited for it;
-        `sync_s`: how long the sync itself took (default `wait_s`: nothing of it was hidden)."""
+        `sync_s`: how long the sync itself took (default `wait_s`: nothing of it was hidden). `extra` may replace
+        the bytes sent and the island count with what the reduce measured (elastic); the row's ratio to
+        data-parallel uses those."""
         wall, self._t_outer = time.perf_counter() - self._t_outer, time.perf_counter()
         outer = self.outer_step()
         sync_s = wait_s if sync_s is None else sync_s
         record = {"kind": "outer", "outer_step": outer, "step": step, "sync_seconds": sync_s,
                   "wait_seconds": wait_s, "hidden_seconds": max(0.0, sync_s - wait_s), "outer_wall_seconds": wall,
                   "compute_utilization": (wall - wait_s) / wall if wall > 0 else 1.0,
-                  "bytes_sent_per_island": wire_bytes, "wire_ratio_vs_ddp": self.wire_ratio_vs_ddp,
-                  "islands": self.num_islands, **summarise(metrics, self.num_islands), **extra}
+                  "bytes_sent_per_island": wire_bytes, "islands": self.num_islands,
+                  **summarise(metrics, self.num_islands), **extra}
+        record["wire_ratio_vs_ddp"] = ddp_ratio(self.row_elements[extra.get("fragment", 0)], record["islands"],
+                                                self.H, record["bytes_sent_per_island"])
         what = f"fragment {extra['fragment']}" if "fragment" in extra else f"{record['islands']} islands"
         log.info("outer step %d: synced %s in %.2fs, |delta| %.4g%s", outer, what, wait_s,
                  float(np.asarray(metrics.get("delta_norm", 0.0))),
@@ -997,6 +1002,19 @@ def make_sync(cfg: Config, mesh: Mesh, setup: ModelSetup, inner_step: Callable, 
     else:
         cls = NoSync
     return cls(cfg, mesh, setup, inner_step, batch_sharding, params)
+
+
+def nparams_of(tree) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def ddp_ratio(elements: int, islands: int, inner_steps: int, sent: int) -> float | None:
+    """How many times fewer bytes an outer step sent per island than data-parallel training of the same parameters
+    would have: an fp32 ring all-reduce of their gradients among the same islands at every one of the H inner steps.
+    None when nothing was sent (an island alone)."""
+    if sent <= 0 or islands < 2:
+        return None
+    return collective.ring_allreduce_bytes_per_island(elements, islands) * inner_steps / sent
 
 
 def _reduce_fields(stats: dict[str, Any]) -> dict[str, Any]:
