@@ -39,6 +39,7 @@ from intellect_jax.checkpoint import Checkpointer, CheckpointError
 from intellect_jax.config import Config
 from intellect_jax.info import count_params
 from intellect_jax.metrics import summarise
+from intellect_jax.schedule import Schedule
 from intellect_jax.state import ModelSetup, init_params, init_train_state, opt_state_specs, train_state_specs
 from intellect_jax.train_step import init_state as inner_init_state
 
@@ -207,6 +208,8 @@ class DilocoSync(Sync):
                 opt_state_specs(self.outer, jax.eval_shape(lambda g, p=p: self.outer.init(self.frags.take(g, p)),
                                                            global_params), self.frags.take(gspecs, p))
                 for p in range(self.frags.count))
+        self.schedule = Schedule(self.H, c.fragments if self.frags is not None else 1,
+                                 c.overlap_steps if self.frags is not None else 0)
         self.inner_specs = inner_specs
         self.error_feedback = cfg.diloco.error_feedback
         self.device_shardings = sh.named(mesh, diloco.DilocoState(
@@ -280,7 +283,7 @@ class DilocoSync(Sync):
         return self._block(metrics)
 
     def at_boundary(self, step: int) -> bool:
-        return step % self.H == 0
+        return self.schedule.at_boundary(step)
 
     def maybe(self, step: int, report: Report) -> int:
         if not self.at_boundary(step):
@@ -538,7 +541,7 @@ class MeshSync(DilocoSync):
             metrics = jax.device_get(self._block(self._reduce_metrics | applied))
             report(self._record(step, metrics, time.perf_counter() - ready_at + self._reduce_wait,
                                 self.fragment_wire_bytes[p], {"fragment": p, "overlap_steps": self.tau}), ready_at)
-        p = self.frags.due(step, self.H)
+        p = self.schedule.due(step)
         if p is None:
             return step
         if self.tau == 0:
@@ -797,8 +800,9 @@ class ElasticSync(DilocoSync):
         """Streaming: the next outer step starts at this step (or started earlier: an island that re-synced from a
         peer after its sync step joins that sync at once), unless its mean would be due after the run's last step
         (it could not be applied in this run; a run resumed from there, or prolonged, launches it as it starts)."""
-        start = self.round_step(self.outer_step())
-        return self._flight is None and start <= step and start + self.tau <= self.cfg.total_inner_steps
+        r = self.outer_step()
+        return (self._flight is None and self.schedule.launch(r) <= step
+                and self.schedule.land(r) <= self.cfg.total_inner_steps)
 
     def checkpoint_ok(self) -> bool:
         """Streaming: nothing is saved (and the run does not stop) while a reduce is in flight, so that a checkpoint
@@ -815,12 +819,6 @@ class ElasticSync(DilocoSync):
         if self.frags is None:
             return max(step, self.outer_step() * self.H)
         return max(step, int(self.state.inner.step[0]))
-
-    def round_step(self, outer_step: int) -> int:
-        """Streaming: the inner step at which outer step (fragment sync) `outer_step` starts: round k = r // P + 1 of
-        fragment r mod P (streaming.Fragments.due, in the order the outer steps are counted)."""
-        P = self.frags.count
-        return (outer_step // P + 1) * self.H + self.frags.offset(outer_step % P, self.H)
 
     def maybe(self, step: int, report: Report) -> int:
         if self.frags is None:
@@ -860,7 +858,7 @@ class ElasticSync(DilocoSync):
         scheduled step (the same step on every island)."""
         t1 = time.perf_counter()
         r = self.outer_step()
-        p, start = r % self.frags.count, self.round_step(r)
+        p, start = self.schedule.fragment(r), self.schedule.launch(r)
         if step > start:
             log.info("joining outer step %d's sync %d inner step(s) after its start (re-synced from a peer)", r,
                      step - start)
@@ -879,7 +877,7 @@ class ElasticSync(DilocoSync):
         else:
             out = self._frag_vec[p](self.state)
             payload = lambda: (np.asarray(jax.device_get(out), np.float32), None)  # noqa: E731
-        self._flight = (p, start + self.tau, self.island.start_reduce(r, payload, self.device_codes),
+        self._flight = (p, self.schedule.land(r), self.island.start_reduce(r, payload, self.device_codes),
                         time.perf_counter() - t1)
 
     def _land(self, step: int, report: Report) -> int:
