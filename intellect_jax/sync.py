@@ -789,7 +789,9 @@ class ElasticSync(DilocoSync):
         """Joins the run (after compiling: a joiner must not fetch the state and then compile for minutes)."""
         from intellect_jax.island import ElasticIsland
 
-        self.island = ElasticIsland(self.cfg, self)
+        c = self.cfg
+        self.island = ElasticIsland(self, c.elastic, c.elastic.run_id or c.run.name, c.diloco.compression,
+                                    c.diloco.block_size)
         self.island.join()
         step = super().start(self._resume_step(step))  # a peer's state may be ahead
         if self.frags is not None and self._launch_due(step):  # resumed where a fragment's sync starts
@@ -951,6 +953,13 @@ class ElasticSync(DilocoSync):
                                                                                self.state), p)))
         return jax.ShapeDtypeStruct((n,), jax.numpy.float32, sharding=self.replicated)
 
+    # island.LocalState: what the island's protocol (island.py) asks of this state
+    def position(self) -> tuple[int, int]:
+        return int(self.state.outer_step), int(self.state.inner.step[0])
+
+    def install_snapshot(self, arrays: dict[str, np.ndarray], outer_step: int, step: int) -> None:
+        self.install_global(*self.global_from_snapshot(arrays), outer_step, step)
+
     def install_global(self, global_params, outer_opt_state, outer_step: int, step: int) -> None:
         self._flight = None  # a peer's state replaces what this island had in flight
         super().install_global(global_params, outer_opt_state, outer_step, step)
@@ -959,7 +968,6 @@ class ElasticSync(DilocoSync):
         metrics, h = self.island.sync()
         return metrics, {"params_hash": h, **_reduce_fields(self.island.client.last_stats)}
 
-    # island.py drives these
     def pseudo_gradient_payload(self) -> tuple[Any, float | None, Any]:
         """(what this island puts into the ring: Packed codes made here or the fp32 vector, its norm or None, the
         new error-feedback residual or None, to hand back to `apply_mean`)."""
