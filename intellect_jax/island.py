@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from intellect_jax.codecs import Packed
 from intellect_jax.config import Config
 from intellect_jax.elastic.client import IslandClient, StaleStep
 from intellect_jax.elastic.recovery import State, array_digests, params_hash
-from intellect_jax.elastic.ring import Packed
 
 if TYPE_CHECKING:
     from intellect_jax.sync import ElasticSync
