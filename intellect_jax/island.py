@@ -25,10 +25,10 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
+from intellect_jax.codecs import Packed
 from intellect_jax.config import ElasticConfig
 from intellect_jax.elastic.client import IslandClient, JoinInfo, StaleStep
 from intellect_jax.elastic.recovery import State, array_digests, params_hash
-from intellect_jax.elastic.ring import Packed
 
 log = logging.getLogger("intellect_jax.island")
 

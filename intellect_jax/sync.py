@@ -33,7 +33,7 @@ import jax.flatten_util
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from intellect_jax import collective, diloco, quant, streaming
+from intellect_jax import collective, diloco, streaming
 from intellect_jax import sharding as sh
 from intellect_jax.checkpoint import Checkpointer, CheckpointError
 from intellect_jax.config import Config
@@ -575,10 +575,10 @@ class ElasticSync(DilocoSync):
             raise ConfigError(f"elastic.coordinator is set and mesh.islands={sh.island_count(mesh)}; an elastic "
                               "island is one island per program: set mesh.islands=1 (islands join over TCP)")
         super().__init__(cfg, mesh, setup, inner_step, batch_sharding, params, wire_islands=2)
-        from intellect_jax.elastic.ring import make_codec
+        from intellect_jax.codecs import make_codec
 
         full, rep = self.shardings, self.replicated
-        # int8/int4: the codes are made here on the devices (quant.pack, the jnp twin of the ring's codec) and only
+        # int8/int4: the codes are made here on the devices (Codec.pack, the jnp twin of the ring's codec) and only
         # they cross to the host; the ring's mean comes back as codes and is decoded here too.
         mode = cfg.elastic.device_codes
         self.device_codes = cfg.diloco.compression != "none" and (
@@ -699,19 +699,17 @@ class ElasticSync(DilocoSync):
     def _pack_on_device(self, v):
         """A flat fp32 vector -> the ring's Packed form made here (blocks from element 0, the tail zero-padded), its
         norm (for the coordinator's guard), and with error feedback the new residual: what the codes drop of v."""
-        c = self.cfg.diloco
-        n = v.shape[0]
-        codes, scales = quant.pack_padded(v, bits=self._codec.bits, block_size=c.block_size)
+        codes, scales = self._codec.pack(v)
         residual = None
         if self.error_feedback:
-            residual = v - quant.unpack(codes, scales, bits=self._codec.bits, block_size=c.block_size)[:n]
+            residual = v - self._codec.unpack(codes, scales, v.shape[0])
         return codes, scales, jax.numpy.linalg.norm(v), residual
 
     def _decode_on_device(self, s, codes, scales, p: int | None = None):
         """The ring's mean (Packed codes + scales) -> flat fp32 of the whole state's (or fragment p's) length."""
         tree = s.global_params if p is None else self.frags.take(s.global_params, p)
         n = sum(x.size for x in jax.tree.leaves(tree))
-        return quant.unpack(codes, scales, bits=self._codec.bits, block_size=self.cfg.diloco.block_size)[:n]
+        return self._codec.unpack(codes, scales, n)
 
     def _fragment_packed(self, s, p: int):
         codes, scales, norm, residual = self._pack_on_device(self._fragment_vector(s, p))
@@ -931,14 +929,12 @@ class ElasticSync(DilocoSync):
         return self._resume_step(step)
 
     def _packed_abstract(self, n: int) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
-        m, c = quant.padded_size(n, self.cfg.diloco.block_size), self._codec
-        return (jax.ShapeDtypeStruct((m * c.bits // 8,), np.int8 if c.bits == 8 else np.uint8,
-                                     sharding=self.replicated),
-                jax.ShapeDtypeStruct((m // c.block_size,), np.float32, sharding=self.replicated))
+        return tuple(jax.ShapeDtypeStruct(shape, dtype, sharding=self.replicated)
+                     for shape, dtype in self._codec.layout(n))
 
     @staticmethod
     def _packed(codes, scales, norm, n: int):
-        from intellect_jax.elastic.ring import Packed
+        from intellect_jax.codecs import Packed
 
         return Packed(np.asarray(codes), np.asarray(scales), n), float(norm)
 
