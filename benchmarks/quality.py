@@ -265,10 +265,12 @@ class Streaming:
         import jax
 
         from intellect_jax import collective, streaming
+        from intellect_jax.schedule import Schedule
 
         c = cfg.diloco
         self.frags = streaming.Fragments(global_params, cfg.model.num_hidden_layers, c.fragments)
         self.H, self.tau = c.inner_steps, c.overlap_steps
+        self.schedule = Schedule(c.inner_steps, c.fragments, c.overlap_steps)
         self.bytes = [collective.wire_bytes_per_island(self.frags.size(p, global_params), n_islands, c.compression,
                                                        c.block_size) for p in range(self.frags.count)]
         self.peak, self.sent, self.syncs, self.pending = max(self.bytes), 0, 0, None
@@ -286,7 +288,7 @@ class Streaming:
             p, _, delta = self.pending
             state, _ = self.apply[p](state, delta)
             self.pending = None
-        p = self.frags.due(done, self.H)
+        p = self.schedule.due(done)
         if p is None:
             return state
         self.sent, self.syncs = self.sent + self.bytes[p], self.syncs + 1

@@ -42,14 +42,8 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from intellect_jax import quant
-from intellect_jax.config import COMPRESSION_BITS
+from intellect_jax.codecs import make_codec
 from intellect_jax.sharding import ISLAND
-
-
-def _bits(compression: str) -> int:
-    if compression not in COMPRESSION_BITS:
-        raise ValueError(f"compression must be one of {sorted(COMPRESSION_BITS)}, got {compression!r}")
-    return COMPRESSION_BITS[compression]
 
 
 def inner_spec(spec: P, island_axis: str = ISLAND) -> P:
@@ -74,7 +68,7 @@ def make_island_mean(mesh, specs, *, compression: str = "int8", block_size: int 
       the inner specs and replicated over the island axis, every island's copy bit-identical. With
       ``return_sent``: ``(mean, sent)``, ``sent`` float32 shaped and sharded like the input (``none``: the input).
     """
-    bits = _bits(compression)
+    codec = make_codec(compression, block_size)
     if island_axis not in mesh.axis_names:
         raise ValueError(f"mesh axes {mesh.axis_names} have no {island_axis!r}")
     n = mesh.shape[island_axis]
@@ -99,9 +93,9 @@ def make_island_mean(mesh, specs, *, compression: str = "int8", block_size: int 
         # Row j after the all_to_all: the chunk this island owns, as island j quantized it.
         codes = jax.lax.all_to_all(codes.reshape(n, -1), island_axis, 0, 0, tiled=True)
         scales = jax.lax.all_to_all(scales.reshape(n, -1), island_axis, 0, 0, tiled=True)
-        decoded = jax.vmap(lambda c, s: quant.unpack(c, s, bits=bits, block_size=block_size))(codes, scales)
+        decoded = jax.vmap(codec.unpack)(codes, scales)
         mine = jnp.sum(decoded, axis=0) * jnp.float32(1.0 / n)
-        codes, scales = quant.pack_padded(mine, bits=bits, block_size=block_size)  # re-quantized once, by its owner
+        codes, scales = codec.pack(mine)  # re-quantized once, by its owner
         return (jax.lax.all_gather(codes, island_axis, axis=0, tiled=True),
                 jax.lax.all_gather(scales, island_axis, axis=0, tiled=True))
 
@@ -132,18 +126,18 @@ def make_island_mean(mesh, specs, *, compression: str = "int8", block_size: int 
             if return_sent:
                 # Packed whole, so every replica knows what its island sent; a part is a whole number of blocks
                 # (and bytes), so the sliced codes are exactly the part's codes.
-                codes, scales = quant.pack_padded(v, bits=bits, block_size=block_size)
-                own = quant.unpack(codes, scales, bits=bits, block_size=block_size)
+                codes, scales = codec.pack(v)
+                own = codec.unpack(codes, scales)
                 for j, k in enumerate(members):
                     sent[k] = own[starts[j]:starts[j] + local[k].size].reshape((1,) + local[k].shape)
                 codes, scales = part(codes), part(scales)
             else:
-                codes, scales = quant.pack_padded(part(v), bits=bits, block_size=block_size)
+                codes, scales = codec.pack(part(v))
             codes, scales = island_mean_codes(codes, scales)
             if r > 1:
                 codes = jax.lax.all_gather(codes, rep_axes, axis=0, tiled=True)
                 scales = jax.lax.all_gather(scales, rep_axes, axis=0, tiled=True)
-            mean = quant.unpack(codes, scales, bits=bits, block_size=block_size)
+            mean = codec.unpack(codes, scales)
             for j, k in enumerate(members):
                 out[k] = mean[starts[j]:starts[j] + local[k].size].reshape(local[k].shape).astype(local[k].dtype)
         mean = jax.tree.unflatten(treedef, out)
@@ -151,7 +145,7 @@ def make_island_mean(mesh, specs, *, compression: str = "int8", block_size: int 
 
     if return_sent:
         out_specs = (out_specs, specs)
-    if bits == 32:
+    if codec.exact:
         return jax.shard_map(local_mean_exact, mesh=mesh, in_specs=(specs,), out_specs=out_specs)
     # check_vma=False: the type system cannot see that every island (and every replica) decodes the same gathered
     # bytes, so it would reject out_specs that are replicated over those axes. Replication holds by construction
@@ -170,10 +164,10 @@ def reference_island_mean(tree, *, compression: str = "int8", block_size: int = 
     packs its vector, the decoded vectors are summed over islands in island order and scaled by 1/n, and the mean is
     packed once and decoded. ``return_sent``: also ``sent`` (each island's own codes, decoded), like the input.
     """
-    bits = _bits(compression)
+    codec = make_codec(compression, block_size)
     leaves, treedef = jax.tree.flatten(tree)
     n = leaves[0].shape[0]
-    if bits == 32:
+    if codec.exact:
         mean = jax.tree.map(lambda x: jnp.mean(x, axis=0), tree)
         return (mean, jax.tree.map(lambda x: x.astype(jnp.float32), tree)) if return_sent else mean
     sizes = [int(np.prod(x.shape[1:])) for x in leaves]
@@ -181,8 +175,8 @@ def reference_island_mean(tree, *, compression: str = "int8", block_size: int = 
     starts = np.cumsum([0] + padded)
     v = jnp.concatenate([jnp.pad(x.astype(jnp.float32).reshape(n, -1), ((0, 0), (0, p - k)))
                          for x, k, p in zip(leaves, sizes, padded)], axis=1)
-    roundtrip = lambda u: quant.unpack(*quant.pack(u, bits=bits, block_size=block_size), bits=bits,  # noqa: E731
-                                       block_size=block_size)
+    # quant.pack (XLA's route on every backend) as before; Codec.pack (quant.pack_padded) gives the same bytes.
+    roundtrip = lambda u: codec.unpack(*quant.pack(u, bits=codec.bits, block_size=block_size))  # noqa: E731
     sent = jax.lax.optimization_barrier(jax.vmap(roundtrip)(v))  # no FMA into the sum, as in make_island_mean
     mean = roundtrip(jnp.sum(sent, axis=0) * jnp.float32(1.0 / n))
 
@@ -213,12 +207,11 @@ def wire_bytes_per_island(num_params: int, n_islands: int, compression: str = "i
     Counts each parameter once (replicas split their work); per-leaf block padding is not included.
     none: the float32 ring all-reduce, `ring_allreduce_bytes_per_island`.
     """
-    bits = _bits(compression)
-    if bits == 32:
-        return ring_allreduce_bytes_per_island(num_params, n_islands)
+    codec = make_codec(compression, block_size)
+    if codec.exact:
+        return ring_allreduce_bytes_per_island(num_params, n_islands, codec.wire_bytes(1))
     n_pad = quant.padded_size(num_params, block_size, n_islands)
-    chunk = quant.payload_bytes(n_pad // n_islands, bits=bits, block_size=block_size)
-    return 2 * (n_islands - 1) * chunk
+    return 2 * (n_islands - 1) * codec.wire_bytes(n_pad // n_islands)
 
 
 def ring_allreduce_bytes_per_island(num_params: int, n_islands: int, bytes_per_element: int = 4) -> int:

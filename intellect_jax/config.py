@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from intellect_jax import codecs
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the key and says how to fix it."""
@@ -188,8 +190,9 @@ class DataConfig:
                 raise ConfigError(f"data.sources weights sum to {total}; give at least one source a positive weight")
 
 
-COMPRESSIONS = ("none", "int8", "int4")
-COMPRESSION_BITS = {"none": 32, "int8": 8, "int4": 4}
+# diloco.compression: the wire codecs' names and bits per element (intellect_jax.codecs registers them).
+COMPRESSIONS = tuple(codecs.CODECS)
+COMPRESSION_BITS = {name: c.bits for name, c in codecs.CODECS.items()}
 
 
 @dataclass(frozen=True)

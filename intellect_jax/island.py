@@ -21,32 +21,52 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from intellect_jax.config import Config
-from intellect_jax.elastic.client import IslandClient, StaleStep
+from intellect_jax.codecs import Packed
+from intellect_jax.config import ElasticConfig
+from intellect_jax.elastic.client import IslandClient, JoinInfo, StaleStep
 from intellect_jax.elastic.recovery import State, array_digests, params_hash
-from intellect_jax.elastic.ring import Packed
-
-if TYPE_CHECKING:
-    from intellect_jax.sync import ElasticSync
 
 log = logging.getLogger("intellect_jax.island")
 
 
-class ElasticIsland:
-    """Wraps the DiLoCo state of an ElasticSync (one local island) with the cross-island client."""
+class LocalState(Protocol):
+    """What an island's protocol needs of the state it trains: sync.ElasticSync for the JAX trainer, a numpy
+    stand-in in tests/sim_island.py (so the end-to-end tests and soaks drive this module, not a copy of it)."""
 
-    def __init__(self, cfg: Config, sync: "ElasticSync"):
-        self.cfg = cfg
-        self.local = sync  # the ElasticSync whose DiLoCo state this island shares
+    device_codes: bool  # payloads are Packed codes, and the mean comes back packed
+    resumed_epoch: dict | None  # the epoch that committed a restored checkpoint's state, if known
+
+    def position(self) -> tuple[int, int]:
+        """(completed outer steps, inner step) of the global state."""
+
+    def snapshot_later(self, fragment: int | None = None) -> Callable[[], dict[str, np.ndarray]]:
+        """The global state as named host arrays: dispatched now, fetched by calling the result (maybe in a thread);
+        with `fragment`, only that fragment's part."""
+
+    def install_snapshot(self, arrays: dict[str, np.ndarray], outer_step: int, step: int) -> None:
+        """Loads a peer's global state (snapshot arrays); every local island restarts from it."""
+
+    def pseudo_gradient_payload(self) -> tuple[Any, float | None, Any]:
+        """(what goes into the ring: an fp32 vector or Packed codes, its norm or None, a residual for apply_mean)."""
+
+    def apply_mean(self, delta: Any, residual: Any) -> dict:
+        """Applies the ring's mean (the outer step); returns metrics."""
+
+
+class ElasticIsland:
+    """The cross-island protocol of one island (join, reduce, hash vote, re-sync from a peer) around its LocalState.
+    Imports no jax: all device work is the LocalState's."""
+
+    def __init__(self, local: LocalState, elastic: ElasticConfig, run_id: str, compression: str, block_size: int):
+        self.local = local
         self._lock = threading.Lock()
         self._snapshot: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None
         self._vote: tuple[threading.Thread, int, list] | None = None  # streaming: (thread, outer step, its verdict)
-        self.client = IslandClient(cfg.elastic, cfg.elastic.run_id or cfg.run.name, self._provide,
-                                   compression=cfg.diloco.compression, block_size=cfg.diloco.block_size)
+        self.client = IslandClient(elastic, run_id, self._provide, compression=compression, block_size=block_size)
         self.refresh_snapshot()
 
     # -- state as the elastic layer sees it: global params + outer optimizer state, as named numpy arrays ----------
@@ -65,8 +85,8 @@ class ElasticIsland:
 
     def _host_copy_later(self, fragment: int | None) -> tuple[Callable[[], dict[str, np.ndarray]], dict[str, Any]]:
         """The host copy's device half, dispatched now (ElasticSync.snapshot_later), and its meta."""
-        s = self.local.state
-        return self.local.snapshot_later(fragment), {"outer_step": int(s.outer_step), "step": int(s.inner.step[0])}
+        outer_step, step = self.local.position()
+        return self.local.snapshot_later(fragment), {"outer_step": outer_step, "step": step}
 
     def _merge(self, arrays: dict[str, np.ndarray], fragment: int | None) -> tuple[dict[str, np.ndarray], dict]:
         """A fragment's fresh arrays with the current snapshot's others, and those others' digests."""
@@ -96,10 +116,8 @@ class ElasticIsland:
 
     def install(self, state: State) -> None:
         """Loads a peer's global state; every local inner state restarts from it (fresh AdamW moments)."""
-        global_params, outer_opt_state = self.local.global_from_snapshot(state.arrays)
         self._join_vote()  # the peer's state replaces what was voted on
-        self.local.install_global(global_params, outer_opt_state, int(state.meta["outer_step"]),
-                                  int(state.meta.get("step", 0)))
+        self.local.install_snapshot(state.arrays, int(state.meta["outer_step"]), int(state.meta.get("step", 0)))
         got = self.refresh_snapshot()
         if got != state.meta["params_hash"]:
             raise RuntimeError(f"installed state hashes to {got}, the peer said {state.meta['params_hash']}")
@@ -108,17 +126,18 @@ class ElasticIsland:
 
     # -- the run ---------------------------------------------------------------------------------------------------
 
-    def join(self) -> None:
+    def join(self) -> JoinInfo:
         arrays, meta = self._provide()
         info = self.client.join(meta["outer_step"], meta["params_hash"], self.local.resumed_epoch)
         log.info("joined the run (run at outer step %s; this island at %d)%s", info.run_step, meta["outer_step"],
                  ": fetching the state from a live peer" if info.needs_state else "")
         if info.needs_state:
             self.install(self.client.fetch_state())
+        return info
 
     def sync(self) -> tuple[dict, str]:
         """The outer step over TCP. Returns (metrics, hash of the committed global state)."""
-        s = int(self.local.state.outer_step)
+        s = self.local.position()[0]
         payload, norm, residual = self.local.pseudo_gradient_payload()
         try:
             delta = self.client.all_reduce_mean(s, payload, norm, packed_out=self.local.device_codes)

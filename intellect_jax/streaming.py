@@ -8,8 +8,8 @@ final norm (a few thousand numbers) goes with the fragment of the last layer. So
 layer count, every fragment holds 1/P of the parameters (the embedding and head included: they are 10% of a 10B
 Llama-3 and 40% of the debug model, so giving them to one fragment would leave its sync far above 1/P of the bytes).
 
-**Schedule.** With H = ``inner_steps``, fragment p syncs at steps k H + floor(p H / P), k >= 1, so one fragment (1/P
-of the bytes) is on the wire at a time. With tau = ``overlap_steps``:
+**Schedule** (schedule.py). With H = ``inner_steps``, fragment p syncs at steps k H + floor(p H / P), k >= 1, so one
+fragment (1/P of the bytes) is on the wire at a time. With tau = ``overlap_steps``:
 
     at its sync step s (after s inner steps):
         g      = global_p                                 # the fragment of the global params
@@ -22,8 +22,9 @@ of the bytes) is on the wire at a time. With tau = ``overlap_steps``:
         params_i,p <- alpha x params_i,p(s + tau) + (1 - alpha) x global_p      # alpha = merge_alpha
 
 tau = 0 applies at the sync step; with alpha = 0 an island takes the global fragment (alpha = 0 uses it directly, so
-a non-finite island value cannot leak through 0 x NaN). P = 1, tau = 0, alpha = 0 is plain DiLoCo (diloco.py), and
-the trainer then runs diloco.outer_update itself. A non-finite mean skips that fragment's outer update (the global
+a non-finite island value cannot leak through 0 x NaN). P = 1, tau = 0, alpha = 0 is plain DiLoCo (diloco.py) bit
+for bit (tests/test_streaming.py); a run with those settings takes sync.py's plain outer step (diloco.outer_update
+in-program, island.py's blocking sync over TCP). A non-finite mean skips that fragment's outer update (the global
 fragment and its optimizer state are kept, every island takes the kept values as above) and leaves its residuals.
 The inner optimizer state is never reset (as in plain DiLoCo here).
 
@@ -116,17 +117,6 @@ class Fragments:
     def size(self, p: int, params: dict) -> int:
         """Parameters in fragment p."""
         return sum(int(x.size) for x in jax.tree.leaves(self.take(params, p)))
-
-    def offset(self, p: int, inner_steps: int) -> int:
-        return p * inner_steps // self.count
-
-    def due(self, step: int, inner_steps: int) -> int | None:
-        """The fragment that syncs after `step` inner steps, or None."""
-        for p in range(self.count):
-            off = self.offset(p, inner_steps)
-            if step >= inner_steps + off and (step - off) % inner_steps == 0:
-                return p
-        return None
 
 
 def init_outer_states(frags: Fragments, outer: optax.GradientTransformation, global_params: dict) -> tuple:

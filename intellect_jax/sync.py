@@ -33,12 +33,13 @@ import jax.flatten_util
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from intellect_jax import collective, diloco, quant, streaming
+from intellect_jax import collective, diloco, streaming
 from intellect_jax import sharding as sh
 from intellect_jax.checkpoint import Checkpointer, CheckpointError
 from intellect_jax.config import Config
 from intellect_jax.info import count_params
 from intellect_jax.metrics import summarise
+from intellect_jax.schedule import Schedule
 from intellect_jax.state import ModelSetup, init_params, init_train_state, opt_state_specs, train_state_specs
 from intellect_jax.train_step import init_state as inner_init_state
 
@@ -207,6 +208,8 @@ class DilocoSync(Sync):
                 opt_state_specs(self.outer, jax.eval_shape(lambda g, p=p: self.outer.init(self.frags.take(g, p)),
                                                            global_params), self.frags.take(gspecs, p))
                 for p in range(self.frags.count))
+        self.schedule = Schedule(self.H, c.fragments if self.frags is not None else 1,
+                                 c.overlap_steps if self.frags is not None else 0)
         self.inner_specs = inner_specs
         self.error_feedback = cfg.diloco.error_feedback
         self.device_shardings = sh.named(mesh, diloco.DilocoState(
@@ -226,6 +229,9 @@ class DilocoSync(Sync):
             if cfg.diloco.outer_state_on_host:
                 log.info("the %s backend has no pinned_host memory: the outer state stays in device memory",
                          jax.default_backend())
+        # Parameters each outer row syncs (the whole model, or each fragment's view): its data-parallel comparison.
+        self.row_elements = ([nparams_of(global_params)] if self.frags is None else
+                             [self.frags.size(p, global_params) for p in range(self.frags.count)])
         self.state = jax.jit(self._init_state, out_shardings=self.shardings)(global_params)
         del global_params  # now inside the state
         self._island_step = diloco.island_inner_step(inner_step)
@@ -236,9 +242,7 @@ class DilocoSync(Sync):
         nparams = count_params(cfg.model).total_params
         self.wire_bytes = collective.wire_bytes_per_island(nparams, wire_islands, cfg.diloco.compression,
                                                            cfg.diloco.block_size)
-        # Data-parallel training all-reduces fp32 gradients every inner step: H of them per outer step.
-        ddp = collective.ring_allreduce_bytes_per_island(nparams, n) * self.H
-        self.wire_ratio_vs_ddp = ddp / self.wire_bytes if self.wire_bytes else float("inf")
+        self.wire_ratio_vs_ddp = ddp_ratio(nparams, wire_islands, self.H, self.wire_bytes)
         self._t_outer = time.perf_counter()
         # Streaming with overlap: (fragment, step at which its mean is applied, the mean) between its sync and then;
         # `_marked`: (fragment, sync step) of a reduce that runs inside the next inner step's program.
@@ -279,7 +283,7 @@ class DilocoSync(Sync):
         return self._block(metrics)
 
     def at_boundary(self, step: int) -> bool:
-        return step % self.H == 0
+        return self.schedule.at_boundary(step)
 
     def maybe(self, step: int, report: Report) -> int:
         if not self.at_boundary(step):
@@ -295,15 +299,19 @@ class DilocoSync(Sync):
     def _record(self, step: int, metrics: dict[str, Any], wait_s: float, wire_bytes: int,
                 extra: dict[str, Any], sync_s: float | None = None) -> dict[str, Any]:
         """An outer step's metrics row (and its log lines); `wait_s`: the time the inner steps waited for it;
-        `sync_s`: how long the sync itself took (default `wait_s`: nothing of it was hidden)."""
+        `sync_s`: how long the sync itself took (default `wait_s`: nothing of it was hidden). `extra` may replace
+        the bytes sent and the island count with what the reduce measured (elastic); the row's ratio to
+        data-parallel uses those."""
         wall, self._t_outer = time.perf_counter() - self._t_outer, time.perf_counter()
         outer = self.outer_step()
         sync_s = wait_s if sync_s is None else sync_s
         record = {"kind": "outer", "outer_step": outer, "step": step, "sync_seconds": sync_s,
                   "wait_seconds": wait_s, "hidden_seconds": max(0.0, sync_s - wait_s), "outer_wall_seconds": wall,
                   "compute_utilization": (wall - wait_s) / wall if wall > 0 else 1.0,
-                  "bytes_sent_per_island": wire_bytes, "wire_ratio_vs_ddp": self.wire_ratio_vs_ddp,
-                  "islands": self.num_islands, **summarise(metrics, self.num_islands), **extra}
+                  "bytes_sent_per_island": wire_bytes, "islands": self.num_islands,
+                  **summarise(metrics, self.num_islands), **extra}
+        record["wire_ratio_vs_ddp"] = ddp_ratio(self.row_elements[extra.get("fragment", 0)], record["islands"],
+                                                self.H, record["bytes_sent_per_island"])
         what = f"fragment {extra['fragment']}" if "fragment" in extra else f"{record['islands']} islands"
         log.info("outer step %d: synced %s in %.2fs, |delta| %.4g%s", outer, what, wait_s,
                  float(np.asarray(metrics.get("delta_norm", 0.0))),
@@ -533,7 +541,7 @@ class MeshSync(DilocoSync):
             metrics = jax.device_get(self._block(self._reduce_metrics | applied))
             report(self._record(step, metrics, time.perf_counter() - ready_at + self._reduce_wait,
                                 self.fragment_wire_bytes[p], {"fragment": p, "overlap_steps": self.tau}), ready_at)
-        p = self.frags.due(step, self.H)
+        p = self.schedule.due(step)
         if p is None:
             return step
         if self.tau == 0:
@@ -567,10 +575,10 @@ class ElasticSync(DilocoSync):
             raise ConfigError(f"elastic.coordinator is set and mesh.islands={sh.island_count(mesh)}; an elastic "
                               "island is one island per program: set mesh.islands=1 (islands join over TCP)")
         super().__init__(cfg, mesh, setup, inner_step, batch_sharding, params, wire_islands=2)
-        from intellect_jax.elastic.ring import make_codec
+        from intellect_jax.codecs import make_codec
 
         full, rep = self.shardings, self.replicated
-        # int8/int4: the codes are made here on the devices (quant.pack, the jnp twin of the ring's codec) and only
+        # int8/int4: the codes are made here on the devices (Codec.pack, the jnp twin of the ring's codec) and only
         # they cross to the host; the ring's mean comes back as codes and is decoded here too.
         mode = cfg.elastic.device_codes
         self.device_codes = cfg.diloco.compression != "none" and (
@@ -691,19 +699,17 @@ class ElasticSync(DilocoSync):
     def _pack_on_device(self, v):
         """A flat fp32 vector -> the ring's Packed form made here (blocks from element 0, the tail zero-padded), its
         norm (for the coordinator's guard), and with error feedback the new residual: what the codes drop of v."""
-        c = self.cfg.diloco
-        n = v.shape[0]
-        codes, scales = quant.pack_padded(v, bits=self._codec.bits, block_size=c.block_size)
+        codes, scales = self._codec.pack(v)
         residual = None
         if self.error_feedback:
-            residual = v - quant.unpack(codes, scales, bits=self._codec.bits, block_size=c.block_size)[:n]
+            residual = v - self._codec.unpack(codes, scales, v.shape[0])
         return codes, scales, jax.numpy.linalg.norm(v), residual
 
     def _decode_on_device(self, s, codes, scales, p: int | None = None):
         """The ring's mean (Packed codes + scales) -> flat fp32 of the whole state's (or fragment p's) length."""
         tree = s.global_params if p is None else self.frags.take(s.global_params, p)
         n = sum(x.size for x in jax.tree.leaves(tree))
-        return quant.unpack(codes, scales, bits=self._codec.bits, block_size=self.cfg.diloco.block_size)[:n]
+        return self._codec.unpack(codes, scales, n)
 
     def _fragment_packed(self, s, p: int):
         codes, scales, norm, residual = self._pack_on_device(self._fragment_vector(s, p))
@@ -781,7 +787,9 @@ class ElasticSync(DilocoSync):
         """Joins the run (after compiling: a joiner must not fetch the state and then compile for minutes)."""
         from intellect_jax.island import ElasticIsland
 
-        self.island = ElasticIsland(self.cfg, self)
+        c = self.cfg
+        self.island = ElasticIsland(self, c.elastic, c.elastic.run_id or c.run.name, c.diloco.compression,
+                                    c.diloco.block_size)
         self.island.join()
         step = super().start(self._resume_step(step))  # a peer's state may be ahead
         if self.frags is not None and self._launch_due(step):  # resumed where a fragment's sync starts
@@ -792,8 +800,9 @@ class ElasticSync(DilocoSync):
         """Streaming: the next outer step starts at this step (or started earlier: an island that re-synced from a
         peer after its sync step joins that sync at once), unless its mean would be due after the run's last step
         (it could not be applied in this run; a run resumed from there, or prolonged, launches it as it starts)."""
-        start = self.round_step(self.outer_step())
-        return self._flight is None and start <= step and start + self.tau <= self.cfg.total_inner_steps
+        r = self.outer_step()
+        return (self._flight is None and self.schedule.launch(r) <= step
+                and self.schedule.land(r) <= self.cfg.total_inner_steps)
 
     def checkpoint_ok(self) -> bool:
         """Streaming: nothing is saved (and the run does not stop) while a reduce is in flight, so that a checkpoint
@@ -810,12 +819,6 @@ class ElasticSync(DilocoSync):
         if self.frags is None:
             return max(step, self.outer_step() * self.H)
         return max(step, int(self.state.inner.step[0]))
-
-    def round_step(self, outer_step: int) -> int:
-        """Streaming: the inner step at which outer step (fragment sync) `outer_step` starts: round k = r // P + 1 of
-        fragment r mod P (streaming.Fragments.due, in the order the outer steps are counted)."""
-        P = self.frags.count
-        return (outer_step // P + 1) * self.H + self.frags.offset(outer_step % P, self.H)
 
     def maybe(self, step: int, report: Report) -> int:
         if self.frags is None:
@@ -855,7 +858,7 @@ class ElasticSync(DilocoSync):
         scheduled step (the same step on every island)."""
         t1 = time.perf_counter()
         r = self.outer_step()
-        p, start = r % self.frags.count, self.round_step(r)
+        p, start = self.schedule.fragment(r), self.schedule.launch(r)
         if step > start:
             log.info("joining outer step %d's sync %d inner step(s) after its start (re-synced from a peer)", r,
                      step - start)
@@ -874,7 +877,7 @@ class ElasticSync(DilocoSync):
         else:
             out = self._frag_vec[p](self.state)
             payload = lambda: (np.asarray(jax.device_get(out), np.float32), None)  # noqa: E731
-        self._flight = (p, start + self.tau, self.island.start_reduce(r, payload, self.device_codes),
+        self._flight = (p, self.schedule.land(r), self.island.start_reduce(r, payload, self.device_codes),
                         time.perf_counter() - t1)
 
     def _land(self, step: int, report: Report) -> int:
@@ -926,14 +929,12 @@ class ElasticSync(DilocoSync):
         return self._resume_step(step)
 
     def _packed_abstract(self, n: int) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
-        m, c = quant.padded_size(n, self.cfg.diloco.block_size), self._codec
-        return (jax.ShapeDtypeStruct((m * c.bits // 8,), np.int8 if c.bits == 8 else np.uint8,
-                                     sharding=self.replicated),
-                jax.ShapeDtypeStruct((m // c.block_size,), np.float32, sharding=self.replicated))
+        return tuple(jax.ShapeDtypeStruct(shape, dtype, sharding=self.replicated)
+                     for shape, dtype in self._codec.layout(n))
 
     @staticmethod
     def _packed(codes, scales, norm, n: int):
-        from intellect_jax.elastic.ring import Packed
+        from intellect_jax.codecs import Packed
 
         return Packed(np.asarray(codes), np.asarray(scales), n), float(norm)
 
@@ -948,6 +949,13 @@ class ElasticSync(DilocoSync):
                                                                                self.state), p)))
         return jax.ShapeDtypeStruct((n,), jax.numpy.float32, sharding=self.replicated)
 
+    # island.LocalState: what the island's protocol (island.py) asks of this state
+    def position(self) -> tuple[int, int]:
+        return int(self.state.outer_step), int(self.state.inner.step[0])
+
+    def install_snapshot(self, arrays: dict[str, np.ndarray], outer_step: int, step: int) -> None:
+        self.install_global(*self.global_from_snapshot(arrays), outer_step, step)
+
     def install_global(self, global_params, outer_opt_state, outer_step: int, step: int) -> None:
         self._flight = None  # a peer's state replaces what this island had in flight
         super().install_global(global_params, outer_opt_state, outer_step, step)
@@ -956,7 +964,6 @@ class ElasticSync(DilocoSync):
         metrics, h = self.island.sync()
         return metrics, {"params_hash": h, **_reduce_fields(self.island.client.last_stats)}
 
-    # island.py drives these
     def pseudo_gradient_payload(self) -> tuple[Any, float | None, Any]:
         """(what this island puts into the ring: Packed codes made here or the fp32 vector, its norm or None, the
         new error-feedback residual or None, to hand back to `apply_mean`)."""
@@ -997,6 +1004,19 @@ def make_sync(cfg: Config, mesh: Mesh, setup: ModelSetup, inner_step: Callable, 
     else:
         cls = NoSync
     return cls(cfg, mesh, setup, inner_step, batch_sharding, params)
+
+
+def nparams_of(tree) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def ddp_ratio(elements: int, islands: int, inner_steps: int, sent: int) -> float | None:
+    """How many times fewer bytes an outer step sent per island than data-parallel training of the same parameters
+    would have: an fp32 ring all-reduce of their gradients among the same islands at every one of the H inner steps.
+    None when nothing was sent (an island alone)."""
+    if sent <= 0 or islands < 2:
+        return None
+    return collective.ring_allreduce_bytes_per_island(elements, islands) * inner_steps / sent
 
 
 def _reduce_fields(stats: dict[str, Any]) -> dict[str, Any]:

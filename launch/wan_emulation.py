@@ -144,7 +144,7 @@ def _demo(a: argparse.Namespace) -> int:
     with Topology(a.islands, a.rate) as topo:
         print(topo.describe())
         coord = subprocess.Popen(topo.exec_cmd(None, [
-            py, "-m", "intellect_jax.elastic.coordinator", "--bind", f"{topo.switch_ip}:{port}", "--secret-file",
+            py, "-m", "intellect_jax", "coordinator", "--bind", f"{topo.switch_ip}:{port}", "--secret-file",
             str(tmp / "secret"), "--min-islands", str(a.islands)]), stderr=open(tmp / "coordinator.log", "w"))
         islands = [subprocess.Popen(topo.exec_cmd(i, [
             py, str(SIM_ISLAND), "--coordinator", f"{topo.switch_ip}:{port}",

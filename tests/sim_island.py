@@ -1,9 +1,12 @@
-"""A numpy stand-in for a trainer island: drives IslandClient exactly as the JAX trainer will.
+"""A numpy stand-in for a trainer island, driven by the island protocol that ships (island.ElasticIsland, the same
+join, reduce, hash vote and re-sync code as the JAX trainer's ElasticSync): only the state is a stand-in.
 
-State: global params ``p`` and Nesterov momentum ``m`` (float32 vectors). Each outer step the "inner steps" are a
-sleep plus a deterministic pseudo-gradient ``g = f(island seed, outer step, p)``; the outer update is SGD with
-Nesterov momentum (lr 0.7, momentum 0.9, as in DiLoCo) applied to the all-reduced mean. One JSON line per event
-goes to ``--out``; with ``--dump-dir`` each step's pseudo-gradient and reduced mean are saved for checking.
+State (an island.LocalState): global params ``p`` and Nesterov momentum ``m`` (float32 vectors). Each outer step the
+"inner steps" are a sleep plus a deterministic pseudo-gradient ``g = f(island seed, outer step, p)``; the outer update
+is SGD with Nesterov momentum (lr 0.7, momentum 0.9, as in DiLoCo) applied to the all-reduced mean. One JSON line per
+event goes to ``--out``; with ``--dump-dir`` each step's pseudo-gradient and reduced mean are saved for checking.
+``--vote-later`` takes the streaming path of the trainer (ElasticSync._launch / _land): the reduce in a background
+thread that first takes the previous vote's verdict, the vote in the background.
 
 A test helper, run as a script by tests/test_elastic_e2e.py and the WAN demo (launch/wan_emulation.py)::
 
@@ -29,8 +32,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from intellect_jax.config import ElasticConfig  # noqa: E402
-from intellect_jax.elastic.client import IslandClient, StaleStep  # noqa: E402
+from intellect_jax.elastic.client import StaleStep  # noqa: E402
 from intellect_jax.elastic.recovery import params_hash  # noqa: E402
+from intellect_jax.island import ElasticIsland  # noqa: E402
 
 LR, MU = 0.7, 0.9
 BLOCK_SIZE = 256  # int8 quantisation block of the ring payload (the e2e replay uses the same)
@@ -95,21 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     def emit(**kw):
         out.write(json.dumps(dict(kw, name=a.name, pid=os.getpid(), t=time.time())) + "\n")
 
-    lock = threading.Lock()
-    st = {"p": init_params(a.dim), "m": np.zeros(a.dim, np.float32), "step": 0}
-
-    def snapshot():
-        with lock:
-            arrays = {"params": st["p"], "momentum": st["m"]}
-            return arrays, {"outer_step": st["step"], "params_hash": params_hash(arrays)}
-
-    def install(state):
-        with lock:
-            st["p"], st["m"] = state.arrays["params"].copy(), state.arrays["momentum"].copy()
-            st["step"] = int(state.meta["outer_step"])
-        emit(event="fetched", step=st["step"], hash=state.meta["params_hash"], report=client.last_stats.get("fetch"))
-
-    client = IslandClient(cfg, a.run_id, snapshot, compression=a.compression, block_size=BLOCK_SIZE)
+    local = NumpyState(a, emit)
+    island = ElasticIsland(local, cfg, a.run_id, a.compression, BLOCK_SIZE)
+    local.client = client = island.client
     if a.die_in_ring:
         die_step, die_frames = (int(v) for v in a.die_in_ring.split(":"))
 
@@ -120,75 +112,132 @@ def main(argv: list[str] | None = None) -> int:
 
         client.on_ring_frame = maybe_die
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    arrays, meta = snapshot()
-    info = client.join(meta["outer_step"], meta["params_hash"])
-    emit(event="joined", run_step=info.run_step, needs_state=info.needs_state, port=client.port)
-    if info.needs_state:
-        install(client.fetch_state())
-    voted = None  # --vote-later: (the vote's thread, its step event)
-
-    def settle_vote() -> bool:
-        """The verdict of the vote running in the background; False: ours differed and we re-synced."""
-        nonlocal voted
-        if voted is None:
-            return True
-        (t, ev), voted = voted, None
-        t.join()
-        emit(**ev)
-        if not ev["ok"]:
-            install(client.fetch_state())
-        return ev["ok"]
-
     try:
-        while st["step"] < a.steps:
-            s = st["step"]
-            time.sleep(a.inner_s)
-            if not settle_vote():
-                continue
-            g = pseudo_grad(a.seed, s, st["p"])
-            if a.poison and s == int(a.poison.split(":")[0]):
-                kind = a.poison.split(":")[1]
-                g = g.copy()
-                if kind == "nan":
-                    g[g.size // 2] = np.nan
-                else:
-                    g *= np.float32(float(kind.lstrip("x")))
-                emit(event="poisoned", step=s, kind=kind)
-            try:
-                delta = client.all_reduce_mean(s, g)
-            except StaleStep as e:
-                emit(event="stale", step=s, why=str(e))
-                install(client.fetch_state())
-                continue
-            if a.dump_dir:
-                np.save(Path(a.dump_dir) / f"{a.name}_g{s}.npy", g)
-                np.save(Path(a.dump_dir) / f"{a.name}_d{s}.npy", delta)
-            p, m = outer_update(st["p"], st["m"], delta)
-            if s == a.corrupt_at:
-                p = p.copy()
-                p[0] += np.float32(1e-3)
-            with lock:
-                st["p"], st["m"], st["step"] = p, m, s + 1
-            h = snapshot()[1]["params_hash"]
-            stats = client.last_stats
-            ev = dict(event="step", step=s, hash=h, ok=None, epoch=stats.get("epoch"), members=stats.get("members"),
-                      order=stats.get("order"), aborts=stats.get("aborts"), seconds=stats.get("seconds"),
-                      delta_hash=params_hash({"d": delta}))
-            if a.vote_later:
-                t = threading.Thread(target=lambda ev=ev, s=s, h=h: ev.update(ok=client.commit(s, h)))
-                t.start()
-                emit(event="vote_started", step=s)
-                voted = (t, ev)
-                continue
-            ev["ok"] = client.commit(s, h)
-            emit(**ev)
-            if not ev["ok"]:
-                install(client.fetch_state())
-        settle_vote()
+        info = island.join()
+        emit(event="joined", run_step=info.run_step, needs_state=info.needs_state, port=client.port)
+        local.flush()
+        (vote_later if a.vote_later else blocking)(island, local, a.steps, a.inner_s, emit)
     finally:
-        client.close()
-    emit(event="finished", step=st["step"])
+        island.close()
+    emit(event="finished", step=local.step)
     return 0
+
+
+class NumpyState:
+    """The island.LocalState of the stand-in: p, m and the outer step, replaced (never mutated) under a lock; fault
+    injection and the dumps happen here. Events of an install wait in `queued` so that a step's own event is
+    written before the fetch that replaced its state."""
+
+    device_codes, resumed_epoch = False, None
+
+    def __init__(self, a: argparse.Namespace, emit):
+        self.a, self.emit, self.client = a, emit, None
+        self.lock = threading.Lock()
+        self.p, self.m, self.step = init_params(a.dim), np.zeros(a.dim, np.float32), 0
+        self.queued: list[dict] = []
+        self.last: dict = {}  # the last applied step's facts, for its event
+
+    def position(self) -> tuple[int, int]:
+        return self.step, 0
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        with self.lock:
+            return {"params": self.p, "momentum": self.m}
+
+    def snapshot_later(self, fragment=None):
+        arrays = self.arrays()
+        return lambda: dict(arrays)
+
+    def install_snapshot(self, arrays, outer_step, step) -> None:
+        with self.lock:
+            self.p, self.m = arrays["params"].copy(), arrays["momentum"].copy()
+            self.step = int(outer_step)
+        self.queued.append(dict(event="fetched", step=self.step, hash=params_hash(self.arrays()),
+                                report=self.client.last_stats.get("fetch") if self.client else None))
+
+    def flush(self) -> None:
+        for ev in self.queued:
+            self.emit(**ev)
+        self.queued = []
+
+    def pseudo_gradient_payload(self):
+        a, s = self.a, self.step
+        g = pseudo_grad(a.seed, s, self.p)
+        if a.poison and s == int(a.poison.split(":")[0]):
+            kind = a.poison.split(":")[1]
+            g = g.copy()
+            if kind == "nan":
+                g[g.size // 2] = np.nan
+            else:
+                g *= np.float32(float(kind.lstrip("x")))
+            self.emit(event="poisoned", step=s, kind=kind)
+        if a.dump_dir:
+            np.save(Path(a.dump_dir) / f"{a.name}_g{s}.npy", g)
+        return g, None, None
+
+    def apply_mean(self, delta, residual) -> dict:
+        s = self.step
+        if self.a.dump_dir:
+            np.save(Path(self.a.dump_dir) / f"{self.a.name}_d{s}.npy", delta)
+        p, m = outer_update(self.p, self.m, delta)
+        if s == self.a.corrupt_at:
+            p = p.copy()
+            p[0] += np.float32(1e-3)
+        with self.lock:
+            self.p, self.m, self.step = p, m, s + 1
+        stats = self.client.last_stats
+        self.last = dict(event="step", step=s, epoch=stats.get("epoch"), members=stats.get("members"),
+                         order=stats.get("order"), aborts=stats.get("aborts"), seconds=stats.get("seconds"),
+                         delta_hash=params_hash({"d": delta}))
+        return {}
+
+
+def blocking(island: ElasticIsland, local: NumpyState, steps: int, inner_s: float, emit) -> None:
+    """The plain outer step: reduce, apply, vote, all in the training thread (ElasticIsland.sync)."""
+    while local.step < steps:
+        s = local.step
+        time.sleep(inner_s)
+        local.last = {}
+        metrics, h = island.sync()
+        if metrics.get("resynced"):
+            emit(event="stale", step=s, why="outer step completed without this island")
+        else:
+            voted = params_hash(local.arrays()) if not local.queued else None  # before a re-sync replaced it
+            emit(**local.last, hash=voted or h, ok=not local.queued)
+        local.flush()
+
+
+def vote_later(island: ElasticIsland, local: NumpyState, steps: int, inner_s: float, emit) -> None:
+    """The streaming path (ElasticSync._launch / _land with one fragment, no overlap): the reduce runs in a thread
+    that first takes the previous vote's verdict; the vote runs in the background while the next inner steps go on."""
+    held = None  # the last step's event, until its vote's verdict
+
+    def judged(verdict) -> bool:
+        nonlocal held
+        lost, h = island.settle_pending(verdict)
+        if held is not None:
+            emit(**held, hash=h, ok=not lost)
+            held = None
+        local.flush()
+        return not lost
+
+    while local.step < steps:
+        s = local.step
+        time.sleep(inner_s)
+        reduce = island.start_reduce(s, lambda: local.pseudo_gradient_payload()[:2])
+        if not judged(reduce.verdict()):
+            continue  # this island lost the last vote: its reduce sent nothing; it now holds a peer's state
+        try:
+            delta = reduce.result()
+        except StaleStep as e:
+            emit(event="stale", step=s, why=str(e))
+            island.resync(str(e))
+            local.flush()
+            continue
+        island.settle(s, local.apply_mean(delta, None), wait=False)
+        held = local.last
+        emit(event="vote_started", step=s)
+    judged(None)
 
 
 if __name__ == "__main__":

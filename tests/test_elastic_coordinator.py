@@ -8,7 +8,7 @@ import pytest
 from intellect_jax import cli
 from intellect_jax.config import ConfigError, DilocoConfig, ElasticConfig, RunConfig
 from intellect_jax.elastic import identity, ordering, wire
-from intellect_jax.elastic.coordinator import Coordinator, elastic_config
+from intellect_jax.elastic.coordinator import Coordinator
 
 SECRET = b"c" * 32
 AUTH = identity.secret_auth(SECRET, identity.COORDINATOR)
@@ -322,20 +322,20 @@ def _args(*argv):
 
 
 def test_cli_defaults_are_elastic_config_defaults():
-    assert elastic_config(_args("--secret-file", "s"), []) == (ElasticConfig(secret_file="s"), RunConfig().name,
+    assert cli.coordinator_config(_args("--secret-file", "s"), []) == (ElasticConfig(secret_file="s"), RunConfig().name,
                                                               DilocoConfig().max_norm_ratio)
 
 
 def test_cli_takes_the_islands_config_then_flags_and_overrides(tmp_path):
     preset = tmp_path / "islands.toml"
     preset.write_text('[run]\nname = "r1"\n[elastic]\nsecret_file = "k"\nheartbeat_s = 0.5\nmin_islands = 3\n')
-    cfg, run_id, ratio = elastic_config(_args("--config", str(preset), "--dead-after-s", "1.5"),
+    cfg, run_id, ratio = cli.coordinator_config(_args("--config", str(preset), "--dead-after-s", "1.5"),
                                         ["--elastic.recovery_grace_s=2", "--diloco.max_norm_ratio=3"])
     assert (cfg.secret_file, cfg.heartbeat_s, cfg.min_islands, cfg.dead_after_s, cfg.recovery_grace_s) == \
         ("k", 0.5, 3, 1.5, 2.0)
     assert run_id == "r1" and ratio == 3.0
-    assert elastic_config(_args("--config", str(preset), "--max-norm-ratio", "0"), [])[2] == 0.0
-    assert elastic_config(_args("--config", str(preset), "--run-id", "r2"), [])[1] == "r2"
+    assert cli.coordinator_config(_args("--config", str(preset), "--max-norm-ratio", "0"), [])[2] == 0.0
+    assert cli.coordinator_config(_args("--config", str(preset), "--run-id", "r2"), [])[1] == "r2"
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -347,7 +347,7 @@ def test_cli_takes_the_islands_config_then_flags_and_overrides(tmp_path):
 ])
 def test_cli_bad_values_name_the_key(argv, words, capsys):
     with pytest.raises(ConfigError) as e:
-        elastic_config(_args(*argv), [])
+        cli.coordinator_config(_args(*argv), [])
     for w in words:
         assert w in str(e.value)
     assert cli.main(["coordinator", "--bind", "127.0.0.1:0", *argv]) == 2  # a clean message, no traceback

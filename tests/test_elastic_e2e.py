@@ -69,7 +69,7 @@ class Run:
         self.coord_starts += 1
         log = open(self.tmp / f"coordinator{self.coord_starts}.log", "w")
         self.procs["coordinator"] = subprocess.Popen(
-            [*self.prefix(None), PY, "-m", "intellect_jax.elastic.coordinator", "--bind",
+            [*self.prefix(None), PY, "-m", "intellect_jax", "coordinator", "--bind",
              f"{self.hosts(None)}:{self.port}", *self.identity_args(identity.COORDINATOR),
              "--min-islands", str(min_islands), "--dead-after-s", str(self.dead_after_s), *self.coordinator_args],
             stdout=log, stderr=subprocess.STDOUT)

@@ -243,6 +243,17 @@ def test_authenticated_insider_with_wrong_typed_and_extreme_requests(live):
 
     coordinator()
     island()
+    # and one bad registration for certain (the random ones may all time out on a machine under load): refused with
+    # an ERROR naming the field, and logged naming the island (test_the_run_went_on... reads the log)
+    conn, _ = wire.connect(("127.0.0.1", live.port), live.auth("fz0"), identity.COORDINATOR, RUN_ID, 1 << 20,
+                           hello={"kind": "rpc"}, timeout=60)
+    try:
+        with pytest.raises(wire.RemoteError, match="step"):
+            conn.request({"op": "register", "incarnation": "inc-fz0", "status": {
+                "incarnation": "inc-fz0", "step": "x", "hash": None, "advertise_host": "127.0.0.1", "port": 9,
+                "last_epoch": None, "pending": None}})
+    finally:
+        conn.close()
 
 
 def test_the_run_went_on_with_bounded_memory_and_threads(live):

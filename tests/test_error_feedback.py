@@ -10,7 +10,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from intellect_jax import collective, diloco, quant
-from intellect_jax.config import ConfigError
+from intellect_jax.config import COMPRESSION_BITS, ConfigError
 from intellect_jax.elastic import ring
 from intellect_jax.train_step import TrainState
 from tests.helpers import tiny_config
@@ -123,7 +123,7 @@ def test_sent_is_each_islands_own_codes(shape, compression):
          "norm": rng.standard_normal((n, 200)).astype(np.float32), "odd": rng.standard_normal((n, 5)).astype(np.float32)}
     xs, (mean, sent) = _mean_and_sent(mesh, specs, x, compression, block)
     plain = jax.jit(collective.make_island_mean(mesh, specs, compression=compression, block_size=block))(xs)
-    bits = collective.COMPRESSION_BITS[compression]
+    bits = COMPRESSION_BITS[compression]
     for k in x:
         assert np.asarray(mean[k]).tobytes() == np.asarray(plain[k]).tobytes()
         assert sent[k].sharding.is_equivalent_to(NamedSharding(mesh, specs[k]), x[k].ndim)
@@ -196,7 +196,7 @@ def test_one_device_reference_matches_the_collective(compression):
     _, (mean, sent) = _mean_and_sent(mesh, specs, x, compression, block)
     rmean, rsent = jax.jit(lambda t: collective.reference_island_mean(t, compression=compression, block_size=block,
                                                                       return_sent=True))(x)
-    bits = collective.COMPRESSION_BITS[compression]
+    bits = COMPRESSION_BITS[compression]
     for k in x:
         np.testing.assert_allclose(np.asarray(rmean[k]), np.asarray(mean[k]), rtol=3e-7, atol=0)
         assert np.asarray(sent[k]).tobytes() == np.asarray(rsent[k]).tobytes()

@@ -59,14 +59,6 @@ def test_fragments_cover_every_element_once_and_follow_the_layers():
         np.testing.assert_array_equal(a, b)
 
 
-def test_schedule_staggers_fragments_within_each_round():
-    frags = streaming.Fragments({"layers": {"w": jnp.zeros((8, 2))}}, num_layers=8, count=4)
-    due = {s: frags.due(s, 10) for s in range(41) if frags.due(s, 10) is not None}
-    assert due == {10: 0, 12: 1, 15: 2, 17: 3, 20: 0, 22: 1, 25: 2, 27: 3, 30: 0, 32: 1, 35: 2, 37: 3, 40: 0}
-    one = streaming.Fragments({"layers": {"w": jnp.zeros((2, 2))}}, num_layers=2, count=1)
-    assert [s for s in range(31) if one.due(s, 10) is not None] == [10, 20, 30]
-
-
 def test_hand_computed_fragment_sync_with_merge():
     """P = 2 of 3 layers, 2 islands, SGD lr 0.5 (no momentum), alpha 0.25: fragment 1 is layer 1 alone."""
     rng = np.random.default_rng(1)

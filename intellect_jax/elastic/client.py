@@ -47,6 +47,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from intellect_jax.codecs import Packed, make_codec
 from intellect_jax.config import FRAME_HEADER_ALLOWANCE, ElasticConfig
 
 from . import executor, identity, ordering, plan, recovery, ring, wire
@@ -104,7 +105,7 @@ class IslandClient:
             self.auth.keys.refresh = self._refresh_keys  # an unknown peer key: ask the coordinator (rate-limited)
         self._roster = ""  # the digest of the admitted identities our keys are from
         self._provider = state_provider
-        self.codec = ring.make_codec(compression, block_size)
+        self.codec = make_codec(compression, block_size)
         self.block_size = block_size
         self.on_ring_frame: Callable[[int], None] | None = None  # fault injection / progress (tests, metrics)
 
@@ -152,14 +153,14 @@ class IslandClient:
             self._hb_thread.start()
         return JoinInfo(rep.get("run_step"), bool(rep.get("needs_state")))
 
-    def all_reduce_mean(self, outer_step: int, vec: np.ndarray | ring.Packed, norm: float | None = None,
-                        packed_out: bool = False) -> np.ndarray | ring.Packed:
+    def all_reduce_mean(self, outer_step: int, vec: np.ndarray | Packed, norm: float | None = None,
+                        packed_out: bool = False) -> np.ndarray | Packed:
         """Mean of every member's `vec` for this outer step; identical bytes on all members.
 
-        `vec` may be float32 or `ring.Packed` (codes made on the island's device; pass its `norm`, the L2 norm of
-        what was packed, for the coordinator's outlier guard). `packed_out`: the mean comes back as `ring.Packed`.
+        `vec` may be float32 or `Packed` (codes made on the island's device; pass its `norm`, the L2 norm of
+        what was packed, for the coordinator's outlier guard). `packed_out`: the mean comes back as `Packed`.
         """
-        if isinstance(vec, ring.Packed):
+        if isinstance(vec, Packed):
             vec.check(self.codec)
             if norm is None:
                 norm = float(np.linalg.norm(vec.decode(self.codec)))
@@ -509,8 +510,8 @@ class IslandClient:
             return f"the coordinator aborted epoch {epoch_id} (a member died)"
         return None
 
-    def _ring(self, ep: dict[str, Any], vec: np.ndarray | ring.Packed, packed_out: bool,
-              ) -> tuple[np.ndarray | ring.Packed, ring.RingStats]:
+    def _ring(self, ep: dict[str, Any], vec: np.ndarray | Packed, packed_out: bool,
+              ) -> tuple[np.ndarray | Packed, ring.RingStats]:
         """The epoch's reduce: connect the plan's out-links (S streams each), wait for its in-links' peers to connect
         theirs, then run the plan (``executor.run_plan``)."""
         order = ep["order"]

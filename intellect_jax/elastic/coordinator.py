@@ -31,16 +31,13 @@ run), a changed key rotates it.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import dataclasses
 import logging
-import signal
 import threading
 import time
 from typing import Any
 
-from intellect_jax.config import ConfigError, DilocoConfig, ElasticConfig, load_config
+from intellect_jax.config import DilocoConfig, ElasticConfig
 
 from . import identity, protocol, status, wire
 from .protocol import check_norm, check_status, outliers  # noqa: F401 - re-exported for callers and tests
@@ -264,115 +261,7 @@ class Coordinator:
             log.info("islands file: admitted %s", added)
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# CLI: `intellect-jax coordinator --bind HOST:PORT --key-file KEY --islands-file FILE [--config FILE]
-# [--elastic.key=value ...]` (or --secret-file FILE for a local test or demo). Settings come from the config
-# (ElasticConfig's defaults, or the islands' preset with --config); the flags below override single fields.
-
-FLAGS = {  # ElasticConfig field -> help
-    "dead_after_s": "no heartbeat for this long: the island is dead",
-    "min_islands": "islands that must be ready before the first outer step of a fresh run",
-    "max_islands": "most islands the coordinator keeps in its table",
-    "coordinator_max_frame_bytes": "largest control frame accepted from an island",
-    "recovery_grace_s": "after a restart, longest wait for the newest epoch's members to re-register "
-                        "(0: dead_after_s)",
-    "sync_timeout_s": "an outer step goes on without an island not ready this long after the first one",
-    "vote_timeout_s": "a hash vote is decided without the members that have not voted this long after the commit",
-    "quarantine_s": "first quarantine of an island that misbehaved repeatedly (doubling each time, at most 1 h)",
-    "quarantine_after": "strikes in a row (missed deadlines, lost votes, failed reduces) before a quarantine",
-    "streams": "TCP streams per ring link that every island uses (0: automatic, from the measured round trips)",
-    "link_mbit": "access-link rate (Mbit/s) the automatic stream count plans for",
-    "min_link_mbit": "slowest rate (Mbit/s) a ring link may move at before its reduce is aborted",
-}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="TOML preset, e.g. the islands' (its elastic.* and run.name apply)")
-    parser.add_argument("--bind", required=True, help="HOST:PORT to listen on (port 0: any free port)")
-    parser.add_argument("--key-file", help="the coordinator's private key (`intellect-jax keygen`), listed as "
-                                           "'coordinator' in the islands file (default: elastic.key_file)")
-    parser.add_argument("--islands-file", help="the admitted islands, one `NAME ssh-ed25519 KEY` line each; re-read "
-                                               "while the run goes on (default: elastic.islands_file)")
-    parser.add_argument("--secret-file", help="shared-secret mode for local tests and demos, instead of keys: the "
-                                              "same file as every island's (default: elastic.secret_file)")
-    parser.add_argument("--run-id", help="frames from another run are refused (default: elastic.run_id, else "
-                                         "run.name, as on the islands)")
-    parser.add_argument("--http", help="serve /metrics (Prometheus), /status.json and a status page here, e.g. "
-                                       "127.0.0.1:9400 (default: elastic.http, off)")
-    parser.add_argument("--http-token-file", help="a token (file of mode 0600) required by --http; needed on any "
-                                                  "address but loopback (default: elastic.http_token_file)")
-    defaults = ElasticConfig()
-    for name, text in FLAGS.items():
-        value = getattr(defaults, name)
-        parser.add_argument("--" + name.replace("_", "-"), type=type(value),
-                            help=f"{text} (default: elastic.{name}, {value} unless the config says otherwise)")
-    parser.add_argument("--max-norm-ratio", type=float,
-                        help="leave an island out of an outer step if its pseudo-gradient norm exceeds this x the "
-                             "median (default: diloco.max_norm_ratio, %g unless the config says otherwise; 0: only "
-                             "non-finite ones)" % DilocoConfig.max_norm_ratio)
-    parser.add_argument("--port-file", default="", help="write the bound port here once listening")
-    parser.add_argument("--log-level", default="INFO")
-
-
-def elastic_config(args: argparse.Namespace, overrides: list[str]) -> tuple[ElasticConfig, str, float]:
-    """The coordinator's ElasticConfig (the config with the flags given), run id and max_norm_ratio; raises
-    ConfigError."""
-    cfg = load_config(args.config, overrides)
-    given = {name: getattr(args, name) for name in ("secret_file", "key_file", "islands_file", "http",
-                                                      "http_token_file", *FLAGS)
-             if getattr(args, name) is not None}
-    diloco = {"max_norm_ratio": args.max_norm_ratio} if args.max_norm_ratio is not None else {}
-    if given.get("secret_file"):  # a flag chooses the mode over the config's
-        given.update(key_file="", islands_file="")
-    elif given.get("key_file") or given.get("islands_file"):
-        given.update(secret_file="")
-    try:
-        elastic = dataclasses.replace(cfg.elastic, **given)
-        elastic.validate()
-    except ConfigError as e:
-        raise ConfigError(f"coordinator: {e}") from None
-    cfg = cfg.replace(elastic=elastic, diloco=dataclasses.replace(cfg.diloco, **diloco))
-    e = cfg.elastic
-    if not e.secret_file and not (e.key_file and e.islands_file):
-        raise ConfigError("the coordinator needs its key and the islands file: pass --key-file and --islands-file "
-                          "(make the key with `intellect-jax keygen --out coordinator.key`; see the README's "
-                          "'Elastic islands' section), or --secret-file for a local test")
-    return cfg.elastic, args.run_id or cfg.elastic.run_id or cfg.run.name, cfg.diloco.max_norm_ratio
-
-
 def coordinator_auth(cfg: ElasticConfig) -> identity.Auth:
     if cfg.secret_file:
         return identity.secret_auth(identity.load_secret(cfg.secret_file), identity.COORDINATOR)
     return identity.key_auth(cfg.key_file, cfg.islands_file, coordinator=True)
-
-
-def run(args: argparse.Namespace, overrides: list[str]) -> int:
-    cfg, run_id, max_norm_ratio = elastic_config(args, overrides)
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)  # absl may own root
-    try:
-        coord = Coordinator(cfg, run_id, args.bind, coordinator_auth(cfg), max_norm_ratio).start()
-    except (ValueError, OSError) as e:
-        if isinstance(e, identity.IdentityError):
-            raise
-        raise ConfigError(f"coordinator: {e}") from None
-    if args.port_file:
-        from pathlib import Path
-        tmp = Path(args.port_file + ".tmp")
-        tmp.write_text(str(coord.port))
-        tmp.replace(args.port_file)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(1.0):
-        pass
-    coord.close()
-    return 0
-
-
-if __name__ == "__main__":  # `python -m intellect_jax.elastic.coordinator ...` = `intellect-jax coordinator ...`
-    import sys
-
-    from intellect_jax.cli import main
-
-    raise SystemExit(main(["coordinator", *sys.argv[1:]]))

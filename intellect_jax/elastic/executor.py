@@ -28,10 +28,9 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from intellect_jax import quant  # the numpy twin; imports no jax
 
 from . import ordering, wire
-from .codec import BlockCodec, Codec, Packed
+from intellect_jax.codecs import BlockCodec, Codec, Packed
 from .plan import Hop, Plan, make_layout
 
 log = logging.getLogger("intellect_jax.elastic.executor")
@@ -130,15 +129,15 @@ def run_plan(vec: np.ndarray | Packed, plan: Plan, rank: int, send: Mapping[int,
     C = lay.chunks
     stats = RingStats(members=N, chunks=C)
     if packed_out:
-        out_codes = np.empty(lay.padded * codec.bits // 8, np.int8 if codec.bits == 8 else np.uint8)
-        out_scales = np.empty(lay.padded // block_size, np.float32)
+        out_codes = np.empty(codec.codes_size(lay.padded), codec.codes_dtype)
+        out_scales = np.empty(codec.scales_size(lay.padded), np.float32)
     else:
         out = np.empty(lay.padded, np.float32)
 
     def own(lo: int, hi: int) -> np.ndarray:
         """Our values on [lo, hi) in float32: a view of vec (zero-padded past its end), or the packed ones decoded."""
         if packed_in:
-            return quant.unpack_np(*vec.parts(codec, lo, hi), bits=codec.bits, block_size=block_size)
+            return codec.unpack_np(*vec.parts(codec, lo, hi))
         if hi <= vec.size:
             return vec[lo:hi]
         part = np.zeros(hi - lo, np.float32)
@@ -154,17 +153,17 @@ def run_plan(vec: np.ndarray | Packed, plan: Plan, rank: int, send: Mapping[int,
     def store(lo: int, hi: int, blob: memoryview) -> None:
         """The mean's chunk (the owner's bytes) into the result."""
         if packed_out:
-            codes, scales = codec._split(blob, hi - lo)
-            out_codes[lo * codec.bits // 8:hi * codec.bits // 8] = codes
-            out_scales[lo // block_size:hi // block_size] = scales
+            codes, scales = codec.split(blob, hi - lo)
+            out_codes[codec.codes_size(lo):codec.codes_size(hi)] = codes
+            out_scales[codec.scales_size(lo):codec.scales_size(hi)] = scales
         else:
             out[lo:hi] = codec.decode(blob, hi - lo)
 
     def result():
         if not packed_out:
             return out[:n]
-        m = -(-n // block_size) * block_size
-        return Packed(out_codes[:m * codec.bits // 8], out_scales[:m // block_size], n)
+        m = codec.padded(n)
+        return Packed(out_codes[:codec.codes_size(m)], out_scales[:codec.scales_size(m)], n)
 
     if N == 1:  # the mean of one: its own values, through the codec once (packed ones as they are)
         for c in range(C):

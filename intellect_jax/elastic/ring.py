@@ -25,7 +25,7 @@ import numpy as np
 from intellect_jax import quant  # the numpy twin; imports no jax
 
 from . import wire
-from .codec import BlockCodec, Codec, Fp32Codec, Packed, make_codec  # noqa: F401 - the ring's public names
+from intellect_jax.codecs import BlockCodec, Codec, Fp32Codec, Packed, make_codec  # noqa: F401 - its public names
 from .executor import CANCEL_POLL_S, RingError, RingStats, run_plan, window  # noqa: F401
 from .plan import PIPELINE_DEPTH, Layout, make_layout, ring_plan  # noqa: F401
 
