@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, NamedTuple, Protocol
 
 import numpy as np
 
@@ -65,7 +65,7 @@ class ElasticIsland:
         self.local = local
         self._lock = threading.Lock()
         self._snapshot: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None
-        self._vote: tuple[threading.Thread, int, list] | None = None  # streaming: (thread, outer step, its verdict)
+        self._vote: Vote | None = None  # streaming: the hash vote running in the background
         self.client = IslandClient(elastic, run_id, self._provide, compression=compression, block_size=block_size)
         self.refresh_snapshot()
 
@@ -163,7 +163,7 @@ class ElasticIsland:
         on, the hash is None, and `settle_pending` (or the next reduce's thread) takes the verdict and the hash."""
         if not wait:
             if self._vote is not None:
-                raise RuntimeError(f"outer step {self._vote[1]}'s hash vote was never judged (settle_pending)")
+                raise RuntimeError(f"outer step {self._vote.outer_step}'s hash vote was never judged (settle_pending)")
             # streaming: only the synced fragment's part
             fetch, meta = self._host_copy_later(fragment)
             out: list = []
@@ -178,7 +178,7 @@ class ElasticIsland:
 
             t = threading.Thread(target=vote, name=f"vote-{outer_step}", daemon=True)
             t.start()
-            self._vote = (t, outer_step, out)
+            self._vote = Vote(t, outer_step, out)
             return metrics, None
         h = self.refresh_snapshot()
         if not self.client.commit(outer_step, h):
@@ -203,12 +203,11 @@ class ElasticIsland:
         return self._verdict_of(vote)
 
     @staticmethod
-    def _verdict_of(vote: tuple[threading.Thread, int, list] | None) -> "Verdict":
+    def _verdict_of(vote: "Vote | None") -> "Verdict":
         if vote is None:
-            return -1, None, None
-        t, outer_step, out = vote
-        t.join()
-        return outer_step, *out[0]
+            return Verdict(-1, None, None)
+        vote.thread.join()
+        return Verdict(vote.outer_step, *vote.out[0])
 
     def _lost(self, outer_step: int) -> None:
         log.warning("global state after outer step %d differs from the majority: re-syncing from a peer", outer_step)
@@ -223,7 +222,19 @@ class ElasticIsland:
         self.client.close()
 
 
-Verdict = tuple[int, str | None, bool | BaseException | None]  # (outer step voted on, hash voted, ok / error)
+class Verdict(NamedTuple):
+    """A hash vote's outcome: the outer step voted on (-1: no vote), the hash voted, and True / False (in the majority
+    or not), an error, or None (no vote)."""
+    outer_step: int
+    hash: str | None
+    ok: bool | BaseException | None
+
+
+class Vote(NamedTuple):
+    """A hash vote running in a background thread; `out` receives its (hash, verdict or error)."""
+    thread: threading.Thread
+    outer_step: int
+    out: list
 # what an island puts into the ring: (fp32 vector or Packed codes, its norm or None), or a function returning it
 # (called in the reduce thread: the copy off the device happens there)
 Payload = tuple[np.ndarray | Packed, float | None] | Callable[[], tuple[np.ndarray | Packed, float | None]]
@@ -244,7 +255,7 @@ class Reduce:
         self._packed_out, self._vote = packed_out, vote
         self._delta: np.ndarray | Packed | None = None
         self._error: BaseException | None = None
-        self._verdict: Verdict = (-1, None, None)
+        self._verdict = Verdict(-1, None, None)
         self._judged = threading.Event()
         self.started = time.perf_counter()
         self.finished: float | None = None
@@ -269,7 +280,7 @@ class Reduce:
     @property
     def aborted(self) -> bool:
         """The previous vote's verdict is in and was lost (or failed): this reduce sends nothing."""
-        return self._judged.is_set() and self._verdict[2] is not None and self._verdict[2] is not True
+        return self._judged.is_set() and self._verdict.ok is not None and self._verdict.ok is not True
 
     def verdict(self) -> Verdict:
         """The previous sync's hash vote, as the reduce thread took it (waits for it); (-1, None, None): none."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 import abc
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.flatten_util
@@ -47,6 +47,29 @@ log = logging.getLogger("intellect_jax")
 
 Report = Callable[[dict[str, Any], float], None]  # (outer-step record, time.perf_counter() when the inner steps
 #                                                   before it had finished: the sync's time starts there)
+
+
+class Pending(NamedTuple):
+    """In-program streaming with overlap: fragment `fragment`'s mean `delta`, to be applied after `due` steps."""
+    fragment: int
+    due: int
+    delta: Any
+
+
+class Marked(NamedTuple):
+    """In-program streaming with overlap: fragment `fragment`'s reduce, synced at step `step`, runs inside the next
+    inner step's program."""
+    fragment: int
+    step: int
+
+
+class Flight(NamedTuple):
+    """Elastic streaming: fragment `fragment`'s reduce running in the background (island.Reduce), its mean due
+    after `due` steps; `launch_s`: what the inner steps waited at its launch (the pseudo-gradient's dispatch)."""
+    fragment: int
+    due: int
+    reduce: Any  # island.Reduce
+    launch_s: float
 
 
 class Sync(abc.ABC):
@@ -244,10 +267,10 @@ class DilocoSync(Sync):
                                                            cfg.diloco.block_size)
         self.wire_ratio_vs_ddp = ddp_ratio(nparams, wire_islands, self.H, self.wire_bytes)
         self._t_outer = time.perf_counter()
-        # Streaming with overlap: (fragment, step at which its mean is applied, the mean) between its sync and then;
-        # `_marked`: (fragment, sync step) of a reduce that runs inside the next inner step's program.
-        self._pending: tuple[int, int, dict] | None = None
-        self._marked: tuple[int, int] | None = None
+        # Streaming with overlap: a fragment's mean between its sync and the step it is applied at; `_marked`: a
+        # reduce that runs inside the next inner step's program.
+        self._pending: Pending | None = None
+        self._marked: Marked | None = None
 
     def _init_state(self, global_params) -> diloco.DilocoState:
         state = diloco.init_state(global_params, self._inner_init, self.outer, self.num_islands, self.error_feedback)
@@ -353,14 +376,15 @@ class DilocoSync(Sync):
         if s.residual is not None:
             items["residual"] = s.residual
         if self._pending is not None:
-            items["pending"] = self._pending[2]
+            items["pending"] = self._pending.delta
         return items
 
     def meta(self, step: int) -> dict[str, Any]:
         out = super().meta(step) | {"error_feedback": self.error_feedback}
         if self.frags is not None:
             out["streaming"] = {"fragments": self.frags.count,
-                                "pending": None if self._pending is None else list(self._pending[:2])}
+                                "pending": None if self._pending is None else [self._pending.fragment,
+                                                                               self._pending.due]}
         return out
 
     def _check_streaming(self, step: int, meta: dict[str, Any]) -> tuple[int, int] | None:
@@ -409,7 +433,7 @@ class DilocoSync(Sync):
             got = ckpt.restore(step, {k: abstract[k] for k in ("outer", "pending") if k in abstract}, ())
             o = got["outer"]
             if pending is not None:  # the old islands' mean, due later: still applied to the global params
-                self._pending = (*pending, got["pending"])
+                self._pending = Pending(*pending, got["pending"])
             log.info("checkpoint step %d has %d islands and this run has %d: restored the global params and outer "
                      "optimizer state; every island's inner state (AdamW moments) is re-initialised from the global "
                      "params", step, meta["islands"], self.num_islands)
@@ -418,7 +442,7 @@ class DilocoSync(Sync):
         out = ckpt.restore(step, abstract, ())
         o = out["outer"]
         if pending is not None:
-            self._pending = (*pending, out["pending"])
+            self._pending = Pending(*pending, out["pending"])
         residual = out.get("residual")
         if self.error_feedback and residual is None:
             residual = diloco.zero_residual(out["inner"].params)
@@ -491,7 +515,7 @@ class MeshSync(DilocoSync):
         p, at = self._marked
         self._marked = None
         self.state, delta, self._reduce_metrics, metrics = self._frag_step_reduce[p](self.state, batch)
-        self._pending, self._reduce_wait = (p, at + self.tau, delta), 0.0
+        self._pending, self._reduce_wait = Pending(p, at + self.tau, delta), 0.0
         return self._block(metrics)
 
     def _run_marked_reduce(self) -> None:
@@ -501,7 +525,7 @@ class MeshSync(DilocoSync):
         self._marked = None
         t0 = time.perf_counter()
         self.state, delta, self._reduce_metrics = self._frag_reduce[p](self.state)
-        self._pending = (p, at + self.tau, self._block(delta))
+        self._pending = Pending(p, at + self.tau, self._block(delta))
         self._reduce_wait = time.perf_counter() - t0
 
     def describe(self) -> str:
@@ -532,7 +556,7 @@ class MeshSync(DilocoSync):
         streaming.py for the schedule); each applied fragment writes one outer row."""
         if self.frags is None:
             return super().maybe(step, report)
-        if self._pending is not None and self._pending[1] == step:
+        if self._pending is not None and self._pending.due == step:
             p, _, delta = self._pending
             jax.block_until_ready(self.state.inner)
             ready_at = time.perf_counter()
@@ -554,7 +578,7 @@ class MeshSync(DilocoSync):
             return step
         # tau > 0: the reduce runs inside the next inner step's program (inner_step), the islands go on, and its
         # mean is applied at step + tau
-        self._marked = (p, step)
+        self._marked = Marked(p, step)
         return step
 
     def _outer(self):
@@ -596,7 +620,7 @@ class ElasticSync(DilocoSync):
                                         out_shardings=(full, rep), donate_argnums=0)
         self.island = None
         self.resumed_epoch = None  # the epoch that committed the restored checkpoint's state (its meta says)
-        # streaming: (fragment, due step, island.Reduce, copy s waited at its launch) of the reduce in flight
+        # streaming: the reduce in flight (Flight)
         self._flight = None
         self._row = None  # streaming: (outer row, report) held back until its vote thread has hashed the state
         if self.frags is not None:
@@ -829,11 +853,11 @@ class ElasticSync(DilocoSync):
         # the fragment due there has already been applied.
         # A reduce whose thread found this island in the last hash vote's minority lands at once (it sent nothing):
         # the island re-syncs from a peer and joins the sync it missed.
-        if self._flight is not None and (self._flight[1] <= step or self._flight[2].aborted):
+        if self._flight is not None and (self._flight.due <= step or self._flight.reduce.aborted):
             step = self._land(step, report)
         if self._launch_due(step):
             self._launch(step)
-        if self._flight is not None and self._flight[1] <= step:  # tau = 0, or a late launch after a re-sync
+        if self._flight is not None and self._flight.due <= step:  # tau = 0, or a late launch after a re-sync
             step = self._land(step, report)
         if step >= self.cfg.total_inner_steps:
             self._settle_vote(time.perf_counter())  # the run's last vote: its verdict before the final save
@@ -877,8 +901,8 @@ class ElasticSync(DilocoSync):
         else:
             out = self._frag_vec[p](self.state)
             payload = lambda: (np.asarray(jax.device_get(out), np.float32), None)  # noqa: E731
-        self._flight = (p, self.schedule.land(r), self.island.start_reduce(r, payload, self.device_codes),
-                        time.perf_counter() - t1)
+        self._flight = Flight(p, self.schedule.land(r), self.island.start_reduce(r, payload, self.device_codes),
+                              time.perf_counter() - t1)
 
     def _land(self, step: int, report: Report) -> int:
         """The fragment's mean, when due: applied (outer step + merge), the hash vote, one outer row. First the
