@@ -1,5 +1,6 @@
 """Orbax checkpoints: bit-exact resume, elastic resize at restore, a killed async save."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 from intellect_jax.checkpoint import Checkpointer, load_global_params
 from intellect_jax.config import CheckpointConfig
 from intellect_jax.metrics import read_metrics
-from intellect_jax.trainer import train
+from intellect_jax.trainer import RunCheckpointer, Trainer, make_loader, train
 from tests.helpers import tiny_run_config
 
 
@@ -32,6 +33,16 @@ def _arrays(run_dir, step, names=("inner", "outer")):
         return {name: ckpt.restore_numpy(step, name) for name in names}
     finally:
         ckpt.close()
+
+
+def _by_path(tree) -> dict[tuple[str, ...], tuple[str, tuple[int, ...], bytes]]:
+    """Leaf path (attribute, key or index names: a restored tree has dicts where the state has named tuples) ->
+    (dtype, shape, bytes), to compare two trees bit for bit."""
+    def name(k):
+        return str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k))))
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {tuple(name(k) for k in path): (np.asarray(x).dtype.str, np.shape(x), np.asarray(x).tobytes())
+            for path, x in leaves}
 
 
 @pytest.mark.parametrize("diloco", [{}, dict(compression="int4", error_feedback=True)], ids=["int8", "int4-ef"])
@@ -57,7 +68,23 @@ def test_resume_is_bit_exact(tmp_path, diloco):
 def test_restore_onto_other_islands_and_inner_mesh(tmp_path, mesh):
     run = tmp_path / "run"
     train(_cfg(run, 6, mesh=dict(islands=2, fsdp=4)))
-    before = _arrays(run, 6)["outer"]["global_params"]
+    saved = _arrays(run, 6)
+    before = saved["outer"]["global_params"]
+    # the restore itself: the global params and outer optimizer state (and, same island count, every island's inner
+    # state) are the saved ones bit for bit; another island count restarts every island from the global params
+    trainer = Trainer(_cfg(run, 9, mesh=mesh))
+    with contextlib.closing(trainer.sync), contextlib.closing(make_loader(trainer.cfg, trainer)) as loader, \
+            contextlib.closing(RunCheckpointer(run, trainer.cfg, trainer, loader)) as checkpointer:
+        assert checkpointer.restore_latest() == 6
+        got = jax.device_get(trainer.sync.checkpoint_arrays())
+    assert len(_by_path(saved["outer"])) > len(jax.tree.leaves(before))  # params, outer state, step
+    assert _by_path(got["outer"]) == _by_path(saved["outer"])
+    if mesh["islands"] == 2:
+        assert _by_path(got["inner"]) == _by_path(saved["inner"])
+    for x, y in zip(jax.tree.leaves(got["inner"].params), jax.tree.leaves(before), strict=True):
+        assert x.shape[0] == mesh["islands"]
+        if mesh["islands"] != 2:
+            assert all(np.asarray(row).tobytes() == np.asarray(y).tobytes() for row in x)
     train(_cfg(run, 9, mesh=mesh))
     log = (run / "train.log").read_text()
     if mesh["islands"] != 2:

@@ -75,10 +75,30 @@ def test_batches_do_not_depend_on_process_layout(prefetch):
             assert_same(part, [{k: w[k][island:island + 1, lo:hi] for k in BATCH_KEYS} for w in whole])
 
 
-def test_seed_changes_order_not_content():
+def test_seed_changes_order_not_content(tmp_path):
     a = next(make_iterator(DataConfig(seq_len=64, batch_size=2, prefetch=0, seed=0), vocab_size=64))
     b = next(make_iterator(DataConfig(seq_len=64, batch_size=2, prefetch=0, seed=1), vocab_size=64))
     assert not np.array_equal(a["inputs"], b["inputs"])
+    # Each reading slot's first epoch, read back from its packed rows (the inputs of consecutive rows tile the slot's
+    # stream: each document after an EOS): under every seed it is exactly the slot's own documents (every 2nd), each
+    # once, and the seeds put them in different orders.
+    docs = tagged_docs(40, lo=3, hi=30)
+    write(tmp_path, "a", docs)
+    epochs = {}
+    for seed in (0, 1, 2):
+        cfg = prepared_cfg(tmp_path, [("a", 1.0)], seq_len=32, batch_size=2, prefetch=0, seed=seed)
+        with make_iterator(cfg, vocab_size=1 << 24) as it:
+            rows = take(it, 40)  # > 2 epochs of a slot's ~20 x 17 tokens
+        for slot in range(2):
+            stream = np.concatenate([r["inputs"][0, slot] for r in rows])
+            cuts = np.flatnonzero(stream == EOS)
+            assert cuts[0] == 0 and len(cuts) > 21  # an EOS before every document; more than an epoch read
+            first = [tuple(d[1:]) for d in np.split(stream, cuts)[1:21]]  # whole documents: an EOS follows each
+            own = [tuple(d) for d in docs[slot::2]]
+            assert sorted(first) == sorted(own), (seed, slot)
+            epochs[seed, slot] = first
+    for slot in range(2):
+        assert len({tuple(epochs[seed, slot]) for seed in (0, 1, 2)}) == 3, slot
 
 
 # ---------------------------------------------------------------------------------------------------------------------

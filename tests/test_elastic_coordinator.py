@@ -584,7 +584,10 @@ def test_a_late_joiner_is_told_the_run_finished_instead_of_waiting(coord, tmp_pa
 
     a = Isl(coord, "a", 3, h="h3")
     a.rpc("register")
-    time.sleep(1.0)  # the recovery grace (0.5 s): the run is at outer step 3
+    deadline = time.monotonic() + 30
+    while (rep := a.rpc("register"))["recovering"] and time.monotonic() < deadline:  # past the recovery grace (0.5 s)
+        time.sleep(0.01)
+    assert rep["recovering"] is False and rep["run_step"] == 3  # the run is at outer step 3
     assert a.rpc("members")["finished_step"] is None
     assert a.rpc("bye", finished=True) == {"ok": True}
     assert coord.state.finished_step == 3

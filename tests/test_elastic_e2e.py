@@ -57,7 +57,7 @@ class Run:
         else:
             self.islands_file, self.key_files = write_roster(tmp, list(names))
         self.coordinator_args = list(coordinator_args)
-        self.port = _free_port()
+        self.port: int | None = None  # the first coordinator binds port 0 and writes the port it got (--port-file)
         self.dead_after_s = dead_after_s
         self.procs: dict[str, subprocess.Popen] = {}
         self.seeds: dict[str, int] = {}
@@ -68,13 +68,20 @@ class Run:
     def start_coordinator(self, min_islands=3):
         self.coord_starts += 1
         log = open(self.tmp / f"coordinator{self.coord_starts}.log", "w")
+        # A restarted coordinator binds the port the islands know; the first one takes a free port from the kernel
+        # (no _free_port race: another process could take a port between its probe and the bind).
+        port_file = self.tmp / f"coordinator{self.coord_starts}.port"
         self.procs["coordinator"] = subprocess.Popen(
             [*self.prefix(None), PY, "-m", "intellect_jax", "coordinator", "--bind",
-             f"{self.hosts(None)}:{self.port}", *self.identity_args(identity.COORDINATOR),
+             f"{self.hosts(None)}:{self.port or 0}", "--port-file", str(port_file),
+             *self.identity_args(identity.COORDINATOR),
              "--min-islands", str(min_islands), "--dead-after-s", str(self.dead_after_s), *self.coordinator_args],
             stdout=log, stderr=subprocess.STDOUT)
         this = self.tmp / f"coordinator{self.coord_starts}.log"
-        self.wait_for(lambda: "listening" in this.read_text(), 20, "coordinator start")
+        self.wait_for(lambda: port_file.exists() and "listening" in this.read_text(), 20, "coordinator start")
+        port = int(port_file.read_text())
+        assert self.port in (None, port), (self.port, port)
+        self.port = port
 
     def identity_args(self, name: str) -> list[str]:
         if self.secret is not None:

@@ -145,13 +145,65 @@ def live(tmp_path_factory):
     run.stop()
 
 
+def _log(live, target: str) -> str:
+    return live.coord_log() if target == "coordinator" else (live.tmp / "b.log").read_text()
+
+
+def _answers(live, target: str, timeout: float = 60.0) -> dict:
+    """A fresh, valid handshake and request to `target` is answered: the coordinator replies to an admitted island's
+    request, island b serves its state manifest. Retried until `timeout`: right after the fuzzing the target may still
+    refuse new connections for a moment (its handshake slots and per-address rate are spent, by design)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if target == "coordinator":
+                conn, _ = wire.connect(("127.0.0.1", live.port), live.auth("fz3"), identity.COORDINATOR, RUN_ID,
+                                       1 << 20, hello={"kind": "rpc"}, timeout=5)
+                req = {"op": "members", "incarnation": "inc-check"}
+            else:
+                conn, _ = wire.connect(("127.0.0.1", live.island_port), live.auth("fz2"), "b", RUN_ID, 1 << 26,
+                                       hello={"op": "state"}, timeout=5)
+                req = {"op": "manifest"}
+            try:
+                conn.settimeout(10)
+                rep, _ = conn.request(req)
+            finally:
+                conn.close()
+            return rep
+        except (OSError, wire.WireError) as e:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{target} no longer answers a valid request: {e!r}\n{live.dump_logs()}") \
+                    from None
+            time.sleep(0.2)
+
+
+def _survived(live, target: str, since: int, refused: list[str]) -> None:
+    """After fuzzing `target`: it runs, answers a fresh valid request, nothing raised past a handler (no traceback,
+    no 'handler for' line in its log), and its log from offset `since` (this test's part) names each of `refused`
+    (polled: a line may lag its refusal)."""
+    assert live.procs["coordinator" if target == "coordinator" else "b"].poll() is None, live.dump_logs()
+    rep = _answers(live, target)
+    if target == "coordinator":
+        assert rep == {"reregister": True}, rep  # an admitted island that is not registered is told to register
+    else:
+        assert rep.get("arrays") and "meta" in rep, rep
+    deadline = time.monotonic() + 30
+    while not all(r in _log(live, target)[since:] for r in refused) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    log = _log(live, target)
+    assert "Traceback" not in log and "handler for" not in log, log[-5000:]
+    log = log[since:]
+    for r in refused:
+        assert r in log, (r, log[-5000:])
+
+
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
                 suppress_health_check=list(HealthCheck))
 
 
 @pytest.mark.parametrize("target", ["coordinator", "island"])
 def test_unauthenticated_garbage(live, target):
-    port = live.targets[target]
+    port, since = live.targets[target], len(_log(live, target))
 
     @FUZZ
     @given(data=raw | truncated)
@@ -159,11 +211,14 @@ def test_unauthenticated_garbage(live, target):
         _send(port, data, read=False)
 
     fuzz()
+    # one refusal for certain (a random one may have been turned away by the rate limit instead), then the checks
+    _send(port, _head(magic=b"XXXX"), read=False)
+    _survived(live, target, since, ["refused connection from", "bad magic"])
 
 
 @pytest.mark.parametrize("target", ["coordinator", "island"])
 def test_handshakes_with_wrong_types_wrong_keys_and_replays(live, target):
-    port = live.targets[target]
+    port, since = live.targets[target], len(_log(live, target))
 
     @FUZZ
     @given(fields=headers, good_eph=st.booleans(), replay=st.integers(0, 9),
@@ -175,6 +230,8 @@ def test_handshakes_with_wrong_types_wrong_keys_and_replays(live, target):
             _send(port, _hello(fields, good_eph, auth))
 
     fuzz()
+    _send(port, live.replayed)  # one replay for certain: its AUTH's tag does not verify under a fresh handshake
+    _survived(live, target, since, ["refused connection from", "bad authentication tag"])
 
 
 OPS = ["register", "heartbeat", "sync", "done", "commit", "epoch", "members", "keys", "rates", "bye", "nope"]
@@ -185,6 +242,7 @@ def test_authenticated_insider_with_wrong_typed_and_extreme_requests(live):
     """An admitted island (one of a few keys, registered with no state, so the run never waits for it) sends every op
     with random, wrong-typed and extreme fields: each is answered (or refused with an ERROR), none breaks a thread;
     it never becomes a member (it holds no state the run committed)."""
+    since = {t: len(_log(live, t)) for t in live.targets}
 
     @settings(FUZZ, max_examples=EXAMPLES // 2)
     @given(k=st.integers(0, 3), kind=st.sampled_from(["rpc", "hb", 3]),
@@ -254,6 +312,13 @@ def test_authenticated_insider_with_wrong_typed_and_extreme_requests(live):
                 "last_epoch": None, "pending": None}})
     finally:
         conn.close()
+    _survived(live, "coordinator", since["coordinator"], ["refused 'register' request from island fz0"])
+    try:  # and one peer connection for no known purpose, for certain: refused, naming it
+        wire.connect(("127.0.0.1", live.island_port), live.auth("fz1"), "b", RUN_ID, 1 << 20, hello={"op": "x"},
+                     timeout=60)[0].close()
+    except (OSError, wire.WireError, wire.RemoteError):
+        pass  # refused in the handshake or at once after it: the log says which
+    _survived(live, "island", since["island"], ["peer connection for 'x' from 'fz1'"])
 
 
 def test_the_run_went_on_with_bounded_memory_and_threads(live):

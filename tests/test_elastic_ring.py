@@ -384,8 +384,13 @@ def test_ring_order_heuristic_large_ring():
     order = ordering.ring_order(names, rates)
     assert sorted(order) == names
     # Optimal: the slow pair sits together, so only 2 slow links (unavoidable: each slow node needs one
-    # other neighbour); bottleneck is 1.0 either way, but the order must not be worse than the name order.
+    # other neighbour); bottleneck is 1.0 either way (so it cannot tell), but the slow links must be those 2: the
+    # name order (n03 and n07 apart) has 4, and the total rate (ring_order's tie-break) tells them apart.
     assert ordering.bottleneck(order, rates) >= ordering.bottleneck(names, rates)
+    i = order.index("n03")
+    assert "n07" in (order[i - 1], order[(i + 1) % len(order)]), order
+    links = [rates[order[k]][order[(k + 1) % len(order)]] for k in range(len(order))]
+    assert sum(link == 1.0 for link in links) == 2, (order, links)
     fast = {a: {b: (10.0 if abs(int(a[1:]) - int(b[1:])) in (1, 11) else 1.0) for b in names if b != a}
             for a in names}
     shuffled = list(rng.permutation(names))

@@ -124,3 +124,7 @@ def test_fresh_optimizer_state_resumes_the_schedule_but_not_the_moments(at):
     updates, _ = opt.update({"w": jnp.asarray([0.5, -2.0, 1e-3])}, state.opt_state, state.params)
     # Adam's first step from fresh moments (bias-corrected) is -lr * sign(g): its size is exactly the lr at `at`.
     np.testing.assert_allclose(np.abs(updates["w"]), float(make_schedule(cfg)(at)), rtol=1e-5)
+    # and that lr, by hand: linear warmup (step + 1) / 10, then a cosine from 1 to min_lr_ratio over steps 10..40
+    floor = cfg.min_lr_ratio
+    want = (at + 1) / 10 if at < 10 else floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * (at - 10) / 30))
+    np.testing.assert_allclose(np.abs(updates["w"]), want, rtol=1e-5)
