@@ -22,28 +22,32 @@ MAXF = 64 << 20
 BLOCK = 256
 
 
+def _link(streams):
+    """One link of `streams` handshaken loopback connections: (the sending ends, the accepted ends in connect order,
+    so stream k is the k-th connection)."""
+    lsock = __import__("socket").create_server(("127.0.0.1", 0))
+    port = lsock.getsockname()[1]
+    accepted = []
+
+    def acc():
+        for _ in range(streams):
+            s, (h, p) = lsock.accept()
+            accepted.append(wire.accept(s, f"{h}:{p}", SERVER, RUN, MAXF)[0])
+
+    th = threading.Thread(target=acc)
+    th.start()
+    sends = [wire.connect(("127.0.0.1", port), CLIENT, "server", RUN, MAXF)[0] for _ in range(streams)]
+    th.join(10)
+    lsock.close()
+    return sends, accepted
+
+
 def _links(n_members, streams):
     """send[i][k] (i -> i+1) and recv[i][k] (from i-1) as handshaken TCP connections."""
     send = [[None] * streams for _ in range(n_members)]
     recv = [[None] * streams for _ in range(n_members)]
     for i in range(n_members):
-        j = (i + 1) % n_members
-        lsock = __import__("socket").create_server(("127.0.0.1", 0))
-        port = lsock.getsockname()[1]
-        accepted = []
-
-        def acc():
-            for _ in range(streams):
-                s, (h, p) = lsock.accept()
-                accepted.append(wire.accept(s, f"{h}:{p}", SERVER, RUN, MAXF)[0])
-
-        th = threading.Thread(target=acc)
-        th.start()
-        for k in range(streams):
-            send[i][k] = wire.connect(("127.0.0.1", port), CLIENT, "server", RUN, MAXF)[0]
-        th.join(10)
-        lsock.close()
-        recv[j] = accepted  # accepted in connect order: stream k is the k-th connection
+        send[i], recv[(i + 1) % n_members] = _link(streams)
     return send, recv
 
 

@@ -3,7 +3,6 @@ plan equal to the sequential reference bit for bit on loopback TCP, and a second
 run by the same executor unchanged: the seam a later topology plugs into."""
 
 import itertools
-import socket
 import threading
 import types
 
@@ -12,6 +11,7 @@ import pytest
 
 from intellect_jax import quant
 from intellect_jax.elastic import executor, identity, plan, ring, wire
+from tests.test_elastic_ring import _link
 
 SECRET = b"p" * 32
 SERVER, CLIENT = identity.secret_auth(SECRET, "server"), identity.secret_auth(SECRET, "client")
@@ -91,21 +91,7 @@ def _plan_links(p, streams):
     recv = [{} for _ in range(p.members)]
     for i in range(p.members):
         for j in p.out_links(i):
-            lsock = socket.create_server(("127.0.0.1", 0))
-            accepted = []
-
-            def acc():
-                for _ in range(streams):
-                    s, (h, port) = lsock.accept()
-                    accepted.append(wire.accept(s, f"{h}:{port}", SERVER, RUN, MAXF)[0])
-
-            th = threading.Thread(target=acc)
-            th.start()
-            send[i][j] = [wire.connect(("127.0.0.1", lsock.getsockname()[1]), CLIENT, "server", RUN, MAXF)[0]
-                          for _ in range(streams)]
-            th.join(10)
-            lsock.close()
-            recv[j][i] = accepted  # in connect order: stream k is the k-th connection
+            send[i][j], recv[j][i] = _link(streams)
     return send, recv
 
 
